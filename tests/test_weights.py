@@ -1,0 +1,208 @@
+"""Weights from torchvision, timm, Caffe conversions and files, matched against the source libraries."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import timm
+import torch
+import torchvision
+from conftest import tiny_vgg
+from safetensors.torch import save_file
+
+import vggfeat
+from vggfeat.models import CAFFE, IMAGENET, PAPER, WeightsError, detect_format, to_torchvision
+from vggfeat.models.weights import PRETRAINED
+
+X224 = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+
+
+def random_torchvision(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return getattr(torchvision.models, name)(weights=None).eval()
+
+
+def random_timm(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).eval()
+
+
+def perturb_bn(model: torch.nn.Module) -> None:
+    """Non-trivial running statistics, so a mis-mapped batch-norm buffer would show."""
+    gen = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+
+
+@pytest.fixture
+def offline_hubs(tmp_path, monkeypatch):
+    """Empty torch hub and Hugging Face caches, with downloads disabled."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("VGGFEAT_OFFLINE", "1")
+    return tmp_path
+
+
+@pytest.mark.parametrize("name", ["vgg11", "vgg16_bn"])
+def test_torchvision_hub_cache_offline(name, offline_hubs):
+    ref = random_torchvision(name)
+    perturb_bn(ref)
+    entry = PRETRAINED[(name, "torchvision")]
+    cached = offline_hubs / "torch" / "hub" / "checkpoints" / entry.filename
+    cached.parent.mkdir(parents=True)
+    torch.save(ref.state_dict(), cached)
+    model = vggfeat.vgg(name, weights="torchvision").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X224), ref(X224), rtol=1e-4, atol=1e-4)
+    assert model.preprocessing == IMAGENET
+    published = torchvision.models.get_model_weights(name).IMAGENET1K_V1.meta["_metrics"]
+    assert model.weights_meta["metrics"] == published
+    assert model.weights_meta["file"] == str(cached)
+
+
+@pytest.mark.parametrize("name", ["vgg13", "vgg19_bn"])
+def test_timm_hf_cache_offline(name, offline_hubs):
+    ref = random_timm(name)
+    perturb_bn(ref)
+    repo = offline_hubs / "hf" / f"models--timm--{name}.tv_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              str(repo / "snapshots" / commit / "model.safetensors"))
+    model = vggfeat.vgg(name, weights="timm").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(X224), ref(X224), rtol=1e-4, atol=1e-4)
+
+
+def test_dense_parity_with_timm_at_384(tmp_path):
+    """timm's fully-convolutional VGG pools the fc8 map; so does the mean of our score map."""
+    ref = random_timm("vgg16")
+    path = tmp_path / "timm-vgg16.pth"
+    torch.save(ref.state_dict(), path)
+    model = vggfeat.vgg("D", weights=path).eval()
+    x = torch.randn(1, 3, 384, 384)
+    with torch.no_grad():
+        ours = model.score_map(x)
+        assert ours.shape == (1, 1000, 6, 6)
+        torch.testing.assert_close(ours.mean(dim=(2, 3)), ref(x), rtol=1e-4, atol=1e-4)
+
+
+def test_missing_hub_file_names_file_and_folder(offline_hubs):
+    with pytest.raises(WeightsError, match=r"vgg19-dcbb9e9d\.pth.*torch[/\\]hub[/\\]checkpoints"):
+        vggfeat.vgg("E", weights="torchvision")
+    with pytest.raises(WeightsError, match="models--timm--vgg11.tv_in1k/snapshots"):
+        vggfeat.vgg("A", weights="timm")
+
+
+def test_configs_without_published_weights():
+    with pytest.raises(WeightsError, match="no torchvision weights exist for VGG C"):
+        vggfeat.vgg("C", weights="torchvision")
+    with pytest.raises(WeightsError, match="A-LRN"):
+        vggfeat.vgg("A-LRN", weights="timm")
+
+
+def test_file_layouts_round_trip(tmp_path):
+    """torchvision and timm .pth, vggfeat .safetensors: one model, three files, same outputs."""
+    model = tiny_vgg("E")
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        expected = model(x)
+    tv_path = tmp_path / "tv.pth"
+    torch.save(to_torchvision(model.state_dict(), model), tv_path)
+    own = vggfeat.save_weights(model, tmp_path / "own.safetensors", meta={"train_scale": 256})
+    loaded_tv = vggfeat.vgg("E", weights=tv_path, width_mult=1 / 16, fc_dim=32).eval()
+    loaded_own = vggfeat.vgg(weights=own).eval()  # the file records the architecture
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_tv(x), expected)
+        torch.testing.assert_close(loaded_own(x), expected)
+    assert loaded_own.spec.config == "E" and loaded_own.config == model.config
+    assert loaded_own.weights_meta["train_scale"] == 256
+    assert len(loaded_own.weights_meta["sha256"]) == 64
+    assert detect_format(torch.load(tv_path, weights_only=True)) == "torchvision"
+    with pytest.raises(WeightsError, match="holds VGG E, not the requested D"):
+        vggfeat.vgg("D", weights=own)
+
+
+def test_preprocessing_travels_with_the_file(tmp_path):
+    model = tiny_vgg("A", preprocessing="paper")
+    path = vggfeat.save_weights(model, tmp_path / "paper.safetensors")
+    assert vggfeat.vgg(weights=path).preprocessing == PAPER
+    assert vggfeat.vgg(weights=path, preprocessing="caffe").preprocessing == CAFFE
+
+
+def test_caffe_layout_gets_caffe_preprocessing(tmp_path):
+    model = tiny_vgg("D")
+    caffe = {}
+    for key, value in model.state_dict().items():
+        _, layer, param = key.split(".")
+        caffe[f"{layer}.{param}"] = value.flatten(1) if layer.startswith("fc") and param == "weight" else value
+    path = tmp_path / "VGG_ILSVRC_16_layers.pth"
+    torch.save(caffe, path)
+    loaded = vggfeat.vgg("D", weights=path, width_mult=1 / 16, fc_dim=32).eval()
+    assert loaded.preprocessing == CAFFE and loaded.weights_meta["layout"] == "caffe"
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_preprocessing_values():
+    pixel = torch.tensor([[[[255]], [[0]], [[128]]]], dtype=torch.uint8)  # R=255, G=0, B=128
+    caffe = CAFFE(pixel).flatten().tolist()
+    assert caffe == pytest.approx([128 - 103.939, 0 - 116.779, 255 - 123.68])  # B, G, R
+    assert PAPER(pixel).flatten().tolist() == pytest.approx([255 - 123.68, -116.779, 128 - 103.939])
+    assert IMAGENET(pixel).flatten()[0].item() == pytest.approx((1 - 0.485) / 0.229)
+
+
+def test_wrong_shapes_are_named(tmp_path):
+    path = tmp_path / "b.pth"
+    torch.save(to_torchvision(tiny_vgg("B").state_dict(), tiny_vgg("B")), path)
+    with pytest.raises(ValueError, match="has no counterpart in VGG A|does not fit VGG A"):
+        vggfeat.vgg("A", weights=path, width_mult=1 / 16, fc_dim=32)
+
+
+class _RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"features.conv1_1.weight": _RunsCommand(marker)}, path)  # a .pth as torch writes it
+    legacy = tmp_path / "evil-legacy.pth"
+    with open(legacy, "wb") as f:  # and the pre-zip pickle format
+        pickle.dump({"features.conv1_1.weight": _RunsCommand(marker)}, f)
+    with pytest.raises(WeightsError, match="could run code"):
+        vggfeat.vgg("D", weights=legacy)
+    with pytest.raises(WeightsError, match="refusing to load .*evil.pth.*could run code"):
+        vggfeat.vgg("D", weights=path)
+    assert not marker.exists()
+
+
+def test_random_weights_are_seeded():
+    a = vggfeat.vgg("A", weights="random", seed=5, width_mult=1 / 16, fc_dim=32)
+    b = vggfeat.vgg("A", weights="random", seed=5, width_mult=1 / 16, fc_dim=32)
+    c = vggfeat.vgg("A", weights="random", seed=6, width_mult=1 / 16, fc_dim=32)
+    assert torch.equal(a.head.fc6.weight, b.head.fc6.weight)
+    assert not torch.equal(a.head.fc6.weight, c.head.fc6.weight)
+
+
+def test_init_from_a_file(tmp_path):
+    net_a = tiny_vgg("A", seed=9)
+    path = vggfeat.save_weights(net_a, tmp_path / "a.safetensors")
+    deep = vggfeat.vgg("D", width_mult=1 / 16, fc_dim=32, init_from_a=path, seed=1)
+    assert torch.equal(deep.features.conv3_2.weight, net_a.features.conv3_2.weight)
+    assert torch.equal(deep.head.fc8.bias, net_a.head.fc8.bias)
+    with pytest.raises(ValueError, match="must be a net A"):
+        vggfeat.vgg("D", width_mult=1 / 16, fc_dim=32, init_from_a=tiny_vgg("B"))

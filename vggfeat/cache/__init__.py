@@ -1,0 +1,5 @@
+"""Crash-safe HDF5 feature caches: shards while running, one file when done, and their readers."""
+
+from .store import CacheError, load_features, read_attrs
+
+__all__ = ["CacheError", "load_features", "read_attrs"]

@@ -1,0 +1,72 @@
+"""``vggfeat extract``: the paper's dense multi-scale descriptors into a resumable HDF5 cache."""
+
+from __future__ import annotations
+
+import click
+
+from ..extract.descriptor import AGGREGATES, CROP_SCALES, DENSE_SCALES, POOLS, DescriptorSpec
+from ..extract.run import DTYPES, extract
+from .options import IntList, device_options, model_options
+
+
+@click.command("extract")
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="HDF5 file to write (an unfinished run lives in OUTPUT.parts/)")
+@click.option("--layer", default="fc7", show_default=True,
+              help="layer to read: conv1_1 … conv5_4, pool1 … pool5, fc6, fc7, fc8, prob; "
+                   "NAME:pre for the value before the ReLU")
+@model_options
+@click.option("--scales", type=IntList(), default=None,
+              help=f"smallest-side sizes Q [default: {','.join(map(str, DENSE_SCALES))}; with "
+                   f"--crop, the resize sizes, default {CROP_SCALES[0]}]")
+@click.option("--pool", type=click.Choice(POOLS), default="avg", show_default=True,
+              help="global pooling of the layer's map")
+@click.option("--aggregate", type=click.Choice(AGGREGATES), default="mean", show_default=True,
+              help="combine scales by averaging or by stacking")
+@click.option("--flip/--no-flip", default=None,
+              help="average with the horizontally flipped image [default: on; off with --crop]")
+@click.option("--l2/--no-l2", default=True, show_default=True, help="L2-normalise the descriptor")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
+              help="stored precision")
+@click.option("--crop", type=click.IntRange(32), default=None,
+              help="torchvision-style single centre crop of this size instead of dense evaluation")
+@click.option("--max-aspect", type=click.FloatRange(1.0), default=4.0, show_default=True,
+              help="centre-crop images longer than this ratio of their short side")
+@device_options
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
+              help="autocast the network (GPU)")
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
+              help="images per published shard: at most this much work is redone after a kill")
+@click.option("--overwrite", is_flag=True, help="replace an existing output made differently")
+@click.option("--strict", is_flag=True, help="fail on the first bad image instead of skipping it")
+@click.option("--quiet", is_flag=True, help="no progress output")
+def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate, flip, l2, dtype,
+                    crop, max_aspect, batch_size, workers, device, amp, shard_size, overwrite,
+                    strict, quiet) -> None:
+    """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists).
+
+    Each image is rescaled to every Q in --scales, the net runs densely, the layer's map is
+    globally pooled, averaged with the flipped image, combined over scales and L2-normalised
+    (the paper's Appendix B).  Killed runs resume when the same command is run again.
+    """
+    spec = DescriptorSpec(
+        layer=layer, scales=scales or (CROP_SCALES if crop else DENSE_SCALES), pool=pool,
+        aggregate=aggregate, flip=(crop is None) if flip is None else flip, l2=l2, crop=crop,
+        max_aspect=max_aspect)
+    result = extract(list(paths), output, spec=spec, arch=arch, weights=weights,
+                     batch_size=batch_size, workers=workers, device=device, dtype=dtype, amp=amp,
+                     overwrite=overwrite, strict=strict, progress=not quiet,
+                     shard_images=shard_size)
+    if result.up_to_date:
+        click.echo(f"{output} is complete and up to date with these settings: nothing to do "
+                   "(--overwrite recomputes it)", err=True)
+        return
+    if not quiet or result.num_failed:
+        rate = result.computed / result.seconds if result.seconds else 0.0
+        click.echo(f"{result.num_images} images → {output} ({result.computed} computed now, "
+                   f"{rate:.2f} img/s); {result.num_failed} failed", err=True)
+        for path, reason in result.failed[:20]:
+            click.echo(f"  skipped {path}: {reason}", err=True)
+        if result.num_failed > 20:
+            click.echo(f"  … {result.num_failed - 20} more in {output}:/failed", err=True)

@@ -1,0 +1,41 @@
+"""``vggfeat`` entry point; library errors become one-line messages and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import __version__
+from ..cache.store import CacheError
+from ..data.sources import InputError
+from ..models.weights import WeightsError
+from .extract import extract_command
+from .info import info_command
+
+USER_ERRORS = (CacheError, InputError, WeightsError, ValueError, FileNotFoundError)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="vggfeat")
+def cli() -> None:
+    """Faithful VGG (Simonyan & Zisserman, ICLR 2015): models, dense multi-scale features,
+    ImageNet evaluation and training, transfer to other datasets."""
+
+
+cli.add_command(info_command)
+cli.add_command(extract_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="vggfeat", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except USER_ERRORS as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(2)

@@ -1,0 +1,57 @@
+"""Click option types and options shared by several commands."""
+
+from __future__ import annotations
+
+import click
+
+from ..models.configs import parse_arch
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers, e.g. ``256,384,512``."""
+
+    name = "LIST"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            items = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of integers, e.g. 256,384,512",
+                      param, ctx)
+        if not items:
+            self.fail("give at least one value", param, ctx)
+        return items
+
+
+class Arch(click.ParamType):
+    """A VGG config or alias, checked at parse time so the error lists the choices."""
+
+    name = "ARCH"
+
+    def convert(self, value, param, ctx):
+        try:
+            parse_arch(value)
+        except ValueError as err:
+            self.fail(str(err), param, ctx)
+        return value
+
+
+def device_options(f):
+    f = click.option("--device", default=None,
+                     help="cpu, cuda, cuda:1 … [default: cuda when available]")(f)
+    f = click.option("--workers", type=click.IntRange(0), default=None,
+                     help="decoding worker processes [default: half the cores, at most 8]")(f)
+    f = click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
+                     help="images per forward pass")(f)
+    return f
+
+
+def model_options(f):
+    f = click.option("--weights", default="torchvision", show_default=True,
+                     help="torchvision, timm, random, or a .safetensors/.pth file")(f)
+    f = click.option("--arch", type=Arch(), default=None,
+                     help="VGG config: A, A-LRN, B, C, D, E or vgg16, vgg19_bn … [default: D, or "
+                          "what the weights file records]")(f)
+    return f

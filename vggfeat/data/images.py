@@ -1,0 +1,111 @@
+"""Decoding images as they come, and the paper's isotropic rescaling.
+
+Every format Pillow reads (JPEG, PNG, WebP, BMP, TIFF, GIF, …) is decoded to an RGB uint8 tensor
+3×H×W: EXIF orientation is applied; grayscale, palette, CMYK and alpha images are converted as
+torchvision's ``pil_loader`` does (alpha dropped); 16-bit images are scaled to 8 bits.  A file that
+cannot be decoded raises :class:`BadImage` whose message is the reason recorded in caches.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+from torchvision.transforms.v2 import functional as TF
+
+# Pillow's own default (~89.5 Mpx, e.g. 9459×9459): larger files are refused as decompression
+# bombs instead of being decoded into gigabytes.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+# An image longer than MAX_ASPECT times its short side is centre-cropped to that ratio before
+# rescaling, so a 1×4000 px strip cannot become a 256×1,024,000 tensor.
+MAX_ASPECT = 4.0
+
+
+class BadImage(Exception):
+    """An input file that is not a decodable image; ``str()`` is the human-readable reason."""
+
+
+def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Tensor:
+    """Decode ``path`` to an RGB uint8 tensor 3×H×W, or raise :class:`BadImage` saying why.
+
+    Images over ``max_pixels`` (default :data:`MAX_PIXELS`, overridable with the
+    ``VGGFEAT_MAX_PIXELS`` environment variable) are refused as decompression bombs.
+    """
+    path = Path(path)
+    max_pixels = max_pixels or int(os.environ.get("VGGFEAT_MAX_PIXELS", MAX_PIXELS))
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > max_pixels:
+                    raise BadImage(f"decompression bomb: {img.width}×{img.height} px is over the "
+                                   f"{max_pixels} px limit")
+                img = ImageOps.exif_transpose(img)
+                return TF.pil_to_tensor(_to_rgb(img))
+    except BadImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise BadImage(f"decompression bomb: {err}") from err
+    except UnidentifiedImageError as err:
+        raise BadImage("not an image (format not recognised)") from err
+    except FileNotFoundError as err:
+        raise BadImage("file not found") from err
+    except OSError as err:
+        reason = str(err)
+        if "truncated" in reason or "broken data stream" in reason or "premature end" in reason:
+            raise BadImage(f"truncated image ({reason})") from err
+        raise BadImage(f"unreadable image ({reason})") from err
+    except (ValueError, SyntaxError, struct.error) as err:
+        raise BadImage(f"corrupt image ({type(err).__name__}: {err})") from err
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit (and 32-bit integer) grayscale: Pillow's convert("RGB") would clip at 255.
+        array = np.asarray(img, dtype=np.float64)
+        peak = 65535.0 if img.mode.startswith("I;16") or array.max(initial=0) > 255 else 255.0
+        img = Image.fromarray(np.clip(array * (255.0 / peak), 0, 255).round().astype(np.uint8))
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8))
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def limit_aspect(image: Tensor, max_aspect: float = MAX_ASPECT) -> Tensor:
+    """Centre-crop the long side of a C×H×W image to at most ``max_aspect`` × the short side."""
+    h, w = image.shape[-2:]
+    short = min(h, w)
+    longest = max(1, int(short * max_aspect))
+    if h > longest:
+        top = (h - longest) // 2
+        return image[..., top:top + longest, :]
+    if w > longest:
+        left = (w - longest) // 2
+        return image[..., :, left:left + longest]
+    return image
+
+
+def resize_short_side(image: Tensor, size: int) -> Tensor:
+    """Isotropic rescale (bilinear, antialiased) so the smallest side is ``size`` px."""
+    h, w = image.shape[-2:]
+    if min(h, w) == size:
+        return image
+    if h <= w:
+        new = (size, max(1, round(w * size / h)))
+    else:
+        new = (max(1, round(h * size / w)), size)
+    return TF.resize(image, list(new), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+
+
+def center_crop(image: Tensor, size: int) -> Tensor:
+    return TF.center_crop(image, [size, size])
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    return TF.to_pil_image(image)

@@ -1,0 +1,111 @@
+"""Turning command-line inputs (folders, single images, file lists) into an ordered image list."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib",
+                              ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"})
+LIST_EXTENSIONS = frozenset({".txt", ".csv", ".lst"})
+
+
+class InputError(ValueError):
+    """An input path or list that cannot be used; the message names it and says what to do."""
+
+
+@dataclass
+class ImageList:
+    """Image paths in a fixed order, with integer labels and class names when the input has them."""
+
+    paths: list[str]
+    labels: list[int] | None = None
+    class_names: list[str] | None = None
+    sources: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the ordered paths and labels: two runs on the same input agree on it."""
+        digest = hashlib.sha256()
+        for i, path in enumerate(self.paths):
+            label = self.labels[i] if self.labels is not None else ""
+            digest.update(f"{path}\t{label}\n".encode())
+        return digest.hexdigest()
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
+    """Collect images from folders (recursively), single image files and file lists.
+
+    * A folder whose images all sit in sub-folders is a classification dataset: the first-level
+      sub-folder names are the classes (sorted, as torchvision's ``ImageFolder``).
+    * A ``.txt``/``.lst`` file lists one path per line; a ``.csv`` file has a ``path`` column and
+      optionally a ``label`` column (class names).  Relative paths are relative to the list file.
+    * Paths are made absolute; folder contents are sorted, so the order is deterministic.
+    """
+    if not inputs:
+        raise InputError("no input given: pass image folders, image files or a file list")
+    entries: list[tuple[str, str | None]] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            entries.extend(_scan_folder(path))
+        elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
+            entries.extend(_read_list(path))
+        elif path.is_file():
+            entries.append((os.path.abspath(path), None))
+        else:
+            raise InputError(f"input {item} does not exist; pass image folders, image files or "
+                             "a .txt/.csv list of paths")
+    if not entries:
+        raise InputError(f"no image files found in {', '.join(map(str, inputs))} (looked for "
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+    seen: set[str] = set()
+    duplicates = [p for p, _ in entries if p in seen or seen.add(p)]
+    if duplicates:
+        raise InputError(f"{len(duplicates)} image(s) are listed twice, e.g. {duplicates[0]}; "
+                         "each image may appear once")
+    paths = [p for p, _ in entries]
+    names = [c for _, c in entries]
+    if all(c is not None for c in names):
+        class_names = sorted(set(names))
+        index = {c: i for i, c in enumerate(class_names)}
+        return ImageList(paths, [index[c] for c in names], class_names, [str(i) for i in inputs])
+    return ImageList(paths, sources=[str(i) for i in inputs])
+
+
+def _scan_folder(root: Path) -> list[tuple[str, str | None]]:
+    files = sorted(
+        (Path(dirpath) / name for dirpath, _, names in os.walk(root, followlinks=True)
+         for name in names if is_image_file(name)),
+        key=lambda p: p.relative_to(root).parts)
+    labelled = bool(files) and all(len(f.relative_to(root).parts) > 1 for f in files)
+    return [(os.path.abspath(f), f.relative_to(root).parts[0] if labelled else None) for f in files]
+
+
+def _read_list(list_file: Path) -> list[tuple[str, str | None]]:
+    base = list_file.parent
+    entries: list[tuple[str, str | None]] = []
+    with open(list_file, newline="", encoding="utf-8") as f:
+        if list_file.suffix.lower() == ".csv":
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or "path" not in reader.fieldnames:
+                raise InputError(f"{list_file}: a CSV list needs a 'path' column (and optionally "
+                                 f"'label'); its header is {reader.fieldnames}")
+            for row in reader:
+                entries.append((os.path.abspath(base / row["path"]), row.get("label") or None))
+        else:
+            for line in f:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    entries.append((os.path.abspath(base / line.strip()), None))
+    if entries and any(label is None for _, label in entries):
+        entries = [(p, None) for p, _ in entries]
+    return entries

@@ -1,0 +1,144 @@
+"""The paper's Appendix B descriptor: dense multi-scale pooling of a named layer.
+
+For each scale Q the image is rescaled so its smallest side is Q, the net is applied densely,
+the chosen layer's map is globally pooled, and the result is averaged with that of the
+horizontally flipped image.  Scales are then averaged (``mean``) or concatenated (``stack``) and
+the descriptor is L2-normalised.  In crop mode (``crop=224``) each Q is instead the resize size
+before a centre crop, torchvision-style.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..data.images import MAX_ASPECT, center_crop, limit_aspect, resize_short_side
+from ..models.configs import INPUT_SIZE
+from ..models.vgg import VGG
+
+POOLS = ("avg", "max")
+AGGREGATES = ("mean", "stack")
+DENSE_SCALES = (256, 384, 512)
+CROP_SCALES = (256,)
+
+
+@dataclass(frozen=True)
+class DescriptorSpec:
+    """How descriptors are computed; stored with every cache so runs can be compared.
+
+    Attributes:
+        layer: a layer name of :meth:`VGG.forward_layers` (``fc7``, ``conv5_3:pre``, …).
+        scales: smallest-side sizes Q in px (crop mode: resize sizes before the crop).
+        pool: global pooling of the layer's map, ``avg`` or ``max``.
+        aggregate: ``mean`` or ``stack`` of the per-scale descriptors.
+        flip: average with the horizontally flipped image.
+        l2: L2-normalise the final descriptor.
+        crop: centre-crop side in px (torchvision-style single crop), or None for dense.
+        max_aspect: long/short side ratio above which the long side is centre-cropped.
+    """
+
+    layer: str = "fc7"
+    scales: tuple[int, ...] = DENSE_SCALES
+    pool: str = "avg"
+    aggregate: str = "mean"
+    flip: bool = True
+    l2: bool = True
+    crop: int | None = None
+    max_aspect: float = MAX_ASPECT
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(int(q) for q in self.scales))
+        if not self.scales or len(set(self.scales)) != len(self.scales):
+            raise ValueError(f"scales must be distinct sizes in px, got {self.scales}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.aggregate not in AGGREGATES:
+            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+        smallest = self.crop if self.crop is not None else min(self.scales)
+        if self.crop is not None and min(self.scales) < self.crop:
+            raise ValueError(f"crop mode resizes to each scale then crops {self.crop} px: every "
+                             f"scale must be ≥ {self.crop}, got {self.scales}")
+        if smallest < 32:
+            raise ValueError(f"scales must be at least 32 px, got {self.scales}")
+        if self.layer.split(":")[0].startswith(("fc", "prob")) and smallest < INPUT_SIZE:
+            raise ValueError(f"layer {self.layer} needs inputs of at least {INPUT_SIZE} px; "
+                             f"got scales {self.scales} (use --scales ≥ {INPUT_SIZE})")
+
+    def to_attrs(self) -> dict:
+        d = asdict(self)
+        d["scales"] = list(self.scales)
+        d["crop"] = 0 if self.crop is None else self.crop
+        return d
+
+    def dim(self, channels: int) -> int:
+        return channels * (len(self.scales) if self.aggregate == "stack" else 1)
+
+
+def prepare(image: Tensor, spec: DescriptorSpec) -> list[Tensor]:
+    """Loader-side work for one decoded RGB uint8 image 3×H×W: one uint8 tensor per scale."""
+    image = limit_aspect(image, spec.max_aspect)
+    views = [resize_short_side(image, q) for q in spec.scales]
+    if spec.crop is not None:
+        views = [center_crop(v, spec.crop) for v in views]
+    return views
+
+
+class DescriptorNet:
+    """Computes descriptors for batches of prepared images on one device.
+
+    Images with identical shapes at a scale run through the net together (in chunks of
+    ``batch_size``, flips included in the same batch); the result does not depend on batching.
+    """
+
+    def __init__(self, model: VGG, spec: DescriptorSpec, *, device: str | torch.device = "cpu",
+                 batch_size: int = 8, amp: str | None = None) -> None:
+        model.check_layer(spec.layer)
+        self.model = model.eval().to(device, memory_format=torch.channels_last)
+        self.spec = spec
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        self.channels = model.layer_channels(spec.layer)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim(self.channels)
+
+    @torch.inference_mode()
+    def __call__(self, items: list[list[Tensor]]) -> Tensor:
+        """``items[i][s]`` is image i at scale s (uint8 3×H×W) → float32 N×dim descriptors (CPU)."""
+        per_scale = torch.empty(len(items), len(self.spec.scales), self.channels)
+        for s in range(len(self.spec.scales)):
+            groups: dict[tuple, list[int]] = defaultdict(list)
+            for i, views in enumerate(items):
+                groups[tuple(views[s].shape)].append(i)
+            for members in groups.values():
+                for start in range(0, len(members), self.batch_size):
+                    chunk = members[start:start + self.batch_size]
+                    batch = torch.stack([items[i][s] for i in chunk])
+                    per_scale[chunk, s] = self.pooled(batch).float().cpu()
+        if self.spec.aggregate == "mean":
+            out = per_scale.mean(dim=1)
+        else:
+            out = per_scale.flatten(1)
+        return F.normalize(out, dim=1) if self.spec.l2 else out
+
+    def pooled(self, batch: Tensor) -> Tensor:
+        """uint8 N×3×H×W → N×C globally pooled layer output, flip-averaged if asked."""
+        x = batch.to(self.device, non_blocking=True)
+        x = self.model.preprocessing(x).contiguous(memory_format=torch.channels_last)
+        if self.spec.flip:
+            x = torch.cat([x, x.flip(-1)])
+        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
+                    if self.amp_dtype is not None else nullcontext())
+        with autocast:
+            fmap = self.model.forward_layers(x, [self.spec.layer])[self.spec.layer].float()
+        pooled = fmap.mean(dim=(2, 3)) if self.spec.pool == "avg" else fmap.amax(dim=(2, 3))
+        if self.spec.flip:
+            pooled = pooled.view(2, -1, pooled.shape[1]).mean(dim=0)
+        return pooled

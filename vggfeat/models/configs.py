@@ -1,0 +1,104 @@
+"""The paper's Table 1 as data.
+
+Each config is the sequence of layers between the input and pool5: an ``int`` is a 3×3 conv of
+that width, ``(width, 1)`` a 1×1 conv (config C), ``"LRN"`` the AlexNet local response
+normalisation (config A-LRN) and ``"M"`` a 2×2 max-pool of stride 2.  Every variant, the paper's
+and the reduced-width ones used for small experiments, is built from this one table.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+Layer = int | tuple[int, int] | str
+
+CFGS: dict[str, list[Layer]] = {
+    "A": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "A-LRN": [64, "LRN", "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "B": [64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"],
+    "C": [64, 64, "M", 128, 128, "M", 256, 256, (256, 1), "M", 512, 512, (512, 1), "M",
+          512, 512, (512, 1), "M"],
+    "D": [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"],
+    "E": [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+          512, 512, 512, 512, "M"],
+}
+
+# AlexNet's LRN settings, as the paper uses them in A-LRN.
+LRN_SETTINGS = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
+
+FC_DIM = 4096
+NUM_CLASSES = 1000
+# fc6 sees pool5 as a 7×7 window: 224 / 2**5.
+FC6_KERNEL = 7
+INPUT_SIZE = 224
+STRIDE = 32
+
+ALIASES: dict[str, str] = {
+    "a": "A", "vgg11": "A",
+    "alrn": "A-LRN", "vgg11lrn": "A-LRN",
+    "b": "B", "vgg13": "B",
+    "c": "C", "vgg16c": "C", "vgg16conv1": "C",
+    "d": "D", "vgg16": "D",
+    "e": "E", "vgg19": "E",
+}
+# The name every library uses for each config (torchvision, timm, Keras), where there is one.
+COMMON_NAMES = {"A": "vgg11", "A-LRN": "vgg11_lrn", "B": "vgg13", "C": "vgg16_c", "D": "vgg16",
+                "E": "vgg19"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """A resolved architecture: a Table 1 config plus the options that change its shapes."""
+
+    config: str
+    batch_norm: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.config + ("-BN" if self.batch_norm else "")
+
+    @property
+    def common_name(self) -> str:
+        return COMMON_NAMES[self.config] + ("_bn" if self.batch_norm else "")
+
+
+def parse_arch(arch: str, *, batch_norm: bool | None = None) -> ArchSpec:
+    """Resolve ``"D"``, ``"vgg16"``, ``"vgg16_bn"``, ``"A-LRN"`` … into an :class:`ArchSpec`.
+
+    A ``_bn`` / ``-BN`` suffix selects the batch-norm variant; ``batch_norm=`` may say the same.
+    """
+    if not isinstance(arch, str):
+        raise TypeError(f"arch must be a string such as 'D' or 'vgg16', not {type(arch).__name__}")
+    key = re.sub(r"[\s_\-]", "", arch).lower()
+    bn = key.endswith("bn")
+    if bn:
+        key = key[:-2]
+    if key not in ALIASES:
+        valid = ", ".join(list(CFGS) + list(COMMON_NAMES.values()))
+        raise ValueError(f"unknown VGG arch {arch!r}; valid choices: {valid} "
+                         "(add '_bn' for batch norm)")
+    if batch_norm is not None and bn and not batch_norm:
+        raise ValueError(f"arch {arch!r} names a batch-norm variant but batch_norm=False was given")
+    return ArchSpec(ALIASES[key], batch_norm=bool(batch_norm) or bn)
+
+
+def scaled(width: int, width_mult: float) -> int:
+    """Channel count of a reduced-width variant: at least 1, rounded to the nearest integer."""
+    return max(1, int(round(width * width_mult)))
+
+
+def layer_names(config: str) -> list[tuple[str, Layer]]:
+    """Paper/Caffe names of the Table 1 layers, in order: conv1_1 … pool5 (and norm1 in A-LRN)."""
+    names: list[tuple[str, Layer]] = []
+    block, conv = 1, 0
+    for layer in CFGS[config]:
+        if layer == "M":
+            names.append((f"pool{block}", layer))
+            block, conv = block + 1, 0
+        elif layer == "LRN":
+            names.append((f"norm{block}", layer))
+        else:
+            conv += 1
+            names.append((f"conv{block}_{conv}", layer))
+    return names

@@ -1,0 +1,186 @@
+"""Where weights come from: the torchvision and timm hubs, files, and vggfeat's own safetensors.
+
+Pretrained weights carry their own preprocessing and metadata, like torchvision's weight enums.
+Downloads go through the hubs' own caches (torch hub's ``checkpoints`` folder, the Hugging Face
+cache for timm), so a file already there loads offline.  Nothing is ever unpickled beyond plain
+tensors: ``.pth`` files are read with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from .configs import ArchSpec
+from .preprocessing import IMAGENET, Preprocessing
+
+OFFLINE_ENV = ("VGGFEAT_OFFLINE", "HF_HUB_OFFLINE")
+FORMAT_TAG = "vggfeat"
+
+
+class WeightsError(RuntimeError):
+    """Weights could not be found, fetched or trusted; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class PretrainedWeights:
+    """One published set of weights (an entry of :data:`PRETRAINED`)."""
+
+    source: str  # "torchvision" or "timm"
+    arch: str  # common name, e.g. "vgg16_bn"
+    location: str  # URL (torchvision) or Hugging Face repo id (timm)
+    preprocessing: Preprocessing = IMAGENET
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def filename(self) -> str:
+        return Path(self.location).name if self.source == "torchvision" else "model.safetensors"
+
+
+def _torchvision_entries() -> dict[tuple[str, str], PretrainedWeights]:
+    from torchvision.models import get_model_weights
+
+    entries = {}
+    for name in ("vgg11", "vgg13", "vgg16", "vgg19"):
+        for arch in (name, name + "_bn"):
+            w = get_model_weights(arch).IMAGENET1K_V1
+            meta = {"num_params": w.meta["num_params"], "metrics": w.meta["_metrics"],
+                    "recipe": w.meta["recipe"], "eval": "resize 256, center crop 224",
+                    "categories": "imagenet-1k", "weights_enum": str(w)}
+            entries[(arch, "torchvision")] = PretrainedWeights("torchvision", arch, w.url, meta=meta)
+            # timm's tv_in1k checkpoints are torchvision's, re-saved with fc6/fc7 as convs.
+            entries[(arch, "timm")] = PretrainedWeights(
+                "timm", arch, f"timm/{arch}.tv_in1k", meta={**meta, "timm_tag": f"{arch}.tv_in1k"})
+    return entries
+
+
+PRETRAINED: dict[tuple[str, str], PretrainedWeights] = _torchvision_entries()
+
+
+def pretrained_for(spec: ArchSpec, source: str) -> PretrainedWeights:
+    key = (spec.common_name, source)
+    if key not in PRETRAINED:
+        have = sorted({arch for arch, src in PRETRAINED if src == source})
+        raise WeightsError(f"no {source} weights exist for VGG {spec.name} ({spec.common_name}); "
+                           f"{source} publishes: {', '.join(have)}. Train one with `vggfeat train` "
+                           "or pass a weights file.")
+    return PRETRAINED[key]
+
+
+def offline(download: bool = True) -> bool:
+    return not download or any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_ENV)
+
+
+def fetch(weights: PretrainedWeights, *, download: bool = True, progress: bool = True) -> Path:
+    """Path of the weights file in its hub's cache, downloading it if allowed and needed."""
+    if weights.source == "torchvision":
+        return _fetch_torch_hub(weights.location, download=download, progress=progress)
+    return _fetch_hf_hub(weights.location, weights.filename, download=download)
+
+
+def _fetch_torch_hub(url: str, *, download: bool, progress: bool) -> Path:
+    folder = Path(torch.hub.get_dir()) / "checkpoints"
+    path = folder / Path(url).name
+    if path.is_file():
+        return path
+    if offline(download):
+        raise WeightsError(f"{path.name} is not in torch hub's cache and downloads are disabled; "
+                           f"put {path.name} (from {url}) into {folder}/ and run again")
+    folder.mkdir(parents=True, exist_ok=True)
+    match = torch.hub.HASH_REGEX.search(path.name)
+    try:
+        torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
+                                       progress=progress)
+    except Exception as err:  # network errors come in many types; the advice is the same
+        raise WeightsError(f"could not download {url} ({err}); put {path.name} into {folder}/ "
+                           "(or set TORCH_HOME) and run again") from err
+    return path
+
+
+def _fetch_hf_hub(repo_id: str, filename: str, *, download: bool) -> Path:
+    from huggingface_hub import constants, hf_hub_download
+
+    # Read at call time: huggingface_hub freezes its constants when first imported.
+    cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=cache,
+                                    local_files_only=offline(download)))
+    except Exception as err:
+        folder = cache / f"models--{repo_id.replace('/', '--')}"
+        raise WeightsError(
+            f"could not get {filename} of {repo_id} ({type(err).__name__}: {err}). With network "
+            f"access run again; offline, place it as {folder}/snapshots/<commit>/{filename} with "
+            f"the commit hash in {folder}/refs/main (the Hugging Face cache layout), or pass the "
+            "file path as weights") from err
+
+
+def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Load a state dict and its metadata from ``.safetensors`` or a plain-tensor ``.pth``/``.pt``.
+
+    Checkpoints that wrap the state dict (``{"state_dict": …}``, ``{"model": …}``) are unwrapped.
+    A pickle holding anything but tensors and containers is refused: it could run code.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(path)), metadata
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise WeightsError(
+            f"refusing to load {path}: it is a pickle that holds more than tensors, and loading "
+            "it could run code. Only plain state dicts are accepted (torch.load weights_only=True "
+            f"said: {str(err).splitlines()[0]}). Convert it to .safetensors where you trust it."
+        ) from err
+    except Exception as err:
+        raise WeightsError(f"cannot read weights file {path}: {err}") from err
+    for wrapper in ("state_dict", "model", "model_state"):
+        if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
+            obj = obj[wrapper]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    return obj, {}
+
+
+def sha256(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_weights(model, path: str | os.PathLike, *, meta: dict | None = None) -> Path:
+    """Write ``model`` as a vggfeat ``.safetensors`` file with JSON metadata.
+
+    The metadata records the architecture (so the file alone rebuilds the net), the
+    preprocessing, the provenance of the weights and anything in ``meta`` (recipe, train scale S,
+    metrics).  The file is written under a temporary name and renamed, so it is whole or absent.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"vggfeat weight files are .safetensors; got {path}")
+    metadata = {"format": FORMAT_TAG, "config": json.dumps(model.config),
+                "preprocessing": model.preprocessing.to_json(),
+                "meta": json.dumps({**model.weights_meta, **(meta or {})})}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
