@@ -170,3 +170,18 @@ def test_preinit_from_a_copies_the_paper_layers():
         else:
             assert torch.equal(after[key], before[key])
     assert "features.conv1_2.weight" not in copied
+
+
+def test_cli_info_prints_table2_and_layers():
+    from click.testing import CliRunner
+
+    from vggfeat.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["info", "--arch", "vgg19"])
+    assert result.exit_code == 0, result.output
+    assert "138,357,544" in result.output and "19.632G" in result.output
+    assert "conv5_4:pre  512×14×14" in result.output and "fc7          4096×1×1" in result.output
+    dense = CliRunner().invoke(cli, ["info", "--arch", "D", "--size", "384"])
+    assert "fc8          1000×6×6" in dense.output
+    bad = CliRunner().invoke(cli, ["info", "--arch", "vgg20"])
+    assert bad.exit_code == 2 and "valid choices" in bad.output

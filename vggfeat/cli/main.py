@@ -9,6 +9,7 @@ import click
 from .. import __version__
 from ..cache.store import CacheError
 from ..data.sources import InputError
+from ..extract.run import ExtractError
 from ..models.weights import WeightsError
 from .extract import extract_command
 from .info import info_command
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
+    except ExtractError as err:
+        click.echo(f"Error: {err}", err=True)
+        sys.exit(1)
     except USER_ERRORS as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(2)

@@ -92,15 +92,14 @@ def limit_aspect(image: Tensor, max_aspect: float = MAX_ASPECT) -> Tensor:
 
 
 def resize_short_side(image: Tensor, size: int) -> Tensor:
-    """Isotropic rescale (bilinear, antialiased) so the smallest side is ``size`` px."""
-    h, w = image.shape[-2:]
-    if min(h, w) == size:
+    """Isotropic rescale (bilinear, antialiased) so the smallest side is ``size`` px.
+
+    The long side follows torchvision's ``Resize(size)`` rule (truncated), so a torchvision-style
+    crop pipeline sees exactly the same pixels.
+    """
+    if min(image.shape[-2:]) == size:
         return image
-    if h <= w:
-        new = (size, max(1, round(w * size / h)))
-    else:
-        new = (max(1, round(h * size / w)), size)
-    return TF.resize(image, list(new), interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    return TF.resize(image, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
 
 
 def center_crop(image: Tensor, size: int) -> Tensor:

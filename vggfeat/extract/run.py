@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..cache.store import (CacheError, covered, merge, parts_dir, read_attrs, read_manifest,
+from ..cache.store import (CacheError, covered, load_features, merge, parts_dir, read_attrs, read_manifest,
                            read_shards, settings_difference, write_json_atomic, write_shard)
 from ..data.images import BadImage, read_image
 from ..data.sources import ImageList, gather_images
@@ -216,8 +217,6 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
               dim=net.dim, n_scales=len(spec.scales), dtype=dtype)
     dist.barrier()
     attrs = read_attrs(output)
-    from ..cache.store import load_features
-
     failed = load_features(output).failed if attrs["num_failed"] else []
     return ExtractResult(output, attrs["num_images"], attrs["num_failed"], len(remaining),
                          time.monotonic() - start, failed)
@@ -264,8 +263,6 @@ def _prepare_output(output: Path, parts: Path, settings: dict, overwrite: bool) 
                              + "): use --overwrite to discard it, or rerun with its settings")
         manifest = None
     if manifest is None:
-        import shutil
-
         shutil.rmtree(parts, ignore_errors=True)
         output.parent.mkdir(parents=True, exist_ok=True)
         parts.mkdir(parents=True)

@@ -1,0 +1,101 @@
+"""Images as they come: formats, modes, orientation, bad files, extreme shapes, input lists."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image
+from PIL import Image
+
+from vggfeat.data import BadImage, InputError, gather_images, read_image
+from vggfeat.data.images import limit_aspect, resize_short_side
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".png", ".webp", ".bmp", ".tif", ".gif"])
+def test_formats(tmp_path, suffix):
+    image = read_image(write_image(tmp_path / f"x{suffix}", size=(40, 60)))
+    assert image.dtype == torch.uint8 and image.shape == (3, 40, 60)
+
+
+@pytest.mark.parametrize("mode", ["L", "P", "RGBA", "LA", "CMYK", "1"])
+def test_modes_become_rgb(tmp_path, mode):
+    suffix = ".jpg" if mode == "CMYK" else ".png"
+    image = read_image(write_image(tmp_path / f"x{suffix}", size=(30, 50), mode=mode))
+    assert image.shape == (3, 30, 50)
+
+
+def test_16_bit_png_is_scaled_not_clipped(tmp_path):
+    path = tmp_path / "deep.png"
+    ramp = (np.linspace(0, 65535, 64 * 8).reshape(8, 64)).astype(np.uint16)
+    Image.fromarray(ramp).save(path)
+    image = read_image(path)
+    assert image.shape == (3, 8, 64)
+    assert image[0, 0, 0] == 0 and image[0, -1, -1] == 255
+    assert 100 < image[0, 4, 32] < 160  # mid-grey, not saturated white
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    path = tmp_path / "rotated.jpg"
+    img = Image.new("RGB", (60, 20), (255, 0, 0))
+    exif = img.getexif()
+    exif[0x0112] = 6  # rotate 90° clockwise to display
+    img.save(path, exif=exif)
+    assert read_image(path).shape == (3, 60, 20)
+
+
+def test_bad_files_say_why(tmp_path):
+    good = write_image(tmp_path / "good.jpg", size=(200, 200))
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image at all")
+    cases = {truncated: "truncated", empty: "empty file", text: "not an image",
+             tmp_path / "missing.jpg": "file not found"}
+    for path, reason in cases.items():
+        with pytest.raises(BadImage, match=reason):
+            read_image(path)
+    with pytest.raises(BadImage, match="decompression bomb"):
+        read_image(good, max_pixels=100 * 100)
+
+
+def test_extreme_aspect_is_cropped_before_resizing():
+    strip = torch.zeros(3, 4000, 1, dtype=torch.uint8)
+    capped = limit_aspect(strip, 4.0)
+    assert capped.shape == (3, 4, 1)
+    assert resize_short_side(capped, 256).shape == (3, 1024, 256)
+    assert limit_aspect(torch.zeros(3, 300, 400), 4.0).shape == (3, 300, 400)
+
+
+def test_resize_short_side_is_isotropic():
+    assert resize_short_side(torch.zeros(3, 300, 400, dtype=torch.uint8), 384).shape == (3, 384, 512)
+    assert resize_short_side(torch.zeros(3, 300, 230, dtype=torch.uint8), 256).shape == (3, 333, 256)
+
+
+def test_gather_class_folders(image_folder):
+    images = gather_images([image_folder])
+    assert images.class_names == ["cat", "dog"]
+    assert images.labels == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert any("photo 1 é.jpg" in p for p in images.paths)
+    assert images.fingerprint() == gather_images([image_folder]).fingerprint()
+
+
+def test_gather_lists_and_files(tmp_path, image_folder):
+    (tmp_path / "list.txt").write_text("# my images\nimages/cat/0.jpg\n\nimages/dog/3.png\n")
+    listed = gather_images([tmp_path / "list.txt"])
+    assert [p.rsplit("/", 2)[-2:] for p in listed.paths] == [["cat", "0.jpg"], ["dog", "3.png"]]
+    assert listed.labels is None
+    (tmp_path / "list.csv").write_text("path,label\nimages/cat/0.jpg,kitty\nimages/dog/0.jpg,pup\n")
+    csv = gather_images([tmp_path / "list.csv"])
+    assert csv.class_names == ["kitty", "pup"] and csv.labels == [0, 1]
+    single = gather_images([image_folder / "cat" / "0.jpg"])
+    assert len(single) == 1 and single.labels is None
+    with pytest.raises(InputError, match="nowhere.*does not exist"):
+        gather_images([tmp_path / "nowhere"])
+    with pytest.raises(InputError, match="listed twice"):
+        gather_images([image_folder, image_folder / "cat" / "0.jpg"])
+    (tmp_path / "bad.csv").write_text("file\nx.jpg\n")
+    with pytest.raises(InputError, match="needs a 'path' column"):
+        gather_images([tmp_path / "bad.csv"])
