@@ -11,6 +11,7 @@ from ..cache.store import CacheError
 from ..data.sources import InputError
 from ..extract.run import ExtractError
 from ..models.weights import WeightsError
+from .evaluate import evaluate_command, scoremap_command
 from .extract import extract_command
 from .info import info_command
 
@@ -26,6 +27,8 @@ def cli() -> None:
 
 cli.add_command(info_command)
 cli.add_command(extract_command)
+cli.add_command(evaluate_command)
+cli.add_command(scoremap_command)
 
 
 def main(argv: list[str] | None = None) -> None:

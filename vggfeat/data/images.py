@@ -106,5 +106,14 @@ def center_crop(image: Tensor, size: int) -> Tensor:
     return TF.center_crop(image, [size, size])
 
 
+def rescale_views(image: Tensor, scales: tuple[int, ...], *, max_aspect: float = MAX_ASPECT,
+                  crop: int | None = None) -> list[Tensor]:
+    """One uint8 view per scale Q: aspect-capped, rescaled to smallest side Q, optionally
+    centre-cropped to ``crop`` px.  This is all the per-image work done in loader workers."""
+    image = limit_aspect(image, max_aspect)
+    views = [resize_short_side(image, q) for q in scales]
+    return [center_crop(v, crop) for v in views] if crop is not None else views
+
+
 def to_pil(image: Tensor) -> Image.Image:
     return TF.to_pil_image(image)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..data.images import MAX_ASPECT, center_crop, limit_aspect, resize_short_side
+from ..data.images import MAX_ASPECT, rescale_views
 from ..models.configs import INPUT_SIZE
 from ..models.vgg import VGG
 
@@ -81,11 +81,7 @@ class DescriptorSpec:
 
 def prepare(image: Tensor, spec: DescriptorSpec) -> list[Tensor]:
     """Loader-side work for one decoded RGB uint8 image 3×H×W: one uint8 tensor per scale."""
-    image = limit_aspect(image, spec.max_aspect)
-    views = [resize_short_side(image, q) for q in spec.scales]
-    if spec.crop is not None:
-        views = [center_crop(v, spec.crop) for v in views]
-    return views
+    return rescale_views(image, spec.scales, max_aspect=spec.max_aspect, crop=spec.crop)
 
 
 class DescriptorNet:

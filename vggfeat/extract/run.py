@@ -14,18 +14,18 @@ import logging
 import os
 import shutil
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache.store import (CacheError, covered, load_features, merge, parts_dir, read_attrs, read_manifest,
                            read_shards, settings_difference, write_json_atomic, write_shard)
-from ..data.images import BadImage, read_image
+from ..data.loader import image_loader
 from ..data.sources import ImageList, gather_images
 from ..distributed import Distributed
 from ..models.factory import vgg
@@ -42,30 +42,6 @@ COMPARED = ("arch", "model_config", "weights", "weights_sha256", "preprocessing"
 
 class ExtractError(RuntimeError):
     """The run cannot go on (``--strict`` and a bad image, say); finished work is kept."""
-
-
-class PreparedImages(Dataset):
-    """Decode and rescale images in worker processes: item = (index, per-scale views | reason)."""
-
-    def __init__(self, paths: list[str], indices: np.ndarray, spec: DescriptorSpec) -> None:
-        self.paths, self.indices, self.spec = paths, indices, spec
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = int(self.indices[i])
-        try:
-            return index, prepare(read_image(self.paths[index]), self.spec), None
-        except BadImage as err:
-            return index, None, str(err)
-        except Exception as err:  # a worker must not die on one file: record and go on
-            return index, None, f"{type(err).__name__}: {err}"
-
-
-def _one_thread(_: int) -> None:
-    # Workers decode; the main process owns the cores for the network.
-    torch.set_num_threads(1)
 
 
 @dataclass
@@ -182,9 +158,9 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
 
     buffer = _ShardBuffer(parts, dist.rank, net.dim, len(spec.scales), dtype, shard_images,
                           shard_seconds)
-    loader = DataLoader(PreparedImages(images.paths, mine, spec), batch_size=batch_size,
-                        collate_fn=list, num_workers=default_workers() if workers is None else workers,
-                        worker_init_fn=_one_thread, pin_memory=dist.device.type == "cuda")
+    loader = image_loader(images.paths, mine, partial(prepare, spec=spec), batch_size=batch_size,
+                          workers=default_workers() if workers is None else workers,
+                          pin_memory=dist.device.type == "cuda")
     bar = tqdm(total=len(mine), unit="img", disable=not (progress and dist.is_main),
                desc=f"extract {spec.layer}" + (f" rank 0/{dist.world_size}" if dist.world_size > 1
                                                 else ""), dynamic_ncols=True)

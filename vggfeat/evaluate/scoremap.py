@@ -1,0 +1,48 @@
+"""A picture of what dense evaluation sees: the top class's score map over the image."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from ..data.images import read_image, resize_short_side  # noqa: E402
+from ..data.imagenet import imagenet_classes  # noqa: E402
+from ..models.vgg import VGG  # noqa: E402
+
+
+@torch.inference_mode()
+def plot_score_map(model: VGG, image_path: str | os.PathLike, output: str | os.PathLike, *,
+                   scale: int = 384, class_index: int | None = None) -> tuple[int, float]:
+    """Write a PNG of the image rescaled to ``scale`` with the class score map overlaid.
+
+    The map is the dense net's softmax for ``class_index`` (default: the top class of the
+    spatially averaged scores) at each location, upsampled to the image.  Returns the class and
+    its posterior.
+    """
+    image = resize_short_side(read_image(image_path), scale)
+    model = model.eval()
+    scores = model.score_map(model.preprocessing(image[None]))[0]  # K×h×w
+    probs = scores.softmax(0)
+    posterior = scores.mean((1, 2)).softmax(0)
+    k = int(posterior.argmax()) if class_index is None else class_index
+    heat = F.interpolate(probs[k][None, None], size=image.shape[-2:], mode="bilinear",
+                         align_corners=False)[0, 0]
+    names = imagenet_classes()[1] if model.num_classes == 1000 else None
+    label = names[k].split(",")[0] if names else f"class {k}"
+    fig, ax = plt.subplots(figsize=(image.shape[2] / 100, image.shape[1] / 100 + 0.4), dpi=100)
+    ax.imshow(image.permute(1, 2, 0).numpy())
+    overlay = ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=max(1e-6, float(heat.max())))
+    fig.colorbar(overlay, ax=ax, fraction=0.03, pad=0.01)
+    ax.set_title(f"{label}: p={posterior[k]:.3f}, score map {tuple(probs.shape[1:])} at Q={scale}",
+                 fontsize=8)
+    ax.axis("off")
+    fig.savefig(Path(output), bbox_inches="tight")
+    plt.close(fig)
+    return k, float(posterior[k])
