@@ -13,8 +13,17 @@ from scipy.io import savemat
 
 from vggfeat.data.imagenet import imagenet_classes, imagenet_folder
 from vggfeat.data.images import rescale_views
-from vggfeat.evaluate import (Evaluator, crop_grid, default_scales, evaluate, fuse,
-                              load_posteriors, markdown_report, save_posteriors, topk_error)
+from vggfeat.evaluate import (
+    Evaluator,
+    crop_grid,
+    default_scales,
+    evaluate,
+    fuse,
+    load_posteriors,
+    markdown_report,
+    save_posteriors,
+    topk_error,
+)
 
 WNIDS = ["n01440764", "n01443537", "n02119789"]  # torchvision indices 0, 1 and 278
 

@@ -8,8 +8,17 @@ import torch.nn.functional as F
 from conftest import TINY, tiny_vgg
 from torch import nn
 
-from vggfeat.models import (CFGS, VGG, count_macs, count_params, init_weights, parse_arch,
-                            preinit_from_a, score_map_size, weight_layers)
+from vggfeat.models import (
+    CFGS,
+    VGG,
+    count_macs,
+    count_params,
+    init_weights,
+    parse_arch,
+    preinit_from_a,
+    score_map_size,
+    weight_layers,
+)
 
 PAPER_PARAMS = {"A": 132_863_336, "A-LRN": 132_863_336, "B": 133_047_848, "C": 133_638_952,
                 "D": 138_357_544, "E": 143_667_240}

@@ -7,8 +7,15 @@ from pathlib import Path
 import click
 
 from ..data.imagenet import imagenet_folder
-from ..evaluate import (METHODS, evaluate, fuse, load_posteriors, markdown_report,
-                        plot_score_map, save_posteriors)
+from ..evaluate import (
+    METHODS,
+    evaluate,
+    fuse,
+    load_posteriors,
+    markdown_report,
+    plot_score_map,
+    save_posteriors,
+)
 from ..evaluate.run import write_json
 from ..extract.run import default_device, default_workers
 from ..models.factory import vgg

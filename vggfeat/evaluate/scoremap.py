@@ -12,8 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from ..data.images import read_image, resize_short_side  # noqa: E402
 from ..data.imagenet import imagenet_classes  # noqa: E402
+from ..data.images import read_image, resize_short_side  # noqa: E402
 from ..models.vgg import VGG  # noqa: E402
 
 

@@ -10,12 +10,11 @@ joins the shards into the one output file.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import time
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,19 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..cache.store import (CacheError, covered, load_features, merge, parts_dir, read_attrs, read_manifest,
-                           read_shards, settings_difference, write_json_atomic, write_shard)
+from ..cache.store import (
+    CacheError,
+    covered,
+    load_features,
+    merge,
+    parts_dir,
+    read_attrs,
+    read_manifest,
+    read_shards,
+    settings_difference,
+    write_json_atomic,
+    write_shard,
+)
 from ..data.loader import image_loader
 from ..data.sources import ImageList, gather_images
 from ..distributed import Distributed
@@ -32,7 +42,6 @@ from ..models.factory import vgg
 from ..models.vgg import VGG
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
 
-log = logging.getLogger(__name__)
 DTYPES = ("float32", "float16")
 # Settings that must agree for a run to continue another's work or to count as up to date.
 COMPARED = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",

@@ -20,8 +20,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .configs import (FC6_KERNEL, FC_DIM, INPUT_SIZE, LRN_SETTINGS, NUM_CLASSES, STRIDE, ArchSpec,
-                      layer_names, parse_arch, scaled)
+from .configs import (
+    FC6_KERNEL,
+    FC_DIM,
+    INPUT_SIZE,
+    LRN_SETTINGS,
+    NUM_CLASSES,
+    STRIDE,
+    ArchSpec,
+    layer_names,
+    parse_arch,
+    scaled,
+)
 from .preprocessing import IMAGENET, Preprocessing
 
 PRE = ":pre"
