@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from ..extract.descriptor import AGGREGATES, CROP_SCALES, DENSE_SCALES, POOLS, DescriptorSpec
+from ..extract.descriptor import (
+    AGGREGATES,
+    CROP_SCALES,
+    DENSE_SCALES,
+    POOLS,
+    DescriptorSpec,
+)
 from ..extract.run import DTYPES, extract
 from .options import IntList, device_options, model_options
 

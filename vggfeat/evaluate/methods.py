@@ -13,14 +13,12 @@ decoded, rescaled image.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from contextlib import nullcontext
-
 import numpy as np
 import torch
 from torch import Tensor
 
 from ..models.configs import INPUT_SIZE
+from ..models.runner import DeviceRunner
 from ..models.vgg import VGG
 
 METHODS = ("dense", "multi-crop", "dense+multi-crop", "center-crop")
@@ -37,26 +35,16 @@ def crop_grid(height: int, width: int, *, size: int = INPUT_SIZE, n: int = GRID)
     return [(int(t), int(left)) for t in tops for left in lefts]
 
 
-class Evaluator:
+class Evaluator(DeviceRunner):
     """Posteriors N×K for batches of per-scale uint8 views (as :func:`rescale_views` makes them)."""
 
     def __init__(self, model: VGG, method: str, *, device: str | torch.device = "cpu",
                  batch_size: int = 8, amp: str | None = None) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
-        self.model = model.eval().to(device, memory_format=torch.channels_last)
-        self.method, self.device, self.batch_size = method, torch.device(device), batch_size
-        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+        super().__init__(model, device=device, batch_size=batch_size, amp=amp)
+        self.method = method
         self.crops_run = 0  # crops evaluated so far, for reporting and tests
-
-    def _autocast(self):
-        if self.amp_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def _input(self, batch: Tensor) -> Tensor:
-        x = batch.to(self.device, non_blocking=True)
-        return self.model.preprocessing(x).contiguous(memory_format=torch.channels_last)
 
     @torch.inference_mode()
     def __call__(self, items: list[list[Tensor]]) -> Tensor:
@@ -76,16 +64,11 @@ class Evaluator:
     def dense(self, views: list[Tensor]) -> Tensor:
         """Flip-averaged softmax of the spatially averaged score map, per image: N×K."""
         out = torch.empty(len(views), self.model.num_classes)
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, v in enumerate(views):
-            groups[tuple(v.shape)].append(i)
-        for members in groups.values():
-            for start in range(0, len(members), self.batch_size):
-                chunk = members[start:start + self.batch_size]
-                x = self._input(torch.stack([views[i] for i in chunk]))
-                with self._autocast():
-                    scores = self.model.score_map(torch.cat([x, x.flip(-1)])).float().mean((2, 3))
-                out[chunk] = scores.softmax(1).view(2, len(chunk), -1).mean(0).cpu()
+        for chunk in self.same_shape_chunks(views):
+            x = self.network_input(torch.stack([views[i] for i in chunk]))
+            with self.autocast():
+                scores = self.model.score_map(torch.cat([x, x.flip(-1)])).float().mean((2, 3))
+            out[chunk] = scores.softmax(1).view(2, len(chunk), -1).mean(0).cpu()
         return out
 
     def multi_crop(self, view: Tensor) -> Tensor:
@@ -99,8 +82,8 @@ class Evaluator:
         """Softmax posteriors of 224 crops (uint8 M×3×224×224) in crop mode: M×K."""
         out = []
         for start in range(0, len(crops), self.batch_size * 2):
-            with self._autocast():
-                logits = self.model(self._input(crops[start:start + self.batch_size * 2]))
+            with self.autocast():
+                logits = self.model(self.network_input(crops[start:start + self.batch_size * 2]))
             out.append(logits.float().softmax(1).cpu())
         self.crops_run += len(crops)
         return torch.cat(out)

@@ -9,8 +9,6 @@ before a centre crop, torchvision-style.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +17,7 @@ from torch import Tensor
 
 from ..data.images import MAX_ASPECT, rescale_views
 from ..models.configs import INPUT_SIZE
+from ..models.runner import DeviceRunner
 from ..models.vgg import VGG
 
 POOLS = ("avg", "max")
@@ -84,7 +83,7 @@ def prepare(image: Tensor, spec: DescriptorSpec) -> list[Tensor]:
     return rescale_views(image, spec.scales, max_aspect=spec.max_aspect, crop=spec.crop)
 
 
-class DescriptorNet:
+class DescriptorNet(DeviceRunner):
     """Computes descriptors for batches of prepared images on one device.
 
     Images with identical shapes at a scale run through the net together (in chunks of
@@ -94,11 +93,8 @@ class DescriptorNet:
     def __init__(self, model: VGG, spec: DescriptorSpec, *, device: str | torch.device = "cpu",
                  batch_size: int = 8, amp: str | None = None) -> None:
         model.check_layer(spec.layer)
-        self.model = model.eval().to(device, memory_format=torch.channels_last)
+        super().__init__(model, device=device, batch_size=batch_size, amp=amp)
         self.spec = spec
-        self.device = torch.device(device)
-        self.batch_size = batch_size
-        self.amp_dtype = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
         self.channels = model.layer_channels(spec.layer)
 
     @property
@@ -110,14 +106,10 @@ class DescriptorNet:
         """``items[i][s]`` is image i at scale s (uint8 3×H×W) → float32 N×dim descriptors (CPU)."""
         per_scale = torch.empty(len(items), len(self.spec.scales), self.channels)
         for s in range(len(self.spec.scales)):
-            groups: dict[tuple, list[int]] = defaultdict(list)
-            for i, views in enumerate(items):
-                groups[tuple(views[s].shape)].append(i)
-            for members in groups.values():
-                for start in range(0, len(members), self.batch_size):
-                    chunk = members[start:start + self.batch_size]
-                    batch = torch.stack([items[i][s] for i in chunk])
-                    per_scale[chunk, s] = self.pooled(batch).float().cpu()
+            views = [item[s] for item in items]
+            for chunk in self.same_shape_chunks(views):
+                batch = torch.stack([views[i] for i in chunk])
+                per_scale[chunk, s] = self.pooled(batch).float().cpu()
         if self.spec.aggregate == "mean":
             out = per_scale.mean(dim=1)
         else:
@@ -126,13 +118,10 @@ class DescriptorNet:
 
     def pooled(self, batch: Tensor) -> Tensor:
         """uint8 N×3×H×W → N×C globally pooled layer output, flip-averaged if asked."""
-        x = batch.to(self.device, non_blocking=True)
-        x = self.model.preprocessing(x).contiguous(memory_format=torch.channels_last)
+        x = self.network_input(batch)
         if self.spec.flip:
             x = torch.cat([x, x.flip(-1)])
-        autocast = (torch.autocast(self.device.type, dtype=self.amp_dtype)
-                    if self.amp_dtype is not None else nullcontext())
-        with autocast:
+        with self.autocast():
             fmap = self.model.forward_layers(x, [self.spec.layer])[self.spec.layer].float()
         pooled = fmap.mean(dim=(2, 3)) if self.spec.pool == "avg" else fmap.amax(dim=(2, 3))
         if self.spec.flip:

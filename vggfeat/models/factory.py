@@ -11,7 +11,14 @@ from .convert import to_vggfeat
 from .init import init_weights, preinit_from_a
 from .preprocessing import CAFFE, IMAGENET, Preprocessing, get_preprocessing
 from .vgg import VGG
-from .weights import FORMAT_TAG, WeightsError, fetch, pretrained_for, read_weights_file, sha256
+from .weights import (
+    FORMAT_TAG,
+    WeightsError,
+    fetch,
+    pretrained_for,
+    read_weights_file,
+    sha256,
+)
 
 HUB_SOURCES = ("torchvision", "timm")
 
