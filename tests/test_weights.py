@@ -12,7 +12,14 @@ from conftest import tiny_vgg
 from safetensors.torch import save_file
 
 import vggfeat
-from vggfeat.models import CAFFE, IMAGENET, PAPER, WeightsError, detect_format, to_torchvision
+from vggfeat.models import (
+    CAFFE,
+    IMAGENET,
+    PAPER,
+    WeightsError,
+    detect_format,
+    to_torchvision,
+)
 from vggfeat.models.weights import PRETRAINED
 
 X224 = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))

@@ -216,3 +216,32 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
     finally:
         if not lazy:
             f.close()
+
+
+# -- growing a path-keyed cache --------------------------------------------------------------------
+
+def append_file(cache: Path, new: Path, *, attrs: dict) -> Path:
+    """Write ``cache`` + the rows of the feature file ``new`` as the new ``cache`` (atomically).
+
+    Used by caches keyed by image path (:class:`vggfeat.sklearn.VGGFeatures`), which grow with
+    every call; ``attrs`` replaces the file's settings (without per-input keys).
+    """
+    sources = [p for p in (cache, new) if p.exists()]
+    parts = [load_features(p) for p in sources]
+    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}.tmp")
+    features = np.concatenate([b.data for b in parts])
+    with h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=features,
+                         chunks=row_chunks(len(features), features.shape[1], features.dtype)
+                         if len(features) else None)
+        f["input_sizes"] = np.concatenate([b.input_sizes for b in parts])
+        f.create_dataset("paths", data=[p for b in parts for p in b.paths], dtype=STR)
+        group = f.create_group("failed")
+        group.create_dataset("paths", data=[p for b in parts for p, _ in b.failed], dtype=STR)
+        group.create_dataset("reasons", data=[r for b in parts for _, r in b.failed], dtype=STR)
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["num_images"] = len(features)
+        f.attrs["num_failed"] = sum(len(b.failed) for b in parts)
+    os.replace(tmp, cache)
+    return cache

@@ -14,6 +14,7 @@ from ..models.weights import WeightsError
 from .evaluate import evaluate_command, scoremap_command
 from .extract import extract_command
 from .info import info_command
+from .transfer import transfer_command
 
 USER_ERRORS = (CacheError, InputError, WeightsError, ValueError, FileNotFoundError)
 
@@ -29,6 +30,7 @@ cli.add_command(info_command)
 cli.add_command(extract_command)
 cli.add_command(evaluate_command)
 cli.add_command(scoremap_command)
+cli.add_command(transfer_command)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,18 +11,25 @@ class IntList(click.ParamType):
     """Comma-separated integers, e.g. ``256,384,512``."""
 
     name = "LIST"
+    item, example = int, "256,384,512"
 
     def convert(self, value, param, ctx):
         if isinstance(value, tuple):
             return value
         try:
-            items = tuple(int(v) for v in str(value).replace(" ", "").split(",") if v)
+            items = tuple(self.item(v) for v in str(value).replace(" ", "").split(",") if v)
         except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of integers, e.g. 256,384,512",
-                      param, ctx)
+            self.fail(f"{value!r} is not a comma-separated list of {self.item.__name__}s, e.g. "
+                      f"{self.example}", param, ctx)
         if not items:
             self.fail("give at least one value", param, ctx)
         return items
+
+
+class FloatList(IntList):
+    """Comma-separated numbers, e.g. ``0.1,1,10``."""
+
+    item, example = float, "0.1,1,10"
 
 
 class Arch(click.ParamType):

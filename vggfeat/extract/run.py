@@ -43,10 +43,11 @@ from ..models.vgg import VGG
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
 
 DTYPES = ("float32", "float16")
-# Settings that must agree for a run to continue another's work or to count as up to date.
-COMPARED = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
-            "scales", "pool", "aggregate", "flip", "l2", "crop", "max_aspect", "dtype",
-            "input_fingerprint", "num_inputs")
+# Settings that must agree for descriptors to be comparable (and, with the inputs, for a run to
+# continue another's work or to count as up to date).
+DESCRIPTOR_SETTINGS = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
+                       "scales", "pool", "aggregate", "flip", "l2", "crop", "max_aspect", "dtype")
+COMPARED = DESCRIPTOR_SETTINGS + ("input_fingerprint", "num_inputs")
 
 
 class ExtractError(RuntimeError):
@@ -207,13 +208,18 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
                          time.monotonic() - start, failed)
 
 
-def _settings(model: VGG, spec: DescriptorSpec, images: ImageList, dtype: str) -> dict:
+def descriptor_settings(model: VGG, spec: DescriptorSpec, dtype: str) -> dict:
+    """What makes two descriptors comparable: the net, its weights, the descriptor, the dtype."""
     meta = model.weights_meta
     return {"arch": model.spec.name, "model_config": json.dumps(model.config, sort_keys=True),
             "weights": meta.get("name") or meta.get("file") or meta.get("source", "random"),
             "weights_sha256": meta.get("sha256", ""),
-            "preprocessing": model.preprocessing.to_json(), **spec.to_attrs(), "dtype": dtype,
-            "input_fingerprint": images.fingerprint(), "num_inputs": len(images)}
+            "preprocessing": model.preprocessing.to_json(), **spec.to_attrs(), "dtype": dtype}
+
+
+def _settings(model: VGG, spec: DescriptorSpec, images: ImageList, dtype: str) -> dict:
+    return {**descriptor_settings(model, spec, dtype), "input_fingerprint": images.fingerprint(),
+            "num_inputs": len(images)}
 
 
 def _file_attrs(settings: dict, model: VGG, spec: DescriptorSpec) -> dict:

@@ -1,0 +1,91 @@
+"""scikit-learn: VGGFeatures over image paths (pipelines, grid search, cache) and array transformers."""
+
+from __future__ import annotations
+
+import os
+import re
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.model_selection import GridSearchCV
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import Normalizer
+from sklearn.svm import LinearSVC
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+import vggfeat
+from vggfeat.cache import CacheError
+from vggfeat.data.sources import gather_images
+from vggfeat.extract import DescriptorSpec, extract
+from vggfeat.sklearn import PowerNormalizer, ScaleAggregator, VGGFeatures
+
+
+@parametrize_with_checks([ScaleAggregator(), ScaleAggregator(aggregate="stack"),
+                          PowerNormalizer(), PowerNormalizer(alpha=2.0)])
+def test_array_transformers_follow_sklearn_conventions(estimator, check):
+    check(estimator)
+
+
+def test_array_transformers_values():
+    X = np.arange(12, dtype=np.float64).reshape(2, 6) - 5  # 3 scales × 2 dims
+    np.testing.assert_allclose(ScaleAggregator(n_scales=3).fit_transform(X),
+                               [[-3, -2], [3, 4]])
+    assert ScaleAggregator(n_scales=3).fit(X).get_feature_names_out().tolist() == [
+        "scaleaggregator0", "scaleaggregator1"]
+    np.testing.assert_allclose(PowerNormalizer().fit_transform(np.array([[-4.0, 9.0]])),
+                               [[-2.0, 3.0]])
+    with pytest.raises(ValueError, match="n_scales=4 must be a positive integer dividing"):
+        ScaleAggregator(n_scales=4).fit(X)
+
+
+def features(tiny_weights, **kwargs):
+    return VGGFeatures(weights=str(tiny_weights), **{"scales": (224,), **kwargs})
+
+
+def test_vggfeatures_equals_extract_and_names_its_features(tmp_path, image_folder, tiny_weights):
+    images = gather_images([image_folder])
+    model = vggfeat.vgg(weights=str(tiny_weights))
+    ref = extract(images, tmp_path / "ref.h5", spec=DescriptorSpec(scales=(224,)), model=model,
+                  workers=0, progress=False)
+    est = features(tiny_weights)
+    assert est.get_params()["scales"] == (224,) and clone(est).get_params() == est.get_params()
+    X = est.fit_transform(np.array(images.paths[::-1]))  # order follows the input
+    np.testing.assert_allclose(X, vggfeat.load_features(ref.output).data[::-1], atol=1e-6)
+    assert est.get_feature_names_out()[:2].tolist() == ["fc7_0", "fc7_1"]
+    stacked = features(tiny_weights, scales=(224, 256), aggregate="stack").fit(None)
+    assert stacked.get_feature_names_out()[32] == "fc7_q256_0"
+    assert est.set_output(transform="default") is est
+    with pytest.raises(TypeError, match="image paths"):
+        est.transform(np.zeros((3, 4)))
+
+
+def test_pipeline_grid_search_and_cache(tmp_path, image_folder, tiny_weights):
+    images = gather_images([image_folder])
+    paths, y = np.array(images.paths), np.array(images.labels)
+    cache = tmp_path / "cache.h5"
+    pipe = make_pipeline(features(tiny_weights, cache=cache), Normalizer(), LinearSVC())
+    search = GridSearchCV(pipe, {"linearsvc__C": [0.1, 10.0]}, cv=2).fit(paths, y)
+    assert search.predict(paths).shape == (8,)
+    cached = vggfeat.load_features(cache)
+    assert sorted(cached.paths) == sorted(images.paths)  # every image computed exactly once
+    first = features(tiny_weights, cache=cache).fit_transform(paths)
+    for p in images.paths:  # a second pass reads the cache only: the images are not needed
+        os.remove(p)
+    again = features(tiny_weights, cache=cache).fit_transform(paths)
+    np.testing.assert_array_equal(first, again)
+    with pytest.raises(CacheError, match="layer: 'fc7' → 'fc6'"):
+        features(tiny_weights, cache=cache, layer="fc6").fit_transform(paths)
+
+
+def test_unreadable_images_raise_or_give_nan(tmp_path, image_folder, tiny_weights):
+    images = gather_images([image_folder])
+    bad = images.paths[2]
+    with open(bad, "wb") as f:
+        f.write(b"not a jpeg")
+    with pytest.raises(ValueError, match=re.escape(f"1 image(s) could not be read ({bad}")):
+        features(tiny_weights).fit_transform(images.paths)
+    cache = tmp_path / "c.h5"
+    X = features(tiny_weights, on_error="nan", cache=cache).fit_transform(images.paths)
+    assert np.isnan(X[2]).all() and not np.isnan(np.delete(X, 2, axis=0)).any()
+    assert vggfeat.load_features(cache).failed[0][0] == bad  # kept: not retried on every call

@@ -1,0 +1,263 @@
+"""Transfer: VOC and Caltech readers in their real layouts, splits, AP, protocols, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import run_cli, tiny_vgg, write_image
+from PIL import Image
+
+import vggfeat
+from vggfeat.data.folders import caltech_root, class_folders
+from vggfeat.data.sources import InputError
+from vggfeat.data.voc import VOC_CLASSES, read_voc
+from vggfeat.extract import DescriptorSpec, extract
+from vggfeat.transfer import (
+    PROTOCOLS,
+    fraction_split,
+    holdout,
+    load_dataset,
+    markdown_report,
+    per_class_split,
+    run_protocol,
+    voc_ap,
+)
+from vggfeat.transfer.protocols import descriptors, extraction_inputs
+
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40), (200, 60, 220)]
+
+
+def coloured_image(path, colour, seed):
+    """A photo-like file dominated by one colour, so even a random tiny net separates classes."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-40, 40, (30, 40, 3))
+    pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).resize((320, 240), Image.BILINEAR).save(path)
+    return path
+
+
+# -- fixtures in the datasets' real layouts ----------------------------------------------------
+
+def voc_object(name, difficult=False):
+    return (f"<object><name>{name}</name><pose>Unspecified</pose><truncated>0</truncated>"
+            f"<difficult>{int(difficult)}</difficult><bndbox><xmin>1</xmin><ymin>1</ymin>"
+            "<xmax>50</xmax><ymax>50</ymax></bndbox></object>")
+
+
+def make_voc(root, year, sets):
+    """VOCdevkit/VOC{year}: JPEGImages, Annotations (XML) and ImageSets/Main/{set}.txt.
+
+    ``sets`` maps a set name to its number of images; image i of a set holds four classes
+    (i, i+5, i+10, i+15 mod 20), so every class has positives in every set of ≥ 5 images.
+    """
+    base = root / "VOCdevkit" / f"VOC{year}"
+    (base / "ImageSets" / "Main").mkdir(parents=True)
+    n = 0
+    for name, count in sets.items():
+        ids = []
+        for i in range(count):
+            image_id = f"{year}_{n:06d}"
+            ids.append(image_id)
+            classes = [(i + 5 * j) % 20 for j in range(4)]
+            coloured_image(base / "JPEGImages" / f"{image_id}.jpg", COLOURS[i % 5], seed=n)
+            objects = "".join(voc_object(VOC_CLASSES[c]) for c in classes)
+            (base / "Annotations").mkdir(exist_ok=True)
+            (base / "Annotations" / f"{image_id}.xml").write_text(
+                f"<annotation><folder>VOC{year}</folder><filename>{image_id}.jpg</filename>"
+                f"<size><width>320</width><height>240</height><depth>3</depth></size>"
+                f"{objects}</annotation>")
+            n += 1
+        (base / "ImageSets" / "Main" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    return base
+
+
+@pytest.fixture
+def caltech(tmp_path):
+    """101_ObjectCategories with 4 colour-coded classes of 9 images (one class is background)."""
+    root = tmp_path / "caltech-101" / "101_ObjectCategories"
+    for c, name in enumerate(["BACKGROUND_Google", "Faces", "airplanes", "ant"]):
+        for i in range(9):
+            coloured_image(root / name / f"image_{i + 1:04d}.jpg", COLOURS[c], seed=100 * c + i)
+    return root
+
+
+# -- readers ---------------------------------------------------------------------------------
+
+def test_voc_labels_from_xml_with_difficult(tmp_path):
+    base = make_voc(tmp_path, "2007", {"trainval": 1})
+    xml = base / "Annotations" / "2007_000000.xml"
+    xml.write_text("<annotation><filename>2007_000000.jpg</filename>"
+                   + voc_object("cat", difficult=True) + voc_object("dog", difficult=True)
+                   + voc_object("dog") + voc_object("person") + "</annotation>")
+    for root in (tmp_path, tmp_path / "VOCdevkit", base):
+        part = read_voc(root, "2007", "trainval")
+        assert part.ids == ["2007_000000"] and part.paths[0].endswith("JPEGImages/2007_000000.jpg")
+    labels = dict(zip(VOC_CLASSES, part.labels[0]))
+    assert labels["cat"] == 0  # difficult only: ignored, as the devkit does
+    assert labels["dog"] == 1 and labels["person"] == 1 and labels["car"] == -1
+
+
+def test_voc_errors_name_the_problem(tmp_path):
+    make_voc(tmp_path, "2012", {"train": 1, "val": 1})
+    with pytest.raises(InputError, match="evaluation server"):
+        read_voc(tmp_path, "2012", "test")
+    with pytest.raises(InputError, match="not a VOC2007 folder"):
+        read_voc(tmp_path, "2007", "test")
+    xml = tmp_path / "VOCdevkit" / "VOC2012" / "Annotations" / "2012_000000.xml"
+    xml.write_text("<annotation><object><name>unicorn</name></object></annotation>")
+    with pytest.raises(InputError, match="unknown class 'unicorn'"):
+        read_voc(tmp_path, "2012", "train")
+
+
+def test_caltech_reader_takes_class_folders_only_one_level(tmp_path, caltech):
+    # Caltech-256 ships 056.dog/greg/ with copies of images in 056.dog/: they must not count twice.
+    write_image(caltech / "ant" / "greg" / "copy.jpg")
+    (caltech / "ant" / "RENAME2").write_text("not an image")
+    images = class_folders(caltech_root(tmp_path, "caltech101"))
+    assert images.class_names == ["BACKGROUND_Google", "Faces", "airplanes", "ant"]
+    assert len(images) == 36 and not any("greg" in p for p in images.paths)
+    with pytest.raises(InputError, match="256_ObjectCategories"):
+        caltech_root(tmp_path, "caltech256")
+
+
+# -- splits and metrics ------------------------------------------------------------------------
+
+def test_per_class_split_sizes_disjoint_and_seeded():
+    labels = np.repeat(np.arange(4), [31, 40, 60, 35])
+    train, test = per_class_split(labels, n_train=30, n_test=50, seed=1)
+    assert np.bincount(labels[train]).tolist() == [30, 30, 30, 30]
+    assert np.bincount(labels[test]).tolist() == [1, 10, 30, 5]
+    assert not set(train) & set(test)
+    again, _ = per_class_split(labels, n_train=30, n_test=50, seed=1)
+    other, _ = per_class_split(labels, n_train=30, n_test=50, seed=2)
+    assert np.array_equal(train, again) and not np.array_equal(train, other)
+    _, rest = per_class_split(labels, n_train=30, n_test=None, seed=1)
+    assert len(rest) == len(labels) - 120
+    fit, val = holdout(train, labels, fraction=0.2, seed=0)
+    assert np.bincount(labels[val]).tolist() == [6, 6, 6, 6] and not set(fit) & set(val)
+    assert sorted(np.concatenate([fit, val])) == sorted(train)
+    with pytest.raises(InputError, match="class 0 has 31 images"):
+        per_class_split(labels, n_train=31, n_test=None, seed=0)
+    tr, te = fraction_split(labels, train_fraction=0.75, seed=0)
+    assert len(tr) + len(te) == len(labels) and not set(tr) & set(te)
+
+
+def test_voc_ap_matches_hand_computation():
+    labels = np.array([1, -1, 1, 0, -1, 1])
+    scores = np.array([0.9, 0.8, 0.7, 0.95, 0.6, 0.3])
+    # Ranked without the difficult one: + - + - +; precision 1, .5, 2/3, .5, .6 at recall
+    # 1/3, 1/3, 2/3, 2/3, 1.  11-point: 4 points at 1, 3 at 2/3, 4 at .6.
+    assert voc_ap(labels, scores, metric="11point") == pytest.approx((4 + 2 + 2.4) / 11)
+    assert voc_ap(labels, scores, metric="area") == pytest.approx(1 / 3 + 2 / 9 + 0.2)
+    assert voc_ap(labels, -scores + 2 * (labels == 1)) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no positive"):
+        voc_ap(np.array([-1, 0]), np.array([0.1, 0.2]))
+
+
+# -- protocols on cached features -----------------------------------------------------------------
+
+@pytest.fixture
+def caltech_features(tmp_path, caltech):
+    """Descriptors of the Caltech fixture, stored stacked and unnormalised over two scales."""
+    dataset = load_dataset("caltech101", caltech.parent)
+    spec = DescriptorSpec(scales=(224, 256), aggregate="stack", l2=False)
+    out = tmp_path / "caltech-D.h5"
+    extract(extraction_inputs(dataset), out, spec=spec, model=tiny_vgg("D"), workers=0,
+            progress=False)
+    return dataset, out
+
+
+def test_caltech_protocol_splits_scores_and_reproducibility(caltech_features):
+    dataset, features = caltech_features
+    kwargs = dict(train_per_class=5, test_per_class=3, splits=2, C_grid=(0.1, 10.0))
+    result = run_protocol("caltech101", dataset, [features], **kwargs)
+    assert result.aggregate == "stack"  # the paper's choice for Caltech
+    assert len(result.scores) == 2 and result.sizes == {"classes": 4, "train": 20, "val": 4,
+                                                       "test": 12}
+    for split in result.splits:
+        assert len(split["train"]) == 16 and len(split["val"]) == 4 and len(split["test"]) == 12
+        assert not (set(split["train"]) | set(split["val"])) & set(split["test"])
+    assert result.splits[0]["test"] != result.splits[1]["test"]
+    assert result.mean > 60  # colour-coded classes: far above the 25% of chance
+    again = run_protocol("caltech101", dataset, [features], **kwargs)
+    assert again.scores == result.scores and again.splits == result.splits
+    logreg = run_protocol("caltech101", dataset, [features], classifier="logreg", **kwargs)
+    assert logreg.mean > 60
+    report = markdown_report([result, logreg])
+    assert "| paper: Net-D | linear SVM | 89.3 | 89.0 | 91.8 ± 1.0 | 85.0 ± 0.2 |" in report
+    assert "logistic regression" in report
+
+
+def test_mean_from_a_stack_equals_extracting_the_mean(tmp_path, caltech_features):
+    dataset, stacked = caltech_features
+    averaged = tmp_path / "mean.h5"
+    extract(extraction_inputs(dataset), averaged, spec=DescriptorSpec(scales=(224, 256)),
+            model=tiny_vgg("D"), workers=0, progress=False)
+    X, keep, _, used = descriptors([stacked], dataset, aggregate="mean")
+    np.testing.assert_allclose(X, vggfeat.load_features(averaged).data, rtol=1e-4, atol=1e-6)
+    assert keep.all() and used == ["mean"]
+    with pytest.raises(InputError, match="cannot be stacked"):
+        descriptors([averaged], dataset, aggregate="stack")
+
+
+def test_two_nets_are_stacked_and_unreadable_images_dropped(tmp_path, caltech_features):
+    dataset, d_file = caltech_features
+    bad = dataset.paths[3]
+    with open(bad, "wb") as f:
+        f.write(b"\xff\xd8 truncated")
+    e_file = tmp_path / "caltech-E.h5"
+    extract(extraction_inputs(dataset), e_file, spec=DescriptorSpec(scales=(224,)),
+            model=tiny_vgg("E"), workers=0, progress=False)
+    X, keep, described, _ = descriptors([d_file, e_file], dataset, aggregate=None,
+                                        preferred="stack")
+    assert X.shape == (35, 64 + 32) and not keep[3] and keep.sum() == 35
+    assert "D (random) fc7, Q 224,256, stack" in described[0] and described[1].startswith("E")
+    result = run_protocol("caltech101", dataset, [d_file, e_file], train_per_class=5, splits=1)
+    assert result.dropped == [bad]
+
+
+def test_missing_images_in_features_are_an_error(tmp_path, caltech_features):
+    dataset, features = caltech_features
+    write_image(caltech_root(tmp_path, "caltech101") / "ant" / "new.jpg")
+    grown = load_dataset("caltech101", tmp_path)
+    with pytest.raises(InputError, match="no descriptor for 1 of the 37 images"):
+        run_protocol("caltech101", grown, [features], train_per_class=5, splits=1)
+
+
+def test_cli_voc2007_extracts_then_reports_like_table_11(tmp_path, tiny_weights):
+    make_voc(tmp_path, "2007", {"train": 10, "val": 10, "test": 10})
+    features = tmp_path / "voc07.h5"
+    report = tmp_path / "out" / "voc07.md"
+    report.parent.mkdir()
+    args = ["--protocol", "voc2007", "--data", tmp_path, "--weights", tiny_weights,
+            "--scales", "224", "--workers", "0", "--C", "1", "--quiet"]
+    proc = run_cli("transfer", features, *args, "--aggregate", "both", "--report", report)
+    assert features.exists()
+    data = json.loads(report.with_suffix(".json").read_text())
+    first = data["results"][0]
+    assert [r["aggregate"] for r in data["results"]] == ["mean", "stack"]
+    assert first["sizes"] == {"classes": 20, "train": 20, "val": 10, "test": 10}
+    assert set(first["per_class"]) == set(VOC_CLASSES) and 0 <= first["mean"] <= 100
+    assert first["paper"]["Net-D"] == [89.3, None]
+    splits = json.loads(report.with_suffix(".splits.json").read_text())["results"][0]["splits"]
+    assert len(splits[0]["test"]) == 10 and not set(splits[0]["test"]) & set(splits[0]["train"])
+    assert "| paper: Net-D & Net-E | linear SVM | 89.7 | 89.3 | 92.7 ± 0.5 | 86.2 ± 0.3 |" in \
+        proc.stdout
+    assert "mAP, area (%)" in report.read_text()
+    bad = run_cli("transfer", features, "--protocol", "voc2007", check=False)
+    assert bad.returncode == 2 and "--data" in bad.stderr
+
+
+def test_voc2012_scores_val_and_says_test_is_on_the_server(tmp_path):
+    make_voc(tmp_path, "2012", {"train": 15, "val": 10})
+    dataset = load_dataset("voc2012", tmp_path)
+    out = tmp_path / "voc12.h5"
+    extract(extraction_inputs(dataset), out, spec=DescriptorSpec(scales=(224,)),
+            model=tiny_vgg("D"), workers=0, progress=False)
+    result = run_protocol("voc2012", dataset, [out], C_grid=(1.0,))
+    assert result.sizes["test"] == 10 and result.sizes["train"] == 15
+    assert "evaluation server" in PROTOCOLS["voc2012"].note
+    assert "evaluation server" in markdown_report([result])

@@ -1,0 +1,86 @@
+"""``vggfeat transfer``: the paper's linear-classifier protocols on cached descriptors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..extract.descriptor import DENSE_SCALES, DescriptorSpec
+from ..extract.run import extract
+from ..transfer import (
+    CLASSIFIERS,
+    PROTOCOLS,
+    dataset_from_features,
+    load_dataset,
+    markdown_report,
+    run_protocol,
+    write_report,
+)
+from ..transfer.protocols import extraction_inputs
+from .options import FloatList, IntList, device_options, model_options
+
+
+@click.command("transfer")
+@click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--protocol", type=click.Choice(list(PROTOCOLS)), required=True,
+              help="voc2007, voc2012, caltech101, caltech256, or folder (one folder per class)")
+@click.option("--data", type=click.Path(exists=True, file_okay=False),
+              help="dataset root in its official layout (needed for VOC); a FEATURES file that "
+                   "does not exist yet is extracted from it first")
+@click.option("--classifier", type=click.Choice(CLASSIFIERS), default="svm", show_default=True,
+              help="linear SVM (the paper's) or multinomial logistic regression")
+@click.option("--aggregate", type=click.Choice(["mean", "stack", "both"]), default=None,
+              help="combine scales by averaging or stacking, or report both [default: the "
+                   "paper's choice (VOC mean, Caltech stack) where the file allows, else as stored]")
+@click.option("--splits", type=click.IntRange(1), default=None,
+              help="random splits [default: 3 for Caltech and folders]")
+@click.option("--train-per-class", type=click.IntRange(1), default=None,
+              help="training images per class [default: Caltech-101 30, Caltech-256 60; folders: "
+                   "75% of each class]")
+@click.option("--test-per-class", type=click.IntRange(1), default=None,
+              help="at most this many test images per class [default: Caltech-101 50, else all]")
+@click.option("--C", "C_grid", type=FloatList(), default=None,
+              help="values of C to choose from on held-out data [default: 0.01…100 for svm, "
+                   "0.1…10⁴ for logreg]")
+@click.option("--seed", type=int, default=0, show_default=True, help="split s uses seed + s")
+@click.option("--report", type=click.Path(dir_okay=False),
+              help="write REPORT.md, REPORT.json and REPORT.splits.json")
+@model_options
+@click.option("--layer", default="fc7", show_default=True, help="layer, when extracting")
+@click.option("--scales", type=IntList(), default=DENSE_SCALES, show_default=True,
+              help="Q values, when extracting (stored stacked, so mean and stack both work)")
+@device_options
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
+@click.option("--quiet", is_flag=True)
+def transfer_command(features, protocol, data, classifier, aggregate, splits, train_per_class,
+                     test_per_class, C_grid, seed, report, arch, weights, layer, scales,
+                     batch_size, workers, device, amp, quiet) -> None:
+    """Train linear classifiers on the descriptors in FEATURES and score them as the paper did.
+
+    Give two FEATURES files (e.g. of nets D and E) to stack their descriptors.  The results are
+    printed as a Markdown table beside the paper's Table 11.
+    """
+    if data is None and protocol.startswith("voc"):
+        raise click.UsageError("VOC labels come from the annotations: pass --data VOC_ROOT")
+    dataset = load_dataset(protocol, data) if data else dataset_from_features(features[0])
+    missing = [f for f in features if not Path(f).exists()]
+    if missing and data is None:
+        raise click.UsageError(f"{missing[0]} does not exist; pass --data DATASET_ROOT to "
+                               "extract it first")
+    if len(missing) > 1:
+        raise click.UsageError(f"{len(missing)} FEATURES files do not exist ({', '.join(missing)})"
+                               "; one can be extracted per run (with --arch/--weights)")
+    for output in missing:
+        spec = DescriptorSpec(layer=layer, scales=scales, aggregate="stack", l2=False)
+        extract(extraction_inputs(dataset), output, spec=spec, arch=arch, weights=weights,
+                batch_size=batch_size, workers=workers, device=device, amp=amp,
+                progress=not quiet)
+    results = [run_protocol(protocol, dataset, list(features), classifier=classifier,
+                            aggregate=agg, splits=splits, train_per_class=train_per_class,
+                            test_per_class=test_per_class, C_grid=C_grid, seed=seed)
+               for agg in (("mean", "stack") if aggregate == "both" else (aggregate,))]
+    click.echo(markdown_report(results))
+    if report:
+        written = write_report(results, report)
+        click.echo(f"wrote {', '.join(map(str, written))}", err=True)

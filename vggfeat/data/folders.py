@@ -1,0 +1,47 @@
+"""Folder-per-class datasets (Caltech-101, Caltech-256, your own): one level, images only.
+
+Only the image files directly inside each class folder count.  Caltech-256's ``056.dog/greg/``
+holds copies of images already in ``056.dog/``; recursing would count them twice.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .sources import ImageList, InputError, is_image_file
+
+CALTECH_FOLDERS = {"caltech101": "101_ObjectCategories", "caltech256": "256_ObjectCategories"}
+
+
+def class_folders(root: str | os.PathLike, *, min_images: int = 1) -> ImageList:
+    """Images of ``root/CLASS/*`` with classes in sorted folder order (torchvision's order)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"dataset folder {root} does not exist")
+    paths, labels, names = [], [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(f for f in folder.iterdir() if f.is_file() and is_image_file(f))
+        if not files:
+            continue
+        if len(files) < min_images:
+            raise InputError(f"class folder {folder} has {len(files)} images; this protocol needs "
+                             f"at least {min_images} per class")
+        names.append(folder.name)
+        paths.extend(os.path.abspath(f) for f in files)
+        labels.extend([len(names) - 1] * len(files))
+    if len(names) < 2:
+        raise InputError(f"{root} should hold one sub-folder of images per class; found "
+                         f"{len(names)} class folder(s) with images")
+    return ImageList(paths, labels, names, [str(root)])
+
+
+def caltech_root(root: str | os.PathLike, protocol: str) -> Path:
+    """``101_ObjectCategories``/``256_ObjectCategories`` itself or a folder above it."""
+    root = Path(root)
+    folder = CALTECH_FOLDERS[protocol]
+    for candidate in (root, root / folder, *sorted(root.glob(f"*/{folder}"))):
+        if candidate.name == folder and candidate.is_dir():
+            return candidate
+    raise InputError(f"no {folder}/ folder in {root}; unpack the {protocol} archive there "
+                     f"(see datasets/{protocol}/README.md)")

@@ -1,0 +1,183 @@
+"""scikit-learn estimators: VGG descriptors of image paths, and array transformers for them.
+
+``VGGFeatures`` maps image paths to the paper's descriptors inside any ``Pipeline``::
+
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import LinearSVC
+    from vggfeat.sklearn import VGGFeatures
+
+    clf = make_pipeline(VGGFeatures(arch="D", cache="features.h5"), LinearSVC())
+    clf.fit(train_paths, train_labels)
+
+With ``cache=`` an HDF5 file, descriptors are looked up by path and only the images not yet in
+the cache are computed (crash-safe and resumable, like ``vggfeat extract``); the cache then grows
+by those rows.  The cache is a regular vggfeat feature file, so ``vggfeat.load_features`` and
+``vggfeat transfer`` read it too.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .cache.store import (
+    CacheError,
+    append_file,
+    load_features,
+    read_attrs,
+    settings_difference,
+)
+from .data.images import MAX_ASPECT
+from .data.sources import ImageList
+from .extract.descriptor import DENSE_SCALES, DescriptorSpec
+from .extract.run import DESCRIPTOR_SETTINGS, descriptor_settings, extract
+from .models.factory import vgg
+from .transfer.transforms import PowerNormalizer, ScaleAggregator
+
+ON_ERROR = ("raise", "nan")
+
+__all__ = ["VGGFeatures", "ScaleAggregator", "PowerNormalizer"]
+
+
+class VGGFeatures(TransformerMixin, BaseEstimator):
+    """Image paths → VGG descriptors (N × D float32), as ``vggfeat extract`` computes them.
+
+    Parameters are those of :func:`vggfeat.vgg` (``arch``, ``weights``) and
+    :class:`vggfeat.DescriptorSpec` (``layer``, ``scales`` in px, ``pool``, ``aggregate``,
+    ``flip``, ``l2``, ``crop``, ``max_aspect``), plus:
+
+    Args:
+        cache: an HDF5 file of descriptors keyed by image path; None computes every time.
+        on_error: ``raise`` (name the unreadable images) or ``nan`` (give them NaN rows).
+        batch_size, device, workers, amp, dtype, progress: as for ``vggfeat extract``.
+
+    ``fit`` builds the net (``model_``); it learns nothing from the data.  The input is a
+    sequence of paths, or an N×1 array of them (e.g. a column chosen by a ColumnTransformer).
+    """
+
+    def __init__(self, arch: str | None = None, weights: str | None = "torchvision", *,
+                 layer: str = "fc7", scales: tuple[int, ...] = DENSE_SCALES, pool: str = "avg",
+                 aggregate: str = "mean", flip: bool = True, l2: bool = True,
+                 crop: int | None = None, max_aspect: float = MAX_ASPECT,
+                 cache: str | os.PathLike | None = None, on_error: str = "raise",
+                 batch_size: int = 8, device: str | None = None, workers: int | None = 0,
+                 amp: str | None = None, dtype: str = "float32", progress: bool = False) -> None:
+        self.arch = arch
+        self.weights = weights
+        self.layer = layer
+        self.scales = scales
+        self.pool = pool
+        self.aggregate = aggregate
+        self.flip = flip
+        self.l2 = l2
+        self.crop = crop
+        self.max_aspect = max_aspect
+        self.cache = cache
+        self.on_error = on_error
+        self.batch_size = batch_size
+        self.device = device
+        self.workers = workers
+        self.amp = amp
+        self.dtype = dtype
+        self.progress = progress
+
+    def fit(self, X=None, y=None):
+        if self.on_error not in ON_ERROR:
+            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        self.spec_ = DescriptorSpec(layer=self.layer, scales=tuple(self.scales), pool=self.pool,
+                                    aggregate=self.aggregate, flip=self.flip, l2=self.l2,
+                                    crop=self.crop, max_aspect=self.max_aspect)
+        self.model_ = vgg(self.arch, weights=self.weights, progress=self.progress).eval()
+        self.model_.check_layer(self.layer)
+        self._n_features_out = self.spec_.dim(self.model_.layer_channels(self.layer))
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        check_is_fitted(self, "model_")
+        paths = _as_paths(X)
+        rows, failed = self._cached(paths) if self.cache is not None else self._compute(paths)
+        bad = [p for p in dict.fromkeys(paths) if p in failed]
+        if bad and self.on_error == "raise":
+            listed = "; ".join(f"{p}: {failed[p]}" for p in bad[:5])
+            raise ValueError(f"{len(bad)} image(s) could not be read ({listed}); fix or remove "
+                             "them, or use on_error='nan'")
+        out = np.full((len(paths), self._n_features_out), np.nan, dtype=np.float32)
+        for i, p in enumerate(paths):
+            if p in rows:
+                out[i] = rows[p]
+        return out
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        """``fc7_0`` … (mean), or ``fc7_q256_0`` … per scale (stack)."""
+        check_is_fitted(self, "model_")
+        name = self.layer.replace(":", "_")
+        channels = self.model_.layer_channels(self.layer)
+        if self.aggregate == "stack":
+            return np.array([f"{name}_q{q}_{i}" for q in self.spec_.scales
+                             for i in range(channels)], dtype=object)
+        return np.array([f"{name}_{i}" for i in range(channels)], dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False
+        tags.input_tags.string = True
+        tags.requires_fit = True
+        return tags
+
+    # -- computing ---------------------------------------------------------------------------
+
+    def _settings(self) -> dict:
+        return descriptor_settings(self.model_, self.spec_, self.dtype)
+
+    def _extract(self, paths: list[str], output: Path) -> tuple[dict, dict]:
+        extract(ImageList(paths), output, spec=self.spec_, model=self.model_,
+                batch_size=self.batch_size, workers=self.workers, device=self.device,
+                dtype=self.dtype, amp=self.amp, progress=self.progress)
+        return _rows(output)
+
+    def _compute(self, paths: list[str]) -> tuple[dict, dict]:
+        with tempfile.TemporaryDirectory(prefix="vggfeat-") as tmp:
+            return self._extract(list(dict.fromkeys(paths)), Path(tmp) / "features.h5")
+
+    def _cached(self, paths: list[str]) -> tuple[dict, dict]:
+        cache = Path(self.cache)
+        settings = self._settings()
+        rows, failed = {}, {}
+        if cache.exists():
+            stored = {k: read_attrs(cache).get(k) for k in DESCRIPTOR_SETTINGS}
+            if stored != settings:
+                raise CacheError(f"cache {cache} holds descriptors computed differently ("
+                                 + "; ".join(settings_difference(stored, settings))
+                                 + "); use another cache file for these settings")
+            rows, failed = _rows(cache)
+        missing = [p for p in dict.fromkeys(paths) if p not in rows and p not in failed]
+        if missing:
+            # Named after its inputs, so a killed call resumes when called again on the same data.
+            pending = cache.with_name(f"{cache.name}.pending-{ImageList(missing).fingerprint()[:12]}"
+                                      ".h5")
+            new_rows, new_failed = self._extract(missing, pending)
+            append_file(cache, pending, attrs=settings)
+            pending.unlink()
+            rows.update(new_rows)
+            failed.update(new_failed)
+        return rows, failed
+
+
+def _rows(path: Path) -> tuple[dict, dict]:
+    bunch = load_features(path)
+    return dict(zip(bunch.paths, bunch.data)), dict(bunch.failed)
+
+
+def _as_paths(X) -> list[str]:
+    array = np.asarray(X, dtype=object)
+    if array.ndim == 2 and array.shape[1] == 1:
+        array = array[:, 0]
+    if array.ndim != 1 or not all(isinstance(p, (str, os.PathLike)) for p in array):
+        raise TypeError("VGGFeatures transforms image paths: give a list of file paths (or an N×1 "
+                        f"array of them), not {type(X).__name__} of shape {array.shape}")
+    return [os.path.abspath(p) for p in array]

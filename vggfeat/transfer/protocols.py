@@ -1,0 +1,314 @@
+"""The paper's transfer protocols (Appendix B, Table 11) on cached descriptors.
+
+A protocol fixes the images, the splits, how hyper-parameters are chosen and the metric.  The
+descriptors come from one or more feature files (several files are stacked: the paper's
+"Net-D & Net-E"), matched to the dataset's images by path.  Each file's per-scale descriptors are
+averaged or kept stacked, then L2-normalised; a linear classifier is trained on them, with no
+fine-tuning of the net.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import recall_score
+from sklearn.preprocessing import normalize
+
+from ..cache.store import load_features
+from ..data.folders import caltech_root, class_folders
+from ..data.sources import ImageList, InputError
+from ..data.voc import VOC_CLASSES, read_voc
+from .classifiers import C_GRIDS, CLASSIFIERS, choose_C, train
+from .metrics import mean_class_recall, voc_ap
+from .splits import fraction_split, holdout, per_class_split
+from .transforms import AGGREGATES, ScaleAggregator
+
+HOLDOUT = 0.2  # share of each training split held out to choose C (the paper's 20%)
+FOLDER_TRAIN_FRACTION = 0.75
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One column of Table 11.
+
+    Attributes:
+        title: column heading; metric: what the numbers are (percent).
+        train_per_class, test_per_class: Caltech-style per-class split sizes (None: all the rest).
+        splits: number of seeded random splits (1 for VOC's fixed sets).
+        paper: Table 11's (mean, std) per net, in %.
+        aggregate: how the paper combined scales for this dataset (used when the file allows).
+    """
+
+    name: str
+    title: str
+    metric: str
+    multilabel: bool = False
+    train_per_class: int | None = None
+    test_per_class: int | None = None
+    splits: int = 1
+    paper: dict[str, tuple[float, float | None]] = field(default_factory=dict)
+    aggregate: str | None = None
+    note: str = ""
+
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("voc2007", "VOC-2007", "mAP, 11-point (%)", multilabel=True,
+             paper={"Net-D": (89.3, None), "Net-E": (89.3, None), "Net-D & Net-E": (89.7, None)},
+             aggregate="mean",
+             note="train on trainval, test on test; C per class chosen on val after training "
+                  "on train"),
+    Protocol("voc2012", "VOC-2012", "mAP, area (%)", multilabel=True,
+             paper={"Net-D": (89.0, None), "Net-E": (89.0, None), "Net-D & Net-E": (89.3, None)},
+             aggregate="mean",
+             note="the paper's figures are on the test set, scored by the VOC evaluation server; "
+                  "here: train on train, score val, C per class chosen on 20% of train"),
+    Protocol("caltech101", "Caltech-101", "mean class recall (%)", train_per_class=30,
+             test_per_class=50, splits=3,
+             paper={"Net-D": (91.8, 1.0), "Net-E": (92.3, 0.5), "Net-D & Net-E": (92.7, 0.5)},
+             aggregate="stack",
+             note="30 training images per class, up to 50 test; 20% of training held out for C"),
+    Protocol("caltech256", "Caltech-256", "mean class recall (%)", train_per_class=60, splits=3,
+             paper={"Net-D": (85.0, 0.2), "Net-E": (85.1, 0.3), "Net-D & Net-E": (86.2, 0.3)},
+             aggregate="stack",
+             note="60 training images per class, the rest test; 20% of training held out for C"),
+    Protocol("folder", "folder", "mean class recall (%)", splits=3,
+             note=f"stratified split, {FOLDER_TRAIN_FRACTION:.0%} of each class for training "
+                  "unless --train-per-class; 20% of training held out for C"),
+)}
+
+
+@dataclass
+class Dataset:
+    """Images and labels of a protocol: N labels (multi-class) or N×K in {1, 0, -1} (VOC);
+    ``sets`` are VOC's named image sets as index arrays."""
+
+    paths: list[str]
+    labels: np.ndarray
+    class_names: list[str]
+    sets: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def subset(self, keep: np.ndarray) -> Dataset:
+        new_index = np.cumsum(keep) - 1
+        sets = {name: new_index[idx[keep[idx]]] for name, idx in self.sets.items()}
+        return Dataset([p for p, k in zip(self.paths, keep) if k], self.labels[keep],
+                       self.class_names, sets)
+
+
+@dataclass
+class TransferResult:
+    """Scores in percent; ``per_class`` holds each class's score averaged over splits."""
+
+    protocol: str
+    classifier: str
+    aggregate: str
+    features: list[str]
+    metric: str
+    scores: list[float]
+    per_class: dict[str, float]
+    extra: dict[str, float] = field(default_factory=dict)
+    chosen_C: list = field(default_factory=list)
+    sizes: dict[str, int] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
+    splits: list[dict[str, list[str]]] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.scores))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.scores)) if len(self.scores) > 1 else 0.0
+
+
+def load_dataset(protocol: str, root: str | os.PathLike) -> Dataset:
+    """The protocol's images and labels from a dataset root in its official layout."""
+    root = Path(root).expanduser()
+    if protocol in ("voc2007", "voc2012"):
+        year = protocol[3:]
+        names = ("train", "val", "test") if year == "2007" else ("train", "val")
+        parts = {name: read_voc(root, year, name) for name in names}
+        paths, labels, sets = [], [], {}
+        for name, part in parts.items():
+            sets[name] = np.arange(len(paths), len(paths) + len(part))
+            paths += part.paths
+            labels.append(part.labels)
+        if len(set(paths)) != len(paths):
+            raise InputError(f"{root}: an image is listed in two of the sets {names}")
+        return Dataset(paths, np.concatenate(labels), list(VOC_CLASSES), sets)
+    if protocol in ("caltech101", "caltech256"):
+        return _from_image_list(class_folders(caltech_root(root, protocol)))
+    if protocol == "folder":
+        return _from_image_list(class_folders(root))
+    raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+
+
+def _from_image_list(images: ImageList) -> Dataset:
+    return Dataset(images.paths, np.asarray(images.labels), list(images.class_names))
+
+
+def dataset_from_features(path: str | os.PathLike) -> Dataset:
+    """A multi-class dataset from the labels a feature file stores (extracted from class folders)."""
+    bunch = load_features(path)
+    if bunch.target is None:
+        raise InputError(f"{path} stores no labels (its images were not in class folders): pass "
+                         "--data with the dataset root")
+    return Dataset(bunch.paths, np.asarray(bunch.target), list(bunch.target_names))
+
+
+def descriptors(files: list[str | os.PathLike], dataset: Dataset, *, aggregate: str | None,
+                preferred: str | None = None
+                ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+    """Stack the files' L2-normalised descriptors of the dataset's images.
+
+    Scales are combined as ``aggregate`` says (an error if a file cannot give it); without it,
+    as ``preferred`` says where a file allows, else as stored.
+
+    Returns (X for the kept images, keep mask over ``dataset.paths``, one description and the
+    aggregation used per file).
+    Images a file could not read are dropped (they are reported); images a file lacks are an
+    error.
+    """
+    blocks, labels, used = [], [], []
+    keep = np.ones(len(dataset.paths), bool)
+    for file in files:
+        bunch = load_features(file)
+        row = {p: i for i, p in enumerate(bunch.paths)}
+        failed = {p for p, _ in bunch.failed}
+        absent = [p for p in dataset.paths if p not in row and p not in failed]
+        if absent:
+            raise InputError(f"{file} has no descriptor for {len(absent)} of the {len(dataset.paths)}"
+                             f" images of the dataset, e.g. {absent[0]}; extract them (pass --data "
+                             "with the dataset root and a new FEATURES file)")
+        keep &= np.array([p in row for p in dataset.paths])
+        rows = np.array([row.get(p, 0) for p in dataset.paths])
+        stored = bunch.attrs.get("aggregate", "mean")
+        wanted = aggregate or (preferred if stored == "stack" and preferred else stored)
+        blocks.append(_aggregated(bunch.data[rows], bunch.attrs, wanted, file))
+        labels.append(_describe(bunch.attrs, wanted))
+        used.append(wanted)
+    return np.hstack(blocks)[keep], keep, labels, used
+
+
+def _aggregated(X: np.ndarray, attrs: dict, wanted: str, file) -> np.ndarray:
+    stored = attrs.get("aggregate", "mean")
+    if wanted not in AGGREGATES:
+        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {wanted!r}")
+    if wanted != stored:
+        if stored != "stack":
+            raise InputError(f"{file} holds scale-averaged descriptors, so they cannot be "
+                             "stacked; extract with --aggregate stack to compare mean and stack")
+        # Averaging the blocks of a stack is valid whether or not the stack was L2-normalised:
+        # normalisation scales every block by the same factor, and the result is normalised again.
+        X = ScaleAggregator(len(attrs["scales"]), "mean").fit_transform(X)
+    return normalize(X.astype(np.float32, copy=False))
+
+
+def _describe(attrs: dict, aggregate: str) -> str:
+    scales = ",".join(str(q) for q in attrs.get("scales", []))
+    return (f"{attrs.get('arch', '?')} ({attrs.get('weights', '?')}) {attrs.get('layer', '?')}, "
+            f"Q {scales}, {aggregate}")
+
+
+def run_protocol(protocol: str, dataset: Dataset, files: list[str | os.PathLike], *,
+                 classifier: str = "svm", aggregate: str | None = None, splits: int | None = None,
+                 train_per_class: int | None = None, test_per_class: int | None = None,
+                 C_grid: tuple[float, ...] | None = None, seed: int = 0) -> TransferResult:
+    """Train and score linear classifiers on the descriptors of ``files`` as ``protocol`` says."""
+    spec = PROTOCOLS[protocol]
+    if classifier not in CLASSIFIERS:
+        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+    X, keep, described, used = descriptors(files, dataset, aggregate=aggregate,
+                                           preferred=spec.aggregate)
+    dropped = [p for p, k in zip(dataset.paths, keep) if not k]
+    data = dataset.subset(keep)
+    grid = tuple(C_grid or C_GRIDS[classifier])
+    run = _run_multilabel if spec.multilabel else _run_multiclass
+    result = run(spec, data, X, classifier=classifier, grid=grid, seed=seed,
+                 splits=splits or spec.splits,
+                 train_per_class=train_per_class or spec.train_per_class,
+                 test_per_class=test_per_class or spec.test_per_class)
+    result.features, result.dropped = described, dropped
+    result.aggregate = "+".join(dict.fromkeys(used))
+    return result
+
+
+def _run_multiclass(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier: str,
+                    grid: tuple[float, ...], seed: int, splits: int, train_per_class: int | None,
+                    test_per_class: int | None) -> TransferResult:
+    y = data.labels
+    scores, per_class, chosen, split_paths = [], [], [], []
+    for s in range(splits):
+        if train_per_class:
+            train_idx, test_idx = per_class_split(y, n_train=train_per_class,
+                                                  n_test=test_per_class, seed=seed + s,
+                                                  class_names=data.class_names)
+        else:
+            train_idx, test_idx = fraction_split(y, train_fraction=FOLDER_TRAIN_FRACTION,
+                                                 seed=seed + s)
+        fit_idx, val_idx = holdout(train_idx, y, fraction=HOLDOUT, seed=seed + s)
+        C, _ = choose_C(classifier, grid, (X[fit_idx], y[fit_idx]), (X[val_idx], y[val_idx]),
+                        lambda m, Xv, yv: mean_class_recall(yv, m.predict(Xv)), seed=seed)
+        model = train(classifier, C, X[train_idx], y[train_idx], seed=seed)
+        predicted = model.predict(X[test_idx])
+        scores.append(100 * mean_class_recall(y[test_idx], predicted))
+        per_class.append(100 * recall_score(y[test_idx], predicted, average=None,
+                                            labels=np.arange(len(data.class_names)),
+                                            zero_division=0))
+        chosen.append(C)
+        split_paths.append({name: [data.paths[i] for i in idx] for name, idx in
+                            (("train", fit_idx), ("val", val_idx), ("test", test_idx))})
+    return TransferResult(
+        spec.name, classifier, "", [], spec.metric, scores,
+        dict(zip(data.class_names, np.mean(per_class, axis=0).round(2).tolist())),
+        extra={"accuracy of the last split (%)": float(100 * np.mean(predicted == y[test_idx]))},
+        chosen_C=chosen,
+        sizes={"classes": len(data.class_names), "train": len(train_idx), "val": len(val_idx),
+               "test": len(test_idx)},
+        splits=split_paths)
+
+
+def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier: str,
+                    grid: tuple[float, ...], seed: int, **_) -> TransferResult:
+    if spec.name == "voc2007":  # the official train/val choose C, trainval trains, test scores
+        fit_idx, val_idx = data.sets["train"], data.sets["val"]
+        train_idx = np.concatenate([fit_idx, val_idx])
+        test_idx = data.sets["test"]
+    else:  # VOC2012's test labels are not public: val is the test set, C comes from train
+        train_idx, test_idx = data.sets["train"], data.sets["val"]
+        fit_idx, val_idx = holdout(train_idx, None, fraction=HOLDOUT, seed=seed)
+    ap11, ap_area, chosen = {}, {}, []
+    for k, name in enumerate(data.class_names):
+        y = data.labels[:, k]
+
+        def usable(idx: np.ndarray) -> np.ndarray:
+            return idx[y[idx] != 0]  # "difficult" images are left out of training, as in VOC
+
+        C, _ = choose_C(classifier, grid, (X[usable(fit_idx)], y[usable(fit_idx)]),
+                        (X[val_idx], y[val_idx]),
+                        lambda m, Xv, yv: voc_ap(yv, m.decision_function(Xv)), seed=seed)
+        model = train(classifier, C, X[usable(train_idx)], y[usable(train_idx)], seed=seed)
+        s = model.decision_function(X[test_idx])
+        ap11[name] = 100 * voc_ap(y[test_idx], s, metric="11point")
+        ap_area[name] = 100 * voc_ap(y[test_idx], s, metric="area")
+        chosen.append(C)
+    main, other = (ap11, ap_area) if spec.name == "voc2007" else (ap_area, ap11)
+    other_name = "mAP, area (%)" if spec.name == "voc2007" else "mAP, 11-point (%)"
+    return TransferResult(
+        spec.name, classifier, "", [], spec.metric, [float(np.mean(list(main.values())))],
+        {k: round(v, 2) for k, v in main.items()},
+        extra={other_name: float(np.mean(list(other.values())))}, chosen_C=chosen,
+        sizes={"classes": len(data.class_names), "train": len(train_idx), "val": len(val_idx),
+               "test": len(test_idx)},
+        splits=[{name: [data.paths[i] for i in idx] for name, idx in
+                 (("train", fit_idx), ("val", val_idx), ("test", test_idx))}])
+
+
+def extraction_inputs(dataset: Dataset) -> ImageList:
+    """The dataset's images as an extraction input list (labels kept for multi-class sets)."""
+    if dataset.labels.ndim == 1:
+        return ImageList(list(dataset.paths), dataset.labels.tolist(), list(dataset.class_names))
+    return ImageList(list(dataset.paths))
+

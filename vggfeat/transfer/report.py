@@ -1,0 +1,82 @@
+"""Transfer reports laid out like the paper's Table 11, in Markdown and JSON."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import __version__
+from ..cache.store import write_json_atomic
+from .protocols import PROTOCOLS, TransferResult
+
+TABLE11 = ("voc2007", "voc2012", "caltech101", "caltech256")
+CLASSIFIER_NAMES = {"svm": "linear SVM", "logreg": "logistic regression"}
+
+
+def _cell(mean: float, std: float | None = None) -> str:
+    return f"{mean:.1f}" if std is None else f"{mean:.1f} ± {std:.1f}"
+
+
+def _ours(r: TransferResult) -> str:
+    return _cell(r.mean, r.std if len(r.scores) > 1 else None)
+
+
+def markdown_report(results: list[TransferResult]) -> str:
+    """Our rows beside the paper's, one column per protocol, then per-class scores."""
+    columns = list(TABLE11) + sorted({r.protocol for r in results} - set(TABLE11))
+    lines = ["# Transfer of VGG descriptors (the paper's Table 11)", ""]
+    lines += ["| descriptor | classifier | " + " | ".join(
+        f"{PROTOCOLS[c].title}: {PROTOCOLS[c].metric}" for c in columns) + " |",
+        "|---|---|" + "---|" * len(columns)]
+    for r in results:
+        cells = [_ours(r) if c == r.protocol else "–" for c in columns]
+        lines.append(f"| ours: {' & '.join(r.features)} | {CLASSIFIER_NAMES[r.classifier]} | "
+                     + " | ".join(cells) + " |")
+    for net in ("Net-D", "Net-E", "Net-D & Net-E"):
+        cells = [_cell(*PROTOCOLS[c].paper[net]) if net in PROTOCOLS[c].paper
+                 else "–" for c in columns]
+        lines.append(f"| paper: {net} | linear SVM | " + " | ".join(cells) + " |")
+    lines.append("")
+    for r in results:
+        spec = PROTOCOLS[r.protocol]
+        lines += [f"## {spec.title}, {CLASSIFIER_NAMES[r.classifier]}, aggregation {r.aggregate}",
+                  "", f"- protocol: {spec.note}",
+                  f"- {spec.metric}: {_ours(r)}"
+                  + (f" over {len(r.scores)} splits (" + ", ".join(f"{s:.1f}" for s in r.scores)
+                     + ")" if len(r.scores) > 1 else "")]
+        lines += [f"- {k}: {v:.1f}" for k, v in r.extra.items()]
+        lines += [f"- images: {r.sizes['train']} train ({r.sizes['val']} of them held out to "
+                  f"choose C), {r.sizes['test']} test, {r.sizes['classes']} classes",
+                  f"- chosen C: {', '.join(f'{c:g}' for c in sorted(set(r.chosen_C)))}"]
+        if r.dropped:
+            lines.append(f"- {len(r.dropped)} unreadable image(s) left out, e.g. {r.dropped[0]}")
+        lines += ["", "| class | score (%) |", "|---|---|"]
+        lines += [f"| {name} | {score:.1f} |" for name, score in r.per_class.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report_json(results: list[TransferResult]) -> dict:
+    rows = []
+    for r in results:
+        row = asdict(r)
+        row.pop("splits")
+        row.update(mean=r.mean, std=r.std, paper=PROTOCOLS[r.protocol].paper)
+        rows.append(row)
+    return {"vggfeat_version": __version__, "results": rows}
+
+
+def write_report(results: list[TransferResult], path: str | os.PathLike) -> list[Path]:
+    """``path`` (.md), the same name with .json, and .splits.json (the exact images of every
+    split, for audit and reuse).  Each file is written atomically."""
+    path = Path(path)
+    json_path, splits_path = path.with_suffix(".json"), path.with_suffix(".splits.json")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(markdown_report(results))
+    os.replace(tmp, path)
+    write_json_atomic(json_path, report_json(results))
+    write_json_atomic(splits_path, {"results": [
+        {"protocol": r.protocol, "aggregate": r.aggregate, "splits": r.splits} for r in results]})
+    return [path, json_path, splits_path]
+
