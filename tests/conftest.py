@@ -45,6 +45,19 @@ def write_image(path: Path, size=(240, 320), seed: int = 0, mode: str = "RGB", *
     return path
 
 
+COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40), (200, 60, 220)]
+
+
+def coloured_image(path, colour, seed):
+    """A photo-like file dominated by one colour, so even a random tiny net separates classes."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(-40, 40, (30, 40, 3))
+    pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).resize((320, 240), Image.BILINEAR).save(path)
+    return path
+
+
 @pytest.fixture
 def image_folder(tmp_path) -> Path:
     """Two classes of JPEG/PNG photos, a name with spaces and non-ASCII characters included."""

@@ -6,8 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import run_cli, tiny_vgg, write_image
-from PIL import Image
+from conftest import COLOURS, coloured_image, run_cli, tiny_vgg, write_image
 
 import vggfeat
 from vggfeat.data.folders import caltech_root, class_folders
@@ -25,19 +24,6 @@ from vggfeat.transfer import (
     voc_ap,
 )
 from vggfeat.transfer.protocols import descriptors, extraction_inputs
-
-COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 220), (230, 220, 40), (200, 60, 220)]
-
-
-def coloured_image(path, colour, seed):
-    """A photo-like file dominated by one colour, so even a random tiny net separates classes."""
-    rng = np.random.default_rng(seed)
-    noise = rng.integers(-40, 40, (30, 40, 3))
-    pixels = np.clip(np.array(colour) + noise, 0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).resize((320, 240), Image.BILINEAR).save(path)
-    return path
-
 
 # -- fixtures in the datasets' real layouts ----------------------------------------------------
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..data.imagenet import imagenet_folder
+from ..data.folders import labelled_folder
 from ..evaluate import (
     METHODS,
     evaluate,
@@ -57,7 +57,8 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
         model = vgg(arch, weights=weights, progress=not quiet)
         if train_scale:
             model.weights_meta["train_scale"] = train_scale
-        images = imagenet_folder(data, devkit=devkit, labels_csv=labels)
+        images = labelled_folder(data, class_names=model.weights_meta.get("class_names"),
+                                 devkit=devkit, labels_csv=labels)
         result = evaluate(images, model, method=method, scales=scales, batch_size=batch_size,
                           workers=default_workers() if workers is None else workers,
                           device=device or default_device(), amp=amp, progress=not quiet)

@@ -11,9 +11,11 @@ from ..cache.store import CacheError
 from ..data.sources import InputError
 from ..extract.run import ExtractError
 from ..models.weights import WeightsError
+from ..train import TrainingError
 from .evaluate import evaluate_command, scoremap_command
 from .extract import extract_command
 from .info import info_command
+from .train import train_command
 from .transfer import transfer_command
 
 USER_ERRORS = (CacheError, InputError, WeightsError, ValueError, FileNotFoundError)
@@ -31,6 +33,7 @@ cli.add_command(extract_command)
 cli.add_command(evaluate_command)
 cli.add_command(scoremap_command)
 cli.add_command(transfer_command)
+cli.add_command(train_command)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except ExtractError as err:
+    except (ExtractError, TrainingError) as err:
         click.echo(f"Error: {err}", err=True)
         sys.exit(1)
     except USER_ERRORS as err:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .sources import ImageList, InputError, is_image_file
+from .imagenet import imagenet_folder, wnid_index
+from .sources import ImageList, InputError, gather_images, is_image_file
 
 CALTECH_FOLDERS = {"caltech101": "101_ObjectCategories", "caltech256": "256_ObjectCategories"}
 
@@ -45,3 +46,32 @@ def caltech_root(root: str | os.PathLike, protocol: str) -> Path:
             return candidate
     raise InputError(f"no {folder}/ folder in {root}; unpack the {protocol} archive there "
                      f"(see datasets/{protocol}/README.md)")
+
+
+def labelled_folder(root: str | os.PathLike, *, class_names: list[str] | None = None,
+                    devkit: str | os.PathLike | None = None,
+                    labels_csv: str | os.PathLike | None = None) -> ImageList:
+    """Labelled images for training or evaluation.
+
+    ImageNet folders (WordNet-id class folders, or flat val images with ``devkit``/``labels_csv``)
+    get torchvision/timm's class order; other class folders get ``class_names``' order (e.g. the
+    classes a net was trained on, recorded in its weights), by default their sorted names.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise InputError(f"image folder {root} does not exist")
+    subdirs = sorted(d.name for d in root.iterdir() if d.is_dir())
+    if not subdirs or (class_names is None and all(d in wnid_index() for d in subdirs)):
+        return imagenet_folder(root, devkit=devkit, labels_csv=labels_csv)
+    images = gather_images([root])
+    if images.labels is None:
+        raise InputError(f"{root} must hold one sub-folder of images per class")
+    names = list(class_names or images.class_names)
+    index = {c: i for i, c in enumerate(names)}
+    unknown = sorted(set(images.class_names) - set(index))
+    if unknown:
+        raise InputError(f"{root}: class folders {unknown[:3]} are not among the {len(names)} "
+                         "classes of the net")
+    images.labels = [index[images.class_names[y]] for y in images.labels]
+    images.class_names = names
+    return images

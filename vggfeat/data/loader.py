@@ -32,7 +32,7 @@ class PreparedImages(Dataset):
             return index, None, f"{type(err).__name__}: {err}"
 
 
-def _one_thread(_: int) -> None:
+def single_threaded_worker(_: int) -> None:
     # Workers decode; the main process owns the cores for the network.
     torch.set_num_threads(1)
 
@@ -41,5 +41,5 @@ def image_loader(paths: list[str], indices: np.ndarray, prepare: Callable[[Tenso
                  *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
     """Batches (lists) of :class:`PreparedImages` items in input order."""
     return DataLoader(PreparedImages(paths, indices, prepare), batch_size=batch_size,
-                      collate_fn=list, num_workers=workers, worker_init_fn=_one_thread,
+                      collate_fn=list, num_workers=workers, worker_init_fn=single_threaded_worker,
                       pin_memory=pin_memory)

@@ -1,0 +1,82 @@
+"""``vggfeat train``: a paper recipe on ImageNet (or any train/val class folders)."""
+
+from __future__ import annotations
+
+import click
+
+from ..extract.run import default_device
+from ..train import Recipe, load_recipe, train
+from .options import Arch, IntList
+
+
+@click.command("train")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="folder with train/ and val/ (ImageNet layout, or one sub-folder per class)")
+@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False),
+              help="YAML recipe, e.g. recipes/D-256.yaml; flags override its values")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="run folder [default: runs/RECIPE-NAME]")
+@click.option("--arch", type=Arch(), default=None, help="A, A-LRN, B, C, D, E, vgg16 …")
+@click.option("--train-scale", type=IntList(), default=None,
+              help="S, or Smin,Smax for scale jittering (e.g. 256,512)")
+@click.option("--epochs", type=click.IntRange(1), default=None)
+@click.option("--batch-size", type=click.IntRange(1), default=None,
+              help="global batch: the images one optimiser step sees (all processes together)")
+@click.option("--micro-batch", type=click.IntRange(1), default=None,
+              help="images per forward pass per process; gradients are accumulated up to the "
+                   "batch")
+@click.option("--lr", type=float, default=None)
+@click.option("--weights", default=None, help="start from these weights (fine-tuning)")
+@click.option("--init-from-a", default=None, help="pre-initialise from a trained net A")
+@click.option("--init", type=click.Choice(["paper", "glorot", "kaiming"]), default=None)
+@click.option("--width-mult", type=float, default=None, help="reduced-width nets (quick runs)")
+@click.option("--fc-dim", type=int, default=None, help="width of fc6/fc7 (quick runs)")
+@click.option("--dropout", type=float, default=None)
+@click.option("--val-limit", type=click.IntRange(1), default=None,
+              help="validate on this many images only")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="cpu, cuda … [default: cuda when available]")
+@click.option("--workers", type=click.IntRange(0), default=None,
+              help="decoding worker processes per process")
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the net")
+@click.option("--checkpoint-minutes", type=float, default=None,
+              help="write checkpoints/last.pt at least this often [default: 30]")
+@click.option("--devkit", type=click.Path(exists=True, file_okay=False),
+              help="ILSVRC2012_devkit_t12, for a flat val folder")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+              help="filename,wnid CSV, for a flat val folder")
+@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--max-steps", type=click.IntRange(1), default=None,
+              help="stop after this many optimiser steps (a checkpoint is kept; --resume goes on)")
+@click.option("--quiet", is_flag=True)
+def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size, micro_batch, lr,
+                  weights, init_from_a, init, width_mult, fc_dim, dropout, val_limit, seed,
+                  device, workers, amp, compile_, checkpoint_minutes, devkit, labels, resume,
+                  max_steps, quiet) -> None:
+    """Train a VGG as in Sect. 3.1: SGD with momentum, lr divided by 10 on plateaus, scale
+    jittering, random crops and flips, PCA colour shift.
+
+    Runs on one device, or on several with torchrun (e.g. torchrun --nproc-per-node 8 -m vggfeat
+    train …).  Kill it at any moment; --resume continues from the last checkpoint.
+    """
+    recipe = load_recipe(recipe_file) if recipe_file else Recipe()
+    if train_scale is not None:
+        train_scale = train_scale[0] if len(train_scale) == 1 else list(train_scale)
+    recipe = recipe.with_overrides(
+        arch=arch, train_scale=train_scale, epochs=epochs, batch_size=batch_size,
+        micro_batch=micro_batch, lr=lr, weights=weights, init_from_a=init_from_a, init=init,
+        width_mult=width_mult, fc_dim=fc_dim, dropout=dropout, val_limit=val_limit, seed=seed,
+        workers=workers, amp=amp, compile=compile_, checkpoint_minutes=checkpoint_minutes)
+    result = train(recipe, data, out or f"runs/{recipe.name}", device=device or default_device(),
+                   resume=resume, devkit=devkit, labels_csv=labels, max_steps=max_steps,
+                   progress=not quiet)
+    if result.history and not quiet:
+        last = result.history[-1]
+        click.echo(f"epoch {last['epoch']}: val top-1 error {last['val_top1_error']:.2f}%, "
+                   f"top-5 {last['val_top5_error']:.2f}%", err=True)
+    if result.final:
+        click.echo(f"weights: {result.final}", err=True)
+    if result.skipped:
+        click.echo(f"{result.skipped} unreadable training images skipped (see "
+                   f"{result.run_dir}/skipped-rank*.tsv)", err=True)
