@@ -248,7 +248,8 @@ def test_unreadable_training_images_are_skipped_and_counted(tmp_path, colours):
     data = tmp_path / "data"
     shutil.copytree(colours, data)
     (data / "train" / "red" / "0.jpg").write_bytes(b"\xff\xd8 truncated")
-    result = train(Recipe(**{**TINY, "epochs": 1}), data, tmp_path / "run", device="cpu",
-                   progress=False)
+    # bf16 autocast on the CPU exercises the mixed-precision path of the loop too
+    result = train(Recipe(**{**TINY, "epochs": 1, "amp": "bf16"}), data, tmp_path / "run",
+                   device="cpu", progress=False)
     assert result.skipped == 1 and result.final is not None
     assert "red/0.jpg" in (tmp_path / "run" / "skipped-rank0.tsv").read_text()

@@ -15,6 +15,7 @@ from vggfeat.data.voc import VOC_CLASSES, read_voc
 from vggfeat.extract import DescriptorSpec, extract
 from vggfeat.transfer import (
     PROTOCOLS,
+    dataset_from_features,
     fraction_split,
     holdout,
     load_dataset,
@@ -164,12 +165,15 @@ def test_caltech_protocol_splits_scores_and_reproducibility(caltech_features):
     assert len(result.scores) == 2 and result.sizes == {"classes": 4, "train": 20, "val": 4,
                                                        "test": 12}
     for split in result.splits:
-        assert len(split["train"]) == 16 and len(split["val"]) == 4 and len(split["test"]) == 12
-        assert not (set(split["train"]) | set(split["val"])) & set(split["test"])
+        assert len(split["fit"]) == 16 and len(split["val"]) == 4 and len(split["test"]) == 12
+        assert not (set(split["fit"]) | set(split["val"])) & set(split["test"])
     assert result.splits[0]["test"] != result.splits[1]["test"]
     assert result.mean > 60  # colour-coded classes: far above the 25% of chance
     again = run_protocol("caltech101", dataset, [features], **kwargs)
     assert again.scores == result.scores and again.splits == result.splits
+    folder = run_protocol("folder", dataset_from_features(features), [features], splits=1,
+                          C_grid=(1.0,))
+    assert (folder.sizes["train"], folder.sizes["test"]) == (27, 9)  # 75% of 36 for training
     logreg = run_protocol("caltech101", dataset, [features], classifier="logreg", **kwargs)
     assert logreg.mean > 60
     report = markdown_report([result, logreg])
@@ -229,7 +233,7 @@ def test_cli_voc2007_extracts_then_reports_like_table_11(tmp_path, tiny_weights)
     assert set(first["per_class"]) == set(VOC_CLASSES) and 0 <= first["mean"] <= 100
     assert first["paper"]["Net-D"] == [89.3, None]
     splits = json.loads(report.with_suffix(".splits.json").read_text())["results"][0]["splits"]
-    assert len(splits[0]["test"]) == 10 and not set(splits[0]["test"]) & set(splits[0]["train"])
+    assert len(splits[0]["test"]) == 10 and not set(splits[0]["test"]) & set(splits[0]["fit"])
     assert "| paper: Net-D & Net-E | linear SVM | 89.7 | 89.3 | 92.7 ± 0.5 | 86.2 ± 0.3 |" in \
         proc.stdout
     assert "mAP, area (%)" in report.read_text()

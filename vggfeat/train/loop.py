@@ -59,6 +59,7 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     global_step: int = 0
     skipped: int = 0
+    step_seconds: list[float] = field(default_factory=list)  # wall time of each step run here
 
 
 @dataclass
@@ -128,7 +129,9 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *,
         raise RecipeError(f"batch_size {batch} is larger than the {len(train_set)} training images")
 
     model = build_model(recipe, len(train_set.class_names), download=download)
-    memory_format = torch.channels_last if recipe.channels_last else torch.contiguous_format
+    channels_last = recipe.channels_last if recipe.channels_last is not None else \
+        dist.device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(dist.device, memory_format=memory_format)
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe)
@@ -157,8 +160,9 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *,
     accum = share // micro
     last_save = time.monotonic()
     result = TrainResult(run_dir, None)
+    stopped = False  # by max_steps
     try:
-        while state.epoch < recipe.epochs:
+        while state.epoch < recipe.epochs and not stopped:
             epoch = state.epoch
             batches = micro_batches(epoch_order(len(train_set), seed=recipe.seed, epoch=epoch),
                                     epoch=epoch, first_step=state.step, batch_size=batch,
@@ -193,7 +197,8 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *,
                 state.global_step += 1
                 state.epoch_loss += loss_sum
                 state.epoch_images += images
-                rate = images / max(time.monotonic() - tic, 1e-9)
+                result.step_seconds.append(time.monotonic() - tic)
+                rate = images / max(result.step_seconds[-1], 1e-9)
                 bar.update()
                 bar.set_postfix(loss=f"{loss_sum / max(images, 1):.3f}", img_s=f"{rate:.0f}",
                                 refresh=False)
@@ -206,13 +211,12 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *,
                     _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state, dist)
                     last_save = time.monotonic()
                 if max_steps is not None and state.global_step >= max_steps:
-                    bar.close()
-                    _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state,
-                                     dist)
-                    result.global_step, result.skipped = state.global_step, state.skipped
-                    result.history = state.history
-                    return result
+                    stopped = True
+                    break
             bar.close()
+            if stopped:
+                _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state, dist)
+                break
             seconds = time.monotonic() - started
             top1, top5 = _validate(model, val_set, recipe, dist, workers, progress)
             scheduler.step(top1)
@@ -230,7 +234,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *,
             state.best_top1_error = min(state.best_top1_error, top1)
             _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state, dist)
             last_save = time.monotonic()
-        if dist.is_main:
+        if dist.is_main and not stopped:
             result.final = _export(model, recipe, run_dir / "final.safetensors",
                                    state.history[-1] if state.history else {},
                                    train_set.class_names)

@@ -45,7 +45,9 @@ class Recipe:
             validation images (quick runs).
         micro_batch: images per forward pass per process; the global batch is reached by
             gradient accumulation (None: the whole per-process share at once).
-        amp, channels_last, compile, workers: engineering settings that do not change the maths.
+        amp, channels_last, compile, workers: engineering settings that do not change the maths
+            (channels_last None: on for GPUs, where it is faster; off on CPUs, where training
+            measured 20% slower with it).
         checkpoint_minutes, checkpoint_steps: write ``last.pt`` this often within an epoch.
     """
 
@@ -78,7 +80,7 @@ class Recipe:
     seed: int = 0
     micro_batch: int | None = None
     amp: str | None = None
-    channels_last: bool = True
+    channels_last: bool | None = None
     compile: bool = False
     workers: int | None = None
     checkpoint_minutes: float = 30.0

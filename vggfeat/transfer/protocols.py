@@ -259,7 +259,7 @@ def _run_multiclass(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
                                             zero_division=0))
         chosen.append(C)
         split_paths.append({name: [data.paths[i] for i in idx] for name, idx in
-                            (("train", fit_idx), ("val", val_idx), ("test", test_idx))})
+                            (("fit", fit_idx), ("val", val_idx), ("test", test_idx))})
     return TransferResult(
         spec.name, classifier, "", [], spec.metric, scores,
         dict(zip(data.class_names, np.mean(per_class, axis=0).round(2).tolist())),
@@ -282,14 +282,11 @@ def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
     ap11, ap_area, chosen = {}, {}, []
     for k, name in enumerate(data.class_names):
         y = data.labels[:, k]
-
-        def usable(idx: np.ndarray) -> np.ndarray:
-            return idx[y[idx] != 0]  # "difficult" images are left out of training, as in VOC
-
-        C, _ = choose_C(classifier, grid, (X[usable(fit_idx)], y[usable(fit_idx)]),
-                        (X[val_idx], y[val_idx]),
+        # "difficult" images are left out of training, as in VOC (and ignored by voc_ap)
+        fit_k, train_k = fit_idx[y[fit_idx] != 0], train_idx[y[train_idx] != 0]
+        C, _ = choose_C(classifier, grid, (X[fit_k], y[fit_k]), (X[val_idx], y[val_idx]),
                         lambda m, Xv, yv: voc_ap(yv, m.decision_function(Xv)), seed=seed)
-        model = train(classifier, C, X[usable(train_idx)], y[usable(train_idx)], seed=seed)
+        model = train(classifier, C, X[train_k], y[train_k], seed=seed)
         s = model.decision_function(X[test_idx])
         ap11[name] = 100 * voc_ap(y[test_idx], s, metric="11point")
         ap_area[name] = 100 * voc_ap(y[test_idx], s, metric="area")
@@ -303,7 +300,7 @@ def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
         sizes={"classes": len(data.class_names), "train": len(train_idx), "val": len(val_idx),
                "test": len(test_idx)},
         splits=[{name: [data.paths[i] for i in idx] for name, idx in
-                 (("train", fit_idx), ("val", val_idx), ("test", test_idx))}])
+                 (("fit", fit_idx), ("val", val_idx), ("test", test_idx))}])
 
 
 def extraction_inputs(dataset: Dataset) -> ImageList:

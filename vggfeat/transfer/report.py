@@ -69,7 +69,8 @@ def report_json(results: list[TransferResult]) -> dict:
 
 def write_report(results: list[TransferResult], path: str | os.PathLike) -> list[Path]:
     """``path`` (.md), the same name with .json, and .splits.json (the exact images of every
-    split, for audit and reuse).  Each file is written atomically."""
+    split: ``fit`` and ``val`` choose C, the classifier is then trained on both, ``test`` scores
+    it).  Each file is written atomically."""
     path = Path(path)
     json_path, splits_path = path.with_suffix(".json"), path.with_suffix(".splits.json")
     tmp = path.with_name(f".{path.name}.tmp")
