@@ -29,7 +29,6 @@ from .cache.store import (
     CacheError,
     append_file,
     load_features,
-    read_attrs,
     settings_difference,
 )
 from .data.images import MAX_ASPECT
@@ -138,7 +137,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         extract(ImageList(paths), output, spec=self.spec_, model=self.model_,
                 batch_size=self.batch_size, workers=self.workers, device=self.device,
                 dtype=self.dtype, amp=self.amp, progress=self.progress)
-        return _rows(output)
+        return _rows(load_features(output))
 
     def _compute(self, paths: list[str]) -> tuple[dict, dict]:
         with tempfile.TemporaryDirectory(prefix="vggfeat-") as tmp:
@@ -149,12 +148,13 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         settings = self._settings()
         rows, failed = {}, {}
         if cache.exists():
-            stored = {k: read_attrs(cache).get(k) for k in DESCRIPTOR_SETTINGS}
+            bunch = load_features(cache)
+            stored = {k: bunch.attrs.get(k) for k in DESCRIPTOR_SETTINGS}
             if stored != settings:
                 raise CacheError(f"cache {cache} holds descriptors computed differently ("
                                  + "; ".join(settings_difference(stored, settings))
                                  + "); use another cache file for these settings")
-            rows, failed = _rows(cache)
+            rows, failed = _rows(bunch)
         missing = [p for p in dict.fromkeys(paths) if p not in rows and p not in failed]
         if missing:
             # Named after its inputs, so a killed call resumes when called again on the same data.
@@ -168,8 +168,8 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         return rows, failed
 
 
-def _rows(path: Path) -> tuple[dict, dict]:
-    bunch = load_features(path)
+def _rows(bunch) -> tuple[dict, dict]:
+    """path → descriptor row, and path → failure reason, of a loaded feature file."""
     return dict(zip(bunch.paths, bunch.data)), dict(bunch.failed)
 
 

@@ -51,10 +51,15 @@ def row_chunks(n_rows: int, dim: int, dtype) -> tuple[int, int]:
 
 # -- manifest --------------------------------------------------------------------------------------
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary name beside ``path``, then rename: whole or absent."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True))
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 def read_manifest(parts: Path) -> dict | None:

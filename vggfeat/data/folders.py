@@ -15,7 +15,7 @@ from .sources import ImageList, InputError, gather_images, is_image_file
 CALTECH_FOLDERS = {"caltech101": "101_ObjectCategories", "caltech256": "256_ObjectCategories"}
 
 
-def class_folders(root: str | os.PathLike, *, min_images: int = 1) -> ImageList:
+def class_folders(root: str | os.PathLike) -> ImageList:
     """Images of ``root/CLASS/*`` with classes in sorted folder order (torchvision's order)."""
     root = Path(root)
     if not root.is_dir():
@@ -25,9 +25,6 @@ def class_folders(root: str | os.PathLike, *, min_images: int = 1) -> ImageList:
         files = sorted(f for f in folder.iterdir() if f.is_file() and is_image_file(f))
         if not files:
             continue
-        if len(files) < min_images:
-            raise InputError(f"class folder {folder} has {len(files)} images; this protocol needs "
-                             f"at least {min_images} per class")
         names.append(folder.name)
         paths.extend(os.path.abspath(f) for f in files)
         labels.extend([len(names) - 1] * len(files))

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import csv
+import io
 import os
 from pathlib import Path
+
+from ..cache.store import write_text_atomic
 
 COLUMNS = ("epoch", "lr", "train_loss", "val_top1_error", "val_top5_error", "images_per_s",
            "skipped_images", "seconds")
@@ -32,12 +35,11 @@ class RunLog:
         """Rewrite the CSV and the plot from the whole history (so a resumed run stays whole)."""
         if not self.enabled:
             return
-        tmp = self.csv_path.with_name(".metrics.csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(history)
-        os.replace(tmp, self.csv_path)
+        buffer = io.StringIO(newline="")
+        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+        write_text_atomic(self.csv_path, buffer.getvalue())
         row = history[-1]
         for key in COLUMNS[1:]:
             if row.get(key) is not None:

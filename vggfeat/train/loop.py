@@ -218,7 +218,7 @@ def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *,
                 _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state, dist)
                 break
             seconds = time.monotonic() - started
-            top1, top5 = _validate(model, val_set, recipe, dist, workers, progress)
+            top1, top5 = _validate(model, val_set, recipe, dist, workers)
             scheduler.step(top1)
             row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
                    "train_loss": state.epoch_loss / max(state.epoch_images, 1),
@@ -278,8 +278,8 @@ def _step(forward, net, model, optimizer, scaler, loader, accum, amp_dtype, memo
     return loss_sum, int(images), failed
 
 
-def _validate(model: VGG, val_set: ImageList, recipe: Recipe, dist: Distributed, workers: int,
-              progress: bool) -> tuple[float, float]:
+def _validate(model: VGG, val_set: ImageList, recipe: Recipe, dist: Distributed, workers: int
+              ) -> tuple[float, float]:
     """Top-1/top-5 error (%) on rank 0, shared with every rank (the scheduler needs it)."""
     errors = torch.zeros(2, dtype=torch.float64, device=dist.device)
     if dist.is_main:

@@ -151,7 +151,8 @@ def _from_image_list(images: ImageList) -> Dataset:
 
 def dataset_from_features(path: str | os.PathLike) -> Dataset:
     """A multi-class dataset from the labels a feature file stores (extracted from class folders)."""
-    bunch = load_features(path)
+    bunch = load_features(path, lazy=True)  # labels and paths only: the features are read later
+    bunch.file.close()
     if bunch.target is None:
         raise InputError(f"{path} stores no labels (its images were not in class folders): pass "
                          "--data with the dataset root")

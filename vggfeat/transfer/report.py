@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
-from ..cache.store import write_json_atomic
+from ..cache.store import write_json_atomic, write_text_atomic
 from .protocols import PROTOCOLS, TransferResult
 
 TABLE11 = ("voc2007", "voc2012", "caltech101", "caltech256")
@@ -73,9 +73,7 @@ def write_report(results: list[TransferResult], path: str | os.PathLike) -> list
     it).  Each file is written atomically."""
     path = Path(path)
     json_path, splits_path = path.with_suffix(".json"), path.with_suffix(".splits.json")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(markdown_report(results))
-    os.replace(tmp, path)
+    write_text_atomic(path, markdown_report(results))
     write_json_atomic(json_path, report_json(results))
     write_json_atomic(splits_path, {"results": [
         {"protocol": r.protocol, "aggregate": r.aggregate, "splits": r.splits} for r in results]})
