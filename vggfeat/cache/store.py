@@ -30,13 +30,11 @@ import h5py
 import numpy as np
 from sklearn.utils import Bunch
 
+from ..errors import CacheError
+
 CHUNK_BYTES = 1 << 20
 STR = h5py.string_dtype("utf-8")
 MANIFEST = "manifest.json"
-
-
-class CacheError(RuntimeError):
-    """An output cache that cannot be used as asked; the message says why and what to do."""
 
 
 def parts_dir(output: Path) -> Path:

@@ -8,13 +8,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import InputError
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib",
                               ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"})
 LIST_EXTENSIONS = frozenset({".txt", ".csv", ".lst"})
-
-
-class InputError(ValueError):
-    """An input path or list that cannot be used; the message names it and says what to do."""
 
 
 @dataclass

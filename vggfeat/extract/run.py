@@ -38,6 +38,7 @@ from ..cache.store import (
 from ..data.loader import image_loader
 from ..data.sources import ImageList, gather_images
 from ..distributed import Distributed
+from ..errors import ExtractError
 from ..models.factory import vgg
 from ..models.vgg import VGG
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
@@ -48,10 +49,6 @@ DTYPES = ("float32", "float16")
 DESCRIPTOR_SETTINGS = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
                        "scales", "pool", "aggregate", "flip", "l2", "crop", "max_aspect", "dtype")
 COMPARED = DESCRIPTOR_SETTINGS + ("input_fingerprint", "num_inputs")
-
-
-class ExtractError(RuntimeError):
-    """The run cannot go on (``--strict`` and a bad image, say); finished work is kept."""
 
 
 @dataclass

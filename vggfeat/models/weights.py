@@ -18,15 +18,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import WeightsError
 from .configs import ArchSpec
 from .preprocessing import IMAGENET, Preprocessing
 
 OFFLINE_ENV = ("VGGFEAT_OFFLINE", "HF_HUB_OFFLINE")
 FORMAT_TAG = "vggfeat"
-
-
-class WeightsError(RuntimeError):
-    """Weights could not be found, fetched or trusted; the message says what to do."""
 
 
 @dataclass(frozen=True)

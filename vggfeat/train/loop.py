@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ..data.sources import ImageList
 from ..distributed import Distributed
+from ..errors import TrainingError
 from ..evaluate.run import evaluate
 from ..extract.run import default_device, default_workers
 from ..models.factory import vgg
@@ -46,10 +47,6 @@ RESUME_FIXED = ("arch", "batch_norm", "width_mult", "fc_dim", "train_scale", "in
                 "init_from_a", "weights", "batch_size", "lr", "momentum", "weight_decay",
                 "dropout", "lr_factor", "lr_drops", "patience", "crop", "flip", "lighting",
                 "preprocessing", "seed")
-
-
-class TrainingError(RuntimeError):
-    """The run stopped (non-finite loss, say); the last good checkpoint is intact."""
 
 
 @dataclass

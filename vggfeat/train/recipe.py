@@ -13,13 +13,10 @@ from pathlib import Path
 
 import yaml
 
+from ..errors import RecipeError
 from ..models.configs import parse_arch
 from ..models.init import SCHEMES as INIT_SCHEMES
 from ..models.preprocessing import PRESETS
-
-
-class RecipeError(ValueError):
-    """A recipe file or override that cannot be used; the message names the key and the file."""
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,52 @@
+"""Library-wide behaviour: atomic writes, the error hierarchy, the CLI's error handling."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from vggfeat import errors
+from vggfeat.fileio import atomic_path, atomic_write, write_json_atomic, write_text_atomic
+
+
+def test_atomic_write_publishes_whole_file_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "report.json"
+    write_json_atomic(target, {"b": 1, "a": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": [1, 2], "b": 1}
+    write_text_atomic(target, "second")
+    assert target.read_text() == "second"
+    assert os.listdir(tmp_path) == ["report.json"]
+
+
+def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
+    target = tmp_path / "weights.bin"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(target, "wb") as f:
+            f.write(b"half of the new")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"new")
+            assert tmp.parent == tmp_path and tmp.name.startswith(".")
+            raise RuntimeError("writer failed")
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["weights.bin"]
+
+
+def test_all_user_errors_share_one_base_and_keep_their_old_types():
+    from vggfeat.cache.store import CacheError
+    from vggfeat.data.sources import InputError
+    from vggfeat.extract.run import ExtractError
+    from vggfeat.models.weights import WeightsError
+    from vggfeat.train.loop import TrainingError
+    from vggfeat.train.recipe import RecipeError
+
+    for cls in (CacheError, InputError, ExtractError, WeightsError, TrainingError, RecipeError):
+        assert issubclass(cls, errors.VGGFeatError), cls
+    # Code written against the earlier types still catches them.
+    assert issubclass(InputError, ValueError) and issubclass(RecipeError, ValueError)
+    assert issubclass(CacheError, RuntimeError) and issubclass(WeightsError, RuntimeError)

@@ -1,0 +1,86 @@
+"""Atomic file writes: a file appears whole under its final name, or not at all.
+
+Everything vggfeat writes in one go (weights, checkpoints, caches, reports, plots) goes through
+:func:`atomic_path`: the data is written to a hidden temporary file in the same folder, flushed to
+disk, renamed over the final name, and the folder entry is flushed too, so a crash or a kill at any
+moment leaves either the old file or the new one, never a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any, Iterator
+
+__all__ = ["atomic_path", "atomic_write", "write_bytes_atomic", "write_text_atomic",
+           "write_json_atomic", "fsync_path"]
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's (or a folder's) data and metadata to disk."""
+    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # some platforms (Windows) cannot open folders; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # file systems without fsync on folders
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, publish it as ``path``.
+
+    For writers that take a file name (``h5py.File``, ``torch.save``, ``safetensors``,
+    ``savefig``).  If the block raises, the temporary file is removed and ``path`` is untouched.
+    The temporary name is hidden (``.name.<random>.tmp``) so folder globs never see it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_path(path.parent)
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
+                 encoding: str | None = None, newline: str | None = None) -> Iterator[IO]:
+    """Open a temporary file beside ``path`` for writing; publish it when the block succeeds.
+
+    ``mode`` is ``"wb"`` or ``"w"``; text mode defaults to UTF-8.
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', not {mode!r}")
+    if mode == "w" and encoding is None:
+        encoding = "utf-8"
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as f:
+        yield f
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str, *, encoding: str = "utf-8") -> Path:
+    with atomic_write(path, "w", encoding=encoding) as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, *, indent: int | None = 1,
+                      sort_keys: bool = True) -> Path:
+    return write_text_atomic(path, json.dumps(data, indent=indent, sort_keys=sort_keys) + "\n")
