@@ -47,7 +47,7 @@ def test_lrn_and_1x1_convs_where_the_paper_puts_them():
     assert names[:3] == ["conv1_1", "relu1_1", "norm1"]
     lrn = a_lrn.features.norm1
     assert isinstance(lrn, nn.LocalResponseNorm)
-    assert (lrn.size, lrn.alpha, lrn.beta, lrn.k) == (5, 1e-4, 0.75, 2.0)
+    assert (lrn.size, lrn.beta, lrn.k) == (5, 0.75, 2.0)
     assert not any(isinstance(m, nn.LocalResponseNorm) for m in meta_vgg("A").modules())
     c = meta_vgg("C")
     kernels = {n: m.kernel_size for n, m in c.features.named_children() if isinstance(m, nn.Conv2d)}
@@ -55,6 +55,20 @@ def test_lrn_and_1x1_convs_where_the_paper_puts_them():
     assert c.features.conv3_3.padding == (0, 0)
     assert all(k == (3, 3) for k in {n: m.kernel_size for n, m in meta_vgg("D").features.named_children()
                                      if isinstance(m, nn.Conv2d)}.values())
+
+
+def test_lrn_is_alexnets_formula():
+    """Krizhevsky et al. (2012), Sect. 3.3: b_i = a_i / (k + α Σ_j a_j²)^β over the n = 5
+    neighbouring channels j, with k = 2, α = 1e-4, β = 0.75 (the sum is not divided by n)."""
+    lrn = tiny_vgg("A-LRN").features.norm1
+    a = torch.randn(2, 12, 5, 6, dtype=torch.float64) * 30  # large enough for α to matter
+    k, alpha, beta, n = 2.0, 1e-4, 0.75, 5
+    expected = torch.empty_like(a)
+    channels = a.shape[1]
+    for i in range(channels):
+        window = a[:, max(0, i - n // 2):min(channels, i + n // 2 + 1)]
+        expected[:, i] = a[:, i] / (k + alpha * (window ** 2).sum(1)) ** beta
+    assert torch.allclose(lrn(a), expected, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("alias,config,bn", [("vgg16", "D", False), ("VGG19_BN", "E", True),

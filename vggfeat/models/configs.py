@@ -24,8 +24,11 @@ CFGS: dict[str, list[Layer]] = {
           512, 512, 512, 512, "M"],
 }
 
-# AlexNet's LRN settings, as the paper uses them in A-LRN.
-LRN_SETTINGS = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
+# AlexNet's LRN (Krizhevsky et al. 2012), as the paper uses it in A-LRN:
+# b_i = a_i / (k + α Σ_{5 neighbours} a_j²)^β with α = 1e-4.  torch's LocalResponseNorm divides
+# α by the size, so it gets α·size = 5e-4 to compute the same function.
+ALEXNET_LRN = {"size": 5, "alpha": 1e-4, "beta": 0.75, "k": 2.0}
+LRN_SETTINGS = {**ALEXNET_LRN, "alpha": ALEXNET_LRN["alpha"] * ALEXNET_LRN["size"]}
 
 FC_DIM = 4096
 NUM_CLASSES = 1000
