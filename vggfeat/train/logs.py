@@ -7,7 +7,7 @@ import io
 import os
 from pathlib import Path
 
-from ..cache.store import write_text_atomic
+from ..fileio import write_text_atomic
 
 COLUMNS = ("epoch", "lr", "train_loss", "val_top1_error", "val_top5_error", "images_per_s",
            "skipped_images", "seconds")

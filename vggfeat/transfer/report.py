@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import __version__
-from ..cache.store import write_json_atomic, write_text_atomic
+from ..fileio import write_json_atomic, write_text_atomic
 from .protocols import PROTOCOLS, TransferResult
 
 TABLE11 = ("voc2007", "voc2012", "caltech101", "caltech256")
