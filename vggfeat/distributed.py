@@ -51,6 +51,14 @@ class Distributed:
         torch_dist.broadcast(value, src=0)
         return bool(value.item())
 
+    def broadcast_object(self, obj):
+        """Rank 0's ``obj`` (anything picklable) on every rank."""
+        if self.world_size == 1:
+            return obj
+        box = [obj]
+        torch_dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
             torch_dist.all_reduce(tensor)

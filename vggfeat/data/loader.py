@@ -38,8 +38,9 @@ def single_threaded_worker(_: int) -> None:
 
 
 def image_loader(paths: list[str], indices: np.ndarray, prepare: Callable[[Tensor], list[Tensor]],
-                 *, batch_size: int, workers: int, pin_memory: bool) -> DataLoader:
-    """Batches (lists) of :class:`PreparedImages` items in input order."""
-    return DataLoader(PreparedImages(paths, indices, prepare), batch_size=batch_size,
+                 *, batch_size: int, workers: int, pin_memory: bool,
+                 items: type[PreparedImages] = PreparedImages) -> DataLoader:
+    """Batches (lists) of ``items`` (:class:`PreparedImages` or a subclass) in input order."""
+    return DataLoader(items(paths, indices, prepare), batch_size=batch_size,
                       collate_fn=list, num_workers=workers, worker_init_fn=single_threaded_worker,
                       pin_memory=pin_memory)
