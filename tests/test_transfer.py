@@ -24,7 +24,7 @@ from vggfeat.transfer import (
     run_protocol,
     voc_ap,
 )
-from vggfeat.transfer.protocols import descriptors, extraction_inputs
+from vggfeat.transfer.protocols import descriptor_spec, descriptors, extraction_inputs
 
 # -- fixtures in the datasets' real layouts ----------------------------------------------------
 
@@ -239,6 +239,19 @@ def test_cli_voc2007_extracts_then_reports_like_table_11(tmp_path, tiny_weights)
     assert "mAP, area (%)" in report.read_text()
     bad = run_cli("transfer", features, "--protocol", "voc2007", check=False)
     assert bad.returncode == 2 and "--data" in bad.stderr
+
+
+def test_protocols_extract_at_the_papers_scales():
+    """Appendix B: Table 11's VOC figures use Q = 256…768; Caltech's use 256, 384, 512."""
+    for protocol in ("voc2007", "voc2012"):
+        spec = descriptor_spec(protocol)
+        assert spec.scales == (256, 384, 512, 640, 768)
+        assert (spec.aggregate, spec.l2, spec.layer) == ("stack", False, "fc7")
+    assert descriptor_spec("caltech101").scales == descriptor_spec("caltech256").scales \
+        == (256, 384, 512)
+    assert descriptor_spec("voc2007", layer="fc6", scales=(224,)).scales == (224,)
+    with pytest.raises(InputError, match="voc2007"):
+        descriptor_spec("voc2010")
 
 
 def test_voc2012_scores_val_and_says_test_is_on_the_server(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..extract.descriptor import DENSE_SCALES, DescriptorSpec
+from ..extract.descriptor import DENSE_SCALES
 from ..extract.run import extract
 from ..transfer import (
     CLASSIFIERS,
@@ -17,8 +17,12 @@ from ..transfer import (
     run_protocol,
     write_report,
 )
-from ..transfer.protocols import extraction_inputs
+from ..transfer.protocols import VOC_SCALES, descriptor_spec, extraction_inputs
 from .options import FloatList, IntList, device_options, model_options
+
+
+def _q(scales: tuple[int, ...]) -> str:
+    return ",".join(map(str, scales))
 
 
 @click.command("transfer")
@@ -48,8 +52,9 @@ from .options import FloatList, IntList, device_options, model_options
               help="write REPORT.md, REPORT.json and REPORT.splits.json")
 @model_options
 @click.option("--layer", default="fc7", show_default=True, help="layer, when extracting")
-@click.option("--scales", type=IntList(), default=DENSE_SCALES, show_default=True,
-              help="Q values, when extracting (stored stacked, so mean and stack both work)")
+@click.option("--scales", type=IntList(), default=None,
+              help="Q values, when extracting (stored stacked, so mean and stack both work) "
+                   f"[default: the paper's: VOC {_q(VOC_SCALES)}; others {_q(DENSE_SCALES)}]")
 @device_options
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
 @click.option("--quiet", is_flag=True)
@@ -72,7 +77,7 @@ def transfer_command(features, protocol, data, classifier, aggregate, splits, tr
         raise click.UsageError(f"{len(missing)} FEATURES files do not exist ({', '.join(missing)})"
                                "; one can be extracted per run (with --arch/--weights)")
     for output in missing:
-        spec = DescriptorSpec(layer=layer, scales=scales, aggregate="stack", l2=False)
+        spec = descriptor_spec(protocol, layer=layer, scales=scales)
         extract(extraction_inputs(dataset), output, spec=spec, arch=arch, weights=weights,
                 batch_size=batch_size, workers=workers, device=device, amp=amp,
                 progress=not quiet)

@@ -21,6 +21,7 @@ from ..cache.store import load_features
 from ..data.folders import caltech_root, class_folders
 from ..data.sources import ImageList, InputError
 from ..data.voc import VOC_CLASSES, read_voc
+from ..extract.descriptor import DENSE_SCALES, DescriptorSpec
 from .classifiers import C_GRIDS, CLASSIFIERS, choose_C, train
 from .metrics import mean_class_recall, voc_ap
 from .splits import fraction_split, holdout, per_class_split
@@ -28,6 +29,8 @@ from .transforms import AGGREGATES, ScaleAggregator
 
 HOLDOUT = 0.2  # share of each training split held out to choose C (the paper's 20%)
 FOLDER_TRAIN_FRACTION = 0.75
+# Appendix B: VOC descriptors over Q = 256…768 (Table 11's VOC figures), Caltech over 256…512.
+VOC_SCALES = (256, 384, 512, 640, 768)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class Protocol:
         splits: number of seeded random splits (1 for VOC's fixed sets).
         paper: Table 11's (mean, std) per net, in %.
         aggregate: how the paper combined scales for this dataset (used when the file allows).
+        scales: the paper's test scales Q (px) for this dataset's descriptors.
     """
 
     name: str
@@ -51,18 +55,19 @@ class Protocol:
     splits: int = 1
     paper: dict[str, tuple[float, float | None]] = field(default_factory=dict)
     aggregate: str | None = None
+    scales: tuple[int, ...] = DENSE_SCALES
     note: str = ""
 
 
 PROTOCOLS = {p.name: p for p in (
     Protocol("voc2007", "VOC-2007", "mAP, 11-point (%)", multilabel=True,
              paper={"Net-D": (89.3, None), "Net-E": (89.3, None), "Net-D & Net-E": (89.7, None)},
-             aggregate="mean",
+             aggregate="mean", scales=VOC_SCALES,
              note="train on trainval, test on test; C per class chosen on val after training "
                   "on train"),
     Protocol("voc2012", "VOC-2012", "mAP, area (%)", multilabel=True,
              paper={"Net-D": (89.0, None), "Net-E": (89.0, None), "Net-D & Net-E": (89.3, None)},
-             aggregate="mean",
+             aggregate="mean", scales=VOC_SCALES,
              note="the paper's figures are on the test set, scored by the VOC evaluation server; "
                   "here: train on train, score val, C per class chosen on 20% of train"),
     Protocol("caltech101", "Caltech-101", "mean class recall (%)", train_per_class=30,
@@ -78,6 +83,14 @@ PROTOCOLS = {p.name: p for p in (
              note=f"stratified split, {FOLDER_TRAIN_FRACTION:.0%} of each class for training "
                   "unless --train-per-class; 20% of training held out for C"),
 )}
+
+
+def get_protocol(name: str) -> Protocol:
+    """The protocol called ``name``; an error listing the valid names otherwise."""
+    try:
+        return PROTOCOLS[name]
+    except KeyError:
+        raise InputError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {name!r}") from None
 
 
 @dataclass
@@ -125,6 +138,7 @@ class TransferResult:
 
 def load_dataset(protocol: str, root: str | os.PathLike) -> Dataset:
     """The protocol's images and labels from a dataset root in its official layout."""
+    get_protocol(protocol)
     root = Path(root).expanduser()
     if protocol in ("voc2007", "voc2012"):
         year = protocol[3:]
@@ -142,7 +156,7 @@ def load_dataset(protocol: str, root: str | os.PathLike) -> Dataset:
         return _from_image_list(class_folders(caltech_root(root, protocol)))
     if protocol == "folder":
         return _from_image_list(class_folders(root))
-    raise ValueError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    raise AssertionError(f"no dataset reader for protocol {protocol!r}")
 
 
 def _from_image_list(images: ImageList) -> Dataset:
@@ -196,7 +210,7 @@ def descriptors(files: list[str | os.PathLike], dataset: Dataset, *, aggregate: 
 def _aggregated(X: np.ndarray, attrs: dict, wanted: str, file) -> np.ndarray:
     stored = attrs.get("aggregate", "mean")
     if wanted not in AGGREGATES:
-        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {wanted!r}")
+        raise InputError(f"aggregate must be one of {AGGREGATES}, got {wanted!r}")
     if wanted != stored:
         if stored != "stack":
             raise InputError(f"{file} holds scale-averaged descriptors, so they cannot be "
@@ -218,9 +232,9 @@ def run_protocol(protocol: str, dataset: Dataset, files: list[str | os.PathLike]
                  train_per_class: int | None = None, test_per_class: int | None = None,
                  C_grid: tuple[float, ...] | None = None, seed: int = 0) -> TransferResult:
     """Train and score linear classifiers on the descriptors of ``files`` as ``protocol`` says."""
-    spec = PROTOCOLS[protocol]
+    spec = get_protocol(protocol)
     if classifier not in CLASSIFIERS:
-        raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+        raise InputError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
     X, keep, described, used = descriptors(files, dataset, aggregate=aggregate,
                                            preferred=spec.aggregate)
     dropped = [p for p, k in zip(dataset.paths, keep) if not k]
@@ -302,6 +316,15 @@ def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
                "test": len(test_idx)},
         splits=[{name: [data.paths[i] for i in idx] for name, idx in
                  (("fit", fit_idx), ("val", val_idx), ("test", test_idx))}])
+
+
+def descriptor_spec(protocol: str, *, layer: str = "fc7",
+                    scales: tuple[int, ...] | None = None) -> DescriptorSpec:
+    """How a protocol's descriptors are extracted: the paper's scales for the dataset (unless
+    ``scales`` is given), stored stacked and unnormalised so that one file serves both scale
+    aggregations."""
+    return DescriptorSpec(layer=layer, scales=tuple(scales or get_protocol(protocol).scales),
+                          aggregate="stack", l2=False)
 
 
 def extraction_inputs(dataset: Dataset) -> ImageList:
