@@ -50,3 +50,35 @@ def test_all_user_errors_share_one_base_and_keep_their_old_types():
     # Code written against the earlier types still catches them.
     assert issubclass(InputError, ValueError) and issubclass(RecipeError, ValueError)
     assert issubclass(CacheError, RuntimeError) and issubclass(WeightsError, RuntimeError)
+
+
+def _failing_info(monkeypatch, error):
+    import vggfeat.cli.info
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(vggfeat.cli.info, "count_params", fail)
+
+
+def test_cli_shows_user_errors_as_one_line(monkeypatch, capsys):
+    from vggfeat.cli import main
+
+    _failing_info(monkeypatch, errors.InputError("photo.jpg is not an image: remove it"))
+    with pytest.raises(SystemExit) as stop:
+        main(["info"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("Error: photo.jpg is not an image: remove it")
+    _failing_info(monkeypatch, errors.TrainingError("the loss is nan"))
+    with pytest.raises(SystemExit) as stop:
+        main(["info"])
+    assert stop.value.code == 1  # a run that started and stopped
+
+
+def test_cli_does_not_hide_a_bugs_value_error(monkeypatch):
+    from vggfeat.cli import main
+
+    _failing_info(monkeypatch, ValueError("operands could not be broadcast together"))
+    with pytest.raises(ValueError, match="broadcast"):  # its traceback reaches the user
+        main(["info"])
+

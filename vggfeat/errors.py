@@ -15,7 +15,13 @@ __all__ = ["VGGFeatError", "InputError", "ConfigError", "CacheError", "WeightsEr
 
 
 class VGGFeatError(Exception):
-    """Base of all vggfeat user errors; the message names the culprit and says what to do."""
+    """Base of all vggfeat user errors; the message names the culprit and says what to do.
+
+    ``exit_code`` is the command line's exit status for it: 2 for a request that cannot be
+    served (bad input), 1 for a run that started and had to stop.
+    """
+
+    exit_code = 2
 
 
 class InputError(VGGFeatError, ValueError):
@@ -41,6 +47,10 @@ class WeightsError(VGGFeatError, RuntimeError):
 class ExtractError(VGGFeatError, RuntimeError):
     """An extraction run cannot go on (``--strict`` and a bad image, say); finished work is kept."""
 
+    exit_code = 1
+
 
 class TrainingError(VGGFeatError, RuntimeError):
     """A training run stopped (non-finite loss, say); the last good checkpoint is intact."""
+
+    exit_code = 1

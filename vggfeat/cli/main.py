@@ -1,4 +1,8 @@
-"""``vggfeat`` entry point; library errors become one-line messages and exit status 2."""
+"""``vggfeat`` entry point; the library's user errors become one-line messages.
+
+Only :class:`vggfeat.errors.VGGFeatError` (and click's own usage errors) are shown that way:
+any other exception is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,12 @@ import sys
 import click
 
 from .. import __version__
-from ..cache.store import CacheError
-from ..data.sources import InputError
-from ..extract.run import ExtractError
-from ..models.weights import WeightsError
-from ..train import TrainingError
+from ..errors import VGGFeatError
 from .evaluate import evaluate_command, scoremap_command
 from .extract import extract_command
 from .info import info_command
 from .train import train_command
 from .transfer import transfer_command
-
-USER_ERRORS = (CacheError, InputError, WeightsError, ValueError, FileNotFoundError)
-
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vggfeat")
@@ -45,9 +42,6 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)
-    except (ExtractError, TrainingError) as err:
+    except VGGFeatError as err:
         click.echo(f"Error: {err}", err=True)
-        sys.exit(1)
-    except USER_ERRORS as err:
-        click.echo(f"Error: {err}", err=True)
-        sys.exit(2)
+        sys.exit(err.exit_code)

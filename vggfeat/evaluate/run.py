@@ -18,6 +18,7 @@ from ..cache.store import STR
 from ..data.images import rescale_views
 from ..data.loader import image_loader
 from ..data.sources import ImageList
+from ..errors import InputError
 from ..models.vgg import VGG
 from .methods import CENTER_CROP_RESIZE, Evaluator, topk_error
 
@@ -103,10 +104,10 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
              device: str = "cpu", amp: str | None = None, progress: bool = True) -> EvalResult:
     """Posteriors and errors of ``model`` on labelled ``images`` with a Sect. 3.2 method."""
     if images.labels is None:
-        raise ValueError("evaluation needs labelled images (class folders or a labelled list)")
+        raise InputError("evaluation needs labelled images (class folders or a labelled list)")
     scales = scales or default_scales(method, train_scale(model))
     if method != "center-crop" and min(scales) < 224:
-        raise ValueError(f"{method} evaluation needs scales ≥ 224, got {scales}")
+        raise InputError(f"{method} evaluation needs scales ≥ 224, got {scales}")
     start = time.monotonic()
     evaluator = Evaluator(model, method, device=device, batch_size=batch_size, amp=amp)
     crop = 224 if method == "center-crop" else None
@@ -157,18 +158,18 @@ def load_posteriors(path: str | os.PathLike) -> EvalResult:
 def fuse(results: list[EvalResult]) -> EvalResult:
     """Model fusion (Sect. 4.4): average the posteriors of several nets on the same images."""
     if len(results) < 2:
-        raise ValueError("fusion needs at least two posterior files")
+        raise InputError("fusion needs at least two posterior files")
     first = results[0]
     common = set(first.paths).intersection(*(r.paths for r in results[1:]))
     if len(common) < len(first.paths):
-        raise ValueError(f"the posterior files cover different images ({len(common)} in common of "
+        raise InputError(f"the posterior files cover different images ({len(common)} in common of "
                          f"{len(first.paths)}); evaluate every net on the same folder")
     aligned = []
     for r in results:
         order = {p: i for i, p in enumerate(r.paths)}
         idx = [order[p] for p in first.paths]
         if not np.array_equal(r.labels[idx], first.labels):
-            raise ValueError("the posterior files disagree on the labels of the same images")
+            raise InputError("the posterior files disagree on the labels of the same images")
         aligned.append(torch.as_tensor(r.posteriors[idx]))
     arch = "+".join(str(r.attrs.get("arch", "?")) for r in results)
     return EvalResult(torch.stack(aligned).mean(0).numpy(), first.labels, first.paths,

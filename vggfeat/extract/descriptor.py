@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.images import MAX_ASPECT, rescale_views
+from ..errors import ConfigError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner
 from ..models.vgg import VGG
@@ -53,20 +54,20 @@ class DescriptorSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "scales", tuple(int(q) for q in self.scales))
         if not self.scales or len(set(self.scales)) != len(self.scales):
-            raise ValueError(f"scales must be distinct sizes in px, got {self.scales}")
+            raise ConfigError(f"scales must be distinct sizes in px, got {self.scales}")
         if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+            raise ConfigError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         smallest = self.crop if self.crop is not None else min(self.scales)
         if self.crop is not None and min(self.scales) < self.crop:
-            raise ValueError(f"crop mode resizes to each scale then crops {self.crop} px: every "
-                             f"scale must be ≥ {self.crop}, got {self.scales}")
+            raise ConfigError(f"crop mode resizes to each scale then crops {self.crop} px: every "
+                              f"scale must be ≥ {self.crop}, got {self.scales}")
         if smallest < 32:
-            raise ValueError(f"scales must be at least 32 px, got {self.scales}")
+            raise ConfigError(f"scales must be at least 32 px, got {self.scales}")
         if self.layer.split(":")[0].startswith(("fc", "prob")) and smallest < INPUT_SIZE:
-            raise ValueError(f"layer {self.layer} needs inputs of at least {INPUT_SIZE} px; "
-                             f"got scales {self.scales} (use --scales ≥ {INPUT_SIZE})")
+            raise ConfigError(f"layer {self.layer} needs inputs of at least {INPUT_SIZE} px; "
+                              f"got scales {self.scales} (use --scales ≥ {INPUT_SIZE})")
 
     def to_attrs(self) -> dict:
         d = asdict(self)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from ..errors import ConfigError
+
 Layer = int | tuple[int, int] | str
 
 CFGS: dict[str, list[Layer]] = {
@@ -79,10 +81,10 @@ def parse_arch(arch: str, *, batch_norm: bool | None = None) -> ArchSpec:
         key = key[:-2]
     if key not in ALIASES:
         valid = ", ".join(list(CFGS) + list(COMMON_NAMES.values()))
-        raise ValueError(f"unknown VGG arch {arch!r}; valid choices: {valid} "
-                         "(add '_bn' for batch norm)")
+        raise ConfigError(f"unknown VGG arch {arch!r}; valid choices: {valid} "
+                          "(add '_bn' for batch norm)")
     if batch_norm is not None and bn and not batch_norm:
-        raise ValueError(f"arch {arch!r} names a batch-norm variant but batch_norm=False was given")
+        raise ConfigError(f"arch {arch!r} names a batch-norm variant but batch_norm=False was given")
     return ArchSpec(ALIASES[key], batch_norm=bool(batch_norm) or bn)
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 from .configs import (
     FC6_KERNEL,
     FC_DIM,
@@ -150,9 +151,9 @@ class VGG(nn.Module):
         return sorted(self._taps, key=lambda n: (self._taps[n], n)) + ["prob"]
 
     def check_layer(self, name: str) -> str:
-        """Return ``name`` if it is a readable layer; else raise ``ValueError`` listing them."""
+        """Return ``name`` if it is a readable layer; else raise ``ConfigError`` listing them."""
         if name not in self._taps and name != "prob":
-            raise ValueError(f"unknown layer {name!r} for VGG {self.spec.name}; valid layers: "
+            raise ConfigError(f"unknown layer {name!r} for VGG {self.spec.name}; valid layers: "
                              + ", ".join(self.layer_names))
         return name
 
