@@ -82,3 +82,17 @@ def test_cli_does_not_hide_a_bugs_value_error(monkeypatch):
     with pytest.raises(ValueError, match="broadcast"):  # its traceback reaches the user
         main(["info"])
 
+
+def test_crop_mode_defaults_live_in_the_descriptor_spec():
+    """``DescriptorSpec(crop=224)`` is torchvision's single centre crop: resize 256, no flip, as
+    ``vggfeat extract --crop 224`` gives; dense descriptors keep the paper's scales and flip."""
+    from vggfeat.extract import DescriptorSpec
+
+    crop = DescriptorSpec(crop=224)
+    assert (crop.scales, crop.flip) == ((256,), False)
+    assert crop == DescriptorSpec(crop=224, scales=(256,), flip=False)
+    assert DescriptorSpec(crop=224, flip=True).flip is True
+    dense = DescriptorSpec()
+    assert (dense.scales, dense.flip) == ((256, 384, 512), True)
+    with pytest.raises(errors.ConfigError, match="every scale must be ≥ 224"):
+        DescriptorSpec(crop=224, scales=(192,))

@@ -33,25 +33,31 @@ class DescriptorSpec:
 
     Attributes:
         layer: a layer name of :meth:`VGG.forward_layers` (``fc7``, ``conv5_3:pre``, …).
-        scales: smallest-side sizes Q in px (crop mode: resize sizes before the crop).
+        scales: smallest-side sizes Q in px (crop mode: resize sizes before the crop); default
+            the paper's (256, 384, 512), or (256,) in crop mode (torchvision's resize 256).
         pool: global pooling of the layer's map, ``avg`` or ``max``.
         aggregate: ``mean`` or ``stack`` of the per-scale descriptors.
-        flip: average with the horizontally flipped image.
+        flip: average with the horizontally flipped image; default on for dense descriptors
+            (the paper's), off in crop mode (torchvision's single centre crop).
         l2: L2-normalise the final descriptor.
         crop: centre-crop side in px (torchvision-style single crop), or None for dense.
         max_aspect: long/short side ratio above which the long side is centre-cropped.
     """
 
     layer: str = "fc7"
-    scales: tuple[int, ...] = DENSE_SCALES
+    scales: tuple[int, ...] | None = None
     pool: str = "avg"
     aggregate: str = "mean"
-    flip: bool = True
+    flip: bool | None = None
     l2: bool = True
     crop: int | None = None
     max_aspect: float = MAX_ASPECT
 
     def __post_init__(self) -> None:
+        if self.scales is None:
+            object.__setattr__(self, "scales", DENSE_SCALES if self.crop is None else CROP_SCALES)
+        if self.flip is None:
+            object.__setattr__(self, "flip", self.crop is None)
         object.__setattr__(self, "scales", tuple(int(q) for q in self.scales))
         if not self.scales or len(set(self.scales)) != len(self.scales):
             raise ConfigError(f"scales must be distinct sizes in px, got {self.scales}")
