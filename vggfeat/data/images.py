@@ -77,18 +77,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
+def aspect_window(height: int, width: int, max_aspect: float = MAX_ASPECT
+                  ) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the part of an H×W image :func:`limit_aspect` keeps."""
+    longest = max(1, int(min(height, width) * max_aspect))
+    if height > longest:
+        return (height - longest) // 2, 0, longest, width
+    if width > longest:
+        return 0, (width - longest) // 2, height, longest
+    return 0, 0, height, width
+
+
 def limit_aspect(image: Tensor, max_aspect: float = MAX_ASPECT) -> Tensor:
     """Centre-crop the long side of a C×H×W image to at most ``max_aspect`` × the short side."""
-    h, w = image.shape[-2:]
-    short = min(h, w)
-    longest = max(1, int(short * max_aspect))
-    if h > longest:
-        top = (h - longest) // 2
-        return image[..., top:top + longest, :]
-    if w > longest:
-        left = (w - longest) // 2
-        return image[..., :, left:left + longest]
-    return image
+    top, left, h, w = aspect_window(*image.shape[-2:], max_aspect)
+    return image[..., top:top + h, left:left + w]
 
 
 def resize_short_side(image: Tensor, size: int) -> Tensor:

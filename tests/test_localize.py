@@ -1,0 +1,295 @@
+"""Localisation (Appendix A): box files, box geometry, the metric, the greedy merge, the nets, the
+protocols and the CLI, on files written in the real ILSVRC layouts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_vgg, write_image
+from PIL import Image
+
+import vggfeat
+from vggfeat.data.boxes import ImageBoxes, read_boxes, write_loc_csv
+from vggfeat.data.imagenet import imagenet_classes
+from vggfeat.errors import InputError, WeightsError
+from vggfeat.localize import (
+    BoxAugment,
+    Localizer,
+    best_boxes,
+    box_head,
+    decode,
+    encode,
+    euclidean_loss,
+    greedy_merge,
+    iou,
+    load_localizer,
+    localized,
+    score_guesses,
+)
+from vggfeat.localize.geometry import dense_boxes, to_original, view_geometry
+from vggfeat.localize.net import attach_head, class_boxes
+from vggfeat.train import train_transform
+
+WNIDS = list(imagenet_classes()[0][:3])
+
+
+def ilsvrc_xml(path: Path, filename: str, size: tuple[int, int], objects) -> Path:
+    """A Pascal-VOC XML box file as in the ILSVRC2012 bbox archives."""
+    w, h = size
+    body = "".join(
+        f"<object><name>{wnid}</name><pose>Unspecified</pose><truncated>0</truncated>"
+        f"<difficult>0</difficult><bndbox><xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+        f"<ymax>{y1}</ymax></bndbox></object>" for wnid, (x0, y0, x1, y1) in objects)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"<annotation><folder>{path.parent.name}</folder><filename>{filename}"
+                    f"</filename><source><database>ILSVRC_2012</database></source><size><width>"
+                    f"{w}</width><height>{h}</height><depth>3</depth></size><segmented>0"
+                    f"</segmented>{body}</annotation>")
+    return path
+
+
+# -- readers -------------------------------------------------------------------------------
+
+def test_xml_folders_in_train_and_val_layouts(tmp_path):
+    train = tmp_path / "bbox_train"
+    ilsvrc_xml(train / WNIDS[0] / f"{WNIDS[0]}_10026.xml", f"{WNIDS[0]}_10026", (500, 375),
+               [(WNIDS[0], (10, 20, 300, 200)), (WNIDS[0], (250, 100, 480, 370))])
+    ilsvrc_xml(train / WNIDS[1] / f"{WNIDS[1]}_7.xml", f"{WNIDS[1]}_7", (200, 300),
+               [(WNIDS[1], (0, 0, 200, 300))])
+    table = read_boxes(train)
+    assert sorted(table.boxes) == [f"{WNIDS[0]}_10026", f"{WNIDS[1]}_7"]
+    first = table.get(f"/data/train/{WNIDS[0]}/{WNIDS[0]}_10026.JPEG")
+    assert first.wnids == [WNIDS[0]] * 2 and first.size == (500, 375)
+    np.testing.assert_array_equal(first.xyxy, [[10, 20, 300, 200], [250, 100, 480, 370]])
+
+    val = tmp_path / "bbox_val"
+    ilsvrc_xml(val / "ILSVRC2012_val_00000001.xml", "ILSVRC2012_val_00000001", (500, 375),
+               [(WNIDS[2], (5, 5, 100, 100))])
+    assert read_boxes(val).get("ILSVRC2012_val_00000001.JPEG").wnids == [WNIDS[2]]
+
+
+def test_bad_boxes_are_dropped_and_reported_by_file(tmp_path):
+    ilsvrc_xml(tmp_path / "a.xml", "a", (100, 100),
+               [(WNIDS[0], (10, 10, 10, 50)), (WNIDS[0], (10, 10, 150, 50)),
+                (WNIDS[0], (10, 10, 60, 50)), (WNIDS[0], (0, 0, 101, 100))])
+    table = read_boxes(tmp_path)
+    assert len(table.get("a").wnids) == 2  # the 1 px overhang is tolerated
+    assert [Path(f).name for f, _ in table.bad] == ["a.xml", "a.xml"]
+    assert "zero or negative area" in table.bad[0][1] and "outside the 100×100" in table.bad[1][1]
+    csv_file = tmp_path / "LOC_val_solution.csv"
+    csv_file.write_text(f"ImageId,PredictionString\nimg1,{WNIDS[0]} 1 2 30 40 {WNIDS[0]} 5 5 5 9 \n")
+    table = read_boxes(csv_file)
+    assert len(table.get("img1").wnids) == 1 and table.bad[0][0].endswith("LOC_val_solution.csv:2")
+
+
+def test_loc_csv_reader_and_writer_round_trip(tmp_path):
+    path = tmp_path / "LOC_val_solution.csv"
+    path.write_text("ImageId,PredictionString\n"
+                    f"ILSVRC2012_val_00008726,{WNIDS[1]} 124 117 323 268 {WNIDS[1]} 1 2 50 60 \n"
+                    f"ILSVRC2012_val_00000001,{WNIDS[0]} 0 0 499 374 \n")
+    table = read_boxes(path)
+    assert table.get("ILSVRC2012_val_00008726").xyxy.tolist() == [[124, 117, 323, 268],
+                                                                  [1, 2, 50, 60]]
+    out = write_loc_csv(tmp_path / "copy.csv", {k: list(zip(v.wnids, v.xyxy))
+                                                for k, v in table.boxes.items()})
+    again = read_boxes(out)
+    for name, boxes in table.boxes.items():
+        assert again.boxes[name].wnids == boxes.wnids
+        np.testing.assert_array_equal(again.boxes[name].xyxy, boxes.xyxy)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(f"ImageId,PredictionString\nx,{WNIDS[0]} 1 2 3\n")
+    with pytest.raises(InputError, match=r"bad.csv:2.*'wnid xmin ymin xmax ymax' groups"):
+        read_boxes(bad)
+    with pytest.raises(InputError, match="x.jpg is not a text CSV file"):
+        read_boxes(write_image(tmp_path / "x.jpg"))
+    (tmp_path / "plain.csv").write_text("path,label\na.jpg,cat\n")
+    with pytest.raises(InputError, match="plain.csv: expected the header 'ImageId,Prediction"):
+        read_boxes(tmp_path / "plain.csv")
+
+
+# -- geometry -------------------------------------------------------------------------------
+
+def test_box_encoding_is_relative_to_the_224_window():
+    box = torch.tensor([[0.0, 0.0, 224.0, 224.0], [56.0, 28.0, 112.0, 196.0]])
+    np.testing.assert_allclose(encode(box), [[0.5, 0.5, 1, 1], [0.375, 0.5, 0.25, 0.75]])
+    torch.testing.assert_close(decode(encode(box)), box)
+
+
+def object_image(size, box, seed=0):
+    """A flat grey image with a white rectangle at ``box`` (x0, y0, x1, y1): uint8 3×H×W."""
+    h, w = size
+    image = torch.full((3, h, w), 60, dtype=torch.uint8)
+    x0, y0, x1, y1 = box
+    image[:, y0:y1, x0:x1] = 255
+    return image
+
+
+def visible_box(view: torch.Tensor) -> list[float]:
+    ys, xs = torch.nonzero(view[0] > 160, as_tuple=True)
+    return [xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1]
+
+
+@pytest.mark.parametrize("scale,flip", [((256, 256), False), ((256, 256), True), ((300, 400), True)])
+def test_augmented_box_follows_the_object_through_rescale_crop_and_flip(scale, flip):
+    augment = BoxAugment(train_transform(scale, flip=flip))
+    for seed in range(6):
+        box = (60 + 10 * seed, 40, 260, 200 + 5 * seed)
+        image = object_image((300, 420), box)
+        torch.manual_seed(seed)
+        view, target = augment((image, np.array([box], np.float32)))
+        assert view.shape == (3, 224, 224)
+        # The target is the object as the crop shows it (clipped at the crop's edges).
+        np.testing.assert_allclose(decode(target).tolist(), visible_box(view), atol=3)
+
+
+def test_a_crop_that_misses_the_object_is_redrawn_or_centred_on_it():
+    box = (600, 10, 630, 40)  # a small object in a corner: random crops mostly miss it
+    image = object_image((320, 640), box)
+    augment = BoxAugment(train_transform((320, 320), flip=False), tries=1)
+    for seed in range(10):
+        torch.manual_seed(seed)
+        view, target = augment((image, np.array([box], np.float32)))
+        cx, cy, w, h = target.tolist()
+        assert w * 224 >= 15 and h * 224 >= 15  # at least half of the object is in view
+        np.testing.assert_allclose(decode(target).tolist(), visible_box(view), atol=3)
+
+
+def test_view_geometry_maps_view_boxes_back_to_the_original_image():
+    for (h, w), q in [((375, 500), 256), ((500, 333), 384), ((200, 1200), 224)]:
+        g = view_geometry(h, w, q)
+        image = torch.zeros(3, h, w, dtype=torch.uint8)
+        view = vggfeat.data.images.rescale_views(image, (q,))[0]
+        assert (g.height, g.width) == tuple(view.shape[-2:])
+        original = torch.tensor([[10.0, 20.0, w - 30.0, h - 5.0]])
+        in_view = (original - torch.tensor([g.left, g.top, g.left, g.top])) * \
+            torch.tensor([g.sx, g.sy, g.sx, g.sy])
+        torch.testing.assert_close(to_original(in_view, g, w, h), original)
+
+
+def test_dense_boxes_sit_in_each_positions_window_and_flips_mirror_back():
+    params = torch.tensor([0.5, 0.5, 0.5, 0.5])  # a 112 px box centred in its window
+    maps = params.view(1, 1, 4, 1, 1).expand(2, 1, 4, 2, 3)
+    boxes = dense_boxes(maps, view_width=288)  # a 288×256 view: map 2×3
+    assert boxes.shape == (2, 1, 2, 3, 4)
+    torch.testing.assert_close(boxes[0, 0, 1, 2], torch.tensor([64 + 56.0, 32 + 56, 64 + 168, 32 + 168]))
+    # In the flipped view, position (1, 2) is the window at x = 64 of the mirror image.
+    torch.testing.assert_close(boxes[1, 0, 1, 2], torch.tensor([288 - 232.0, 88, 288 - 120, 200]))
+
+
+# -- metric and merge ---------------------------------------------------------------------
+
+def test_iou_and_the_localisation_metric_on_hand_computed_cases():
+    assert iou([[0, 0, 10, 10]], [[5, 0, 15, 10]]).item() == pytest.approx(1 / 3)
+    assert iou([[0, 0, 10, 10]], [[20, 20, 30, 30]]).item() == 0
+    truth = ImageBoxes(["cat", "cat", "dog"], np.array([[0, 0, 100, 100], [200, 0, 300, 100],
+                                                        [0, 200, 100, 300]], np.float32))
+    good_cat, good_dog = (210, 0, 300, 100), (0, 200, 100, 250)  # IoU 0.9 and exactly 0.5
+    assert localized([("cat", good_cat)], truth, 1)
+    assert localized([("dog", good_dog)], truth, 1)  # IoU ≥ 0.5 counts
+    assert not localized([("cat", good_dog)], truth, 5)  # right place, wrong class
+    assert not localized([("dog", good_cat)], truth, 5)
+    guesses = [("bird", good_cat), ("dog", (0, 0, 50, 50)), ("cat", good_cat)]
+    assert not localized(guesses, truth, 1) and localized(guesses, truth, 5)
+    assert not localized(guesses, truth, 2)
+    from vggfeat.data.boxes import BoxTable
+
+    table = BoxTable({"a": truth, "b": truth, "c": truth, "d": truth})
+    score = score_guesses({"a": [("cat", good_cat)], "b": guesses, "c": [("cat", good_dog)]}, table)
+    assert (score.top1_loc_error, score.top5_loc_error, score.missing) == (75.0, 50.0, 1)
+
+
+def boxes_around(centre, size, n, jitter, rng):
+    c = np.asarray(centre) + rng.uniform(-jitter, jitter, (n, 2))
+    return np.concatenate([c - size / 2, c + size / 2], axis=1)
+
+
+def test_greedy_merge_on_hand_made_box_sets():
+    # Two identical pairs far apart: each pair merges into its own average, scores add up.
+    boxes = np.array([[[0, 0, 10, 10], [1, 1, 11, 11], [100, 100, 140, 140], [102, 100, 142, 140]]],
+                     float)
+    merged, scores, alive = greedy_merge(boxes, np.array([[0.1, 0.2, 0.3, 0.5]]))
+    assert alive.tolist() == [[True, False, True, False]]
+    np.testing.assert_allclose(merged[0, alive[0]], [[0.5, 0.5, 10.5, 10.5], [101, 100, 141, 140]])
+    np.testing.assert_allclose(scores[0, alive[0]], [0.3, 0.8])
+    # Nothing merges below the threshold; everything merges with a huge one.
+    assert greedy_merge(boxes, np.ones((1, 4)), threshold=1e-3)[2].all()
+    assert greedy_merge(boxes, np.ones((1, 4)), threshold=1e9)[2].sum() == 1
+    # A crowd of weak boxes beats one strong outlier; padding takes no part; groups are separate.
+    rng = np.random.default_rng(0)
+    crowd = boxes_around((200, 200), 100, 30, 5, rng)
+    group = np.concatenate([crowd, [[0, 0, 40, 40]], np.zeros((3, 4))])[None].repeat(2, 0)
+    scores = np.concatenate([np.full(30, 0.05), [0.9], np.full(3, 100.0)])[None].repeat(2, 0)
+    valid = np.arange(34) < 31
+    valid = np.stack([valid, valid])
+    group[1, :30] += 300
+    best, rating = best_boxes(group, scores, valid=valid)
+    np.testing.assert_allclose(best[0], crowd.mean(0), atol=1e-6)
+    np.testing.assert_allclose(best[1], crowd.mean(0) + 300, atol=1e-6)
+    np.testing.assert_allclose(rating, [1.5, 1.5])
+
+
+def test_greedy_merge_matches_a_plain_pairwise_loop():
+    from vggfeat.localize.merge import match_scores
+
+    def plain(boxes, scores, threshold):
+        boxes, scores, counts = [b for b in boxes], list(scores), [1] * len(boxes)
+        while len(boxes) > 1:
+            m = match_scores(np.array(boxes), np.array(boxes))
+            np.fill_diagonal(m, np.inf)
+            i, j = sorted(np.unravel_index(m.argmin(), m.shape))
+            if m[i, j] >= threshold:
+                break
+            boxes[i] = (boxes[i] * counts[i] + boxes[j] * counts[j]) / (counts[i] + counts[j])
+            scores[i] += scores[j]
+            counts[i] += counts[j]
+            del boxes[j], scores[j], counts[j]
+        return sorted(scores)
+
+    rng = np.random.default_rng(1)
+    for _ in range(10):
+        boxes = np.concatenate([boxes_around(rng.uniform(0, 400, 2), rng.uniform(40, 150), 8, 20,
+                                             rng) for _ in range(3)])[None].repeat(2, 0)
+        scores = rng.uniform(0, 1, (2, 24))
+        _, merged, alive = greedy_merge(boxes, scores)
+        for g in range(2):
+            np.testing.assert_allclose(sorted(merged[g, alive[g]]), plain(boxes[g], scores[g], 1.0))
+
+
+# -- nets -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind,outputs", [("scr", 4), ("pcr", 12)])
+def test_scr_and_pcr_output_shapes(kind, outputs):
+    head = box_head(kind, WNIDS)
+    model = attach_head(tiny_vgg("D", num_classes=head.outputs), head)
+    assert model(torch.randn(2, 3, 224, 224)).shape == (2, outputs)
+    assert model.score_map(torch.randn(1, 3, 256, 320)).shape == (1, outputs, 2, 4)
+    out = torch.arange(2 * outputs, dtype=torch.float32).view(2, outputs)
+    picked = class_boxes(out, torch.tensor([2, 1]), head)
+    expected = out if kind == "scr" else torch.stack([out[0, 8:12], out[1, 4:8]])
+    torch.testing.assert_close(picked, expected)
+    targets = torch.cat([torch.tensor([[2.0], [1.0]]), expected + 1], 1)
+    assert euclidean_loss(out, targets, head).item() == pytest.approx(2.0)  # ½·4·1 per image
+
+
+def test_localisation_net_from_a_classifier_keeps_all_but_fc8_and_records_its_head(tmp_path):
+    classifier = tmp_path / "cls.safetensors"
+    cls_net = tiny_vgg("D", seed=5, num_classes=3)
+    vggfeat.save_weights(cls_net, classifier, meta={"class_names": WNIDS})
+    head = box_head("pcr", WNIDS)
+    with pytest.warns(Warning):
+        loc = vggfeat.localize.localization_net(head, weights=classifier, seed=1)
+    for name, value in cls_net.state_dict().items():
+        if name.startswith("head.fc8"):
+            assert loc.state_dict()[name].shape[0] == 12
+        else:
+            torch.testing.assert_close(loc.state_dict()[name], value, msg=name)
+    saved = vggfeat.save_weights(loc, tmp_path / "loc.safetensors")
+    again, head_again = load_localizer(saved)
+    assert head_again == head
+    torch.testing.assert_close(again.state_dict(), loc.state_dict())
+    with pytest.raises(WeightsError, match="not a localisation net"):
+        load_localizer(classifier)
