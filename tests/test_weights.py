@@ -132,7 +132,7 @@ def test_file_layouts_round_trip(tmp_path):
     assert loaded_own.weights_meta["train_scale"] == 256
     assert len(loaded_own.weights_meta["sha256"]) == 64
     assert detect_format(torch.load(tv_path, weights_only=True)) == "torchvision"
-    with pytest.raises(WeightsError, match="holds VGG E, not the requested D"):
+    with pytest.raises(WeightsError, match=r"holds VGG E \(vgg19, .*not the requested VGG D"):
         vggfeat.vgg("D", weights=own)
 
 
@@ -169,8 +169,11 @@ def test_preprocessing_values():
 def test_wrong_shapes_are_named(tmp_path):
     path = tmp_path / "b.pth"
     torch.save(to_torchvision(tiny_vgg("B").state_dict(), tiny_vgg("B")), path)
-    with pytest.raises(ValueError, match="has no counterpart in VGG A|does not fit VGG A"):
+    with pytest.raises(WeightsError, match=r"holds VGG B \(vgg13, .*not the requested VGG A"):
         vggfeat.vgg("A", weights=path, width_mult=1 / 16, fc_dim=32)
+    torch.save({"classifier.0.weight": torch.zeros(32, 49)}, path)
+    with pytest.raises(WeightsError, match="not a VGG state dict"):
+        vggfeat.vgg(weights=path)
 
 
 class _RunsCommand:

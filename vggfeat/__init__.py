@@ -1,10 +1,45 @@
-"""vggfeat: the VGG family of Simonyan & Zisserman (ICLR 2015), faithfully, with dense features."""
+"""vggfeat: the VGG family of Simonyan & Zisserman (ICLR 2015), faithfully, with dense features.
+
+The public names are imported on first use, so ``import vggfeat`` (and the command line's
+``--help``) does not pay for torch until something needs it.
+"""
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-from .cache import load_features
-from .extract import DescriptorSpec, extract
-from .models import VGG, Preprocessing, WeightsError, save_weights, vgg
+_LAZY = {"VGG": "models", "DescriptorSpec": "extract", "NewHeadWarning": "models",
+         "Preprocessing": "models", "VGGFeatError": "errors", "WeightsError": "errors",
+         "extract": "extract", "load_features": "cache", "save_weights": "models", "vgg": "models"}
+__all__ = ["__version__", *_LAZY]
 
-__all__ = ["__version__", "VGG", "DescriptorSpec", "Preprocessing", "WeightsError", "extract",
-           "load_features", "save_weights", "vgg"]
+
+def __getattr__(name: str):
+    if name not in _LAZY:  # a subpackage (vggfeat.models …), imported on first use
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'vggfeat' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the subpackage vggfeat.extract binds it as an attribute of vggfeat; the
+        # function vggfeat.extract() keeps the name, as it did when everything was imported.
+        if name == "extract" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import re
 
+import torch
 from torch import Tensor
 
+from .configs import CFGS, FC_DIM, NUM_CLASSES, parse_arch
 from .vgg import VGG
 
 FC_NAMES = ("fc6", "fc7", "fc8")
@@ -99,6 +101,54 @@ def _fit_shapes(state_dict: dict[str, Tensor], model: VGG, fmt: str) -> dict[str
             value = value.reshape(shape)
         fitted[key] = value
     return fitted
+
+
+def fc_shapes(state_dict: dict[str, Tensor]) -> tuple[int, int]:
+    """(fc_dim, num_classes) of a VGG state dict in any known layout (num_classes 0: no fc8)."""
+    fmt = detect_format(state_dict)
+    names = {"vggfeat": {f"head.{n}": n for n in FC_NAMES}, "torchvision": TORCHVISION_FC,
+             "timm": TIMM_FC, "caffe": {n: n for n in FC_NAMES}}[fmt]
+    out = {fc: state_dict[f"{module}.weight"].shape[0] for module, fc in names.items()
+           if f"{module}.weight" in state_dict}
+    if "fc6" not in out:
+        raise ValueError(f"the {fmt} state dict has no fc6 weight: not a whole VGG")
+    return out["fc6"], out.get("fc8", 0)
+
+
+def infer_config(state_dict: dict[str, Tensor], *, prefer: str | None = None) -> dict:
+    """The :class:`VGG` arguments (arch, batch_norm, width_mult, fc_dim, num_classes) of the
+    Table 1 config whose every key and shape the state dict fits; ``ValueError`` if none does.
+
+    ``prefer`` (an arch name) is tried first: a vggfeat-layout A-LRN has exactly A's keys.
+    """
+    fc_dim, num_classes = fc_shapes(state_dict)
+    first = next((v for v in state_dict.values() if v.ndim == 4), None)  # conv1_1 in any layout
+    if first is None:
+        raise ValueError("it holds no conv weights")
+    candidates = [(c, bn) for c in CFGS for bn in (False, True)]
+    if prefer is not None:
+        spec = parse_arch(prefer)
+        candidates.insert(0, (spec.config, spec.batch_norm))
+    for config, batch_norm in candidates:
+        with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+            model = VGG(config, batch_norm=batch_norm, width_mult=first.shape[0] / 64,
+                        fc_dim=fc_dim, num_classes=num_classes)
+        try:
+            to_vggfeat(state_dict, model)
+        except ValueError:
+            continue
+        return dict(model.config)
+    raise ValueError(f"the {detect_format(state_dict)} state dict fits none of the configs "
+                     f"{', '.join(CFGS)} (with or without batch norm)")
+
+
+def describe_config(config: dict) -> str:
+    """``VGG E (vgg19)``, with width, fc and class counts where they are not the paper's."""
+    spec = parse_arch(config["arch"], batch_norm=config["batch_norm"])
+    extras = [f"{k}={config[k]:g}" for k, paper in (("width_mult", 1.0), ("fc_dim", FC_DIM),
+                                                       ("num_classes", NUM_CLASSES))
+              if config[k] != paper]
+    return f"VGG {spec.name} ({', '.join([spec.common_name, *extras])})"
 
 
 def to_torchvision(state_dict: dict[str, Tensor], model: VGG) -> dict[str, Tensor]:
