@@ -6,31 +6,57 @@ any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from .. import __version__
 from ..errors import VGGFeatError
-from .evaluate import evaluate_command, scoremap_command
-from .extract import extract_command
-from .info import info_command
-from .train import train_command
-from .transfer import transfer_command
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# name: (module of vggfeat.cli, attribute, one line for ``vggfeat --help``).  A command's module
+# (and torch with it) is imported only when that command runs or shows its own help.
+COMMANDS = {
+    "info": ("info", "info_command", "Layers, parameters and multiply-adds of every config."),
+    "extract": ("extract", "extract_command",
+                "Dense multi-scale descriptors of images into a resumable HDF5 cache."),
+    "evaluate": ("evaluate", "evaluate_command",
+                 "Top-1/top-5 error on ImageNet val with the paper's test methods."),
+    "scoremap": ("evaluate", "scoremap_command", "Draw the dense class score map of an image."),
+    "transfer": ("transfer", "transfer_command",
+                 "Linear classifiers on descriptors, scored as the paper did (VOC, Caltech)."),
+    "train": ("train", "train_command",
+              "Train a VGG with the paper's recipe, or fine-tune one on your class folders."),
+    "localize": ("localize", "localize_group",
+                 "Localisation nets of the paper's Appendix A: train, evaluate, score."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group that imports a command's module only when that command is used."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(f".{module}", __package__), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+
+@click.group(cls=LazyGroup,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="vggfeat")
 def cli() -> None:
     """Faithful VGG (Simonyan & Zisserman, ICLR 2015): models, dense multi-scale features,
-    ImageNet evaluation and training, transfer to other datasets."""
+    ImageNet evaluation and training, transfer to other datasets.
 
-
-cli.add_command(info_command)
-cli.add_command(extract_command)
-cli.add_command(evaluate_command)
-cli.add_command(scoremap_command)
-cli.add_command(transfer_command)
-cli.add_command(train_command)
+    `vggfeat COMMAND --help` describes each command."""
 
 
 def main(argv: list[str] | None = None) -> None:

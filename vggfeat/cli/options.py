@@ -45,8 +45,24 @@ class Arch(click.ParamType):
         return value
 
 
+class Device(click.ParamType):
+    """A torch device this machine has, checked before any work starts."""
+
+    name = "DEVICE"
+
+    def convert(self, value, param, ctx):
+        from ..devices import resolve_device  # imports torch: only when the option is given
+        from ..errors import ConfigError
+
+        try:
+            resolve_device(value)
+        except ConfigError as err:
+            self.fail(str(err), param, ctx)
+        return value
+
+
 def device_options(f):
-    f = click.option("--device", default=None,
+    f = click.option("--device", type=Device(), default=None,
                      help="cpu, cuda, cuda:1 … [default: cuda when available]")(f)
     f = click.option("--workers", type=click.IntRange(0), default=None,
                      help="decoding worker processes [default: half the cores, at most 8]")(f)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .imagenet import imagenet_folder, wnid_index
+from .imagenet import imagenet_classes, imagenet_folder, wnid_index
 from .sources import ImageList, InputError, gather_images, is_image_file
 
 CALTECH_FOLDERS = {"caltech101": "101_ObjectCategories", "caltech256": "256_ObjectCategories"}
@@ -45,6 +45,28 @@ def caltech_root(root: str | os.PathLike, protocol: str) -> Path:
                      f"(see datasets/{protocol}/README.md)")
 
 
+def net_class_names(model) -> list[str] | None:
+    """The classes of a net's outputs, in order: those its weights record (``vggfeat train``
+    writes them), ImageNet's WordNet ids for a 1000-class net, else ``None`` (unknown)."""
+    recorded = model.weights_meta.get("class_names")
+    if recorded:
+        return list(recorded)
+    return list(imagenet_classes()[0]) if model.num_classes == 1000 else None
+
+
+def folder_for_net(root: str | os.PathLike, model, *, devkit: str | os.PathLike | None = None,
+                   labels_csv: str | os.PathLike | None = None) -> ImageList:
+    """:func:`labelled_folder` labelled in ``model``'s class order; folders that are not the
+    net's classes are refused, never mapped to whatever classes come first."""
+    names = net_class_names(model)
+    images = labelled_folder(root, class_names=names, devkit=devkit, labels_csv=labels_csv)
+    if names is None and len(images.class_names) != model.num_classes:
+        raise InputError(f"{root} holds {len(images.class_names)} class folders, but the net has "
+                         f"{model.num_classes} classes and its weights do not record which is "
+                         "which; use weights saved by vggfeat train (they record class_names)")
+    return images
+
+
 def labelled_folder(root: str | os.PathLike, *, class_names: list[str] | None = None,
                     devkit: str | os.PathLike | None = None,
                     labels_csv: str | os.PathLike | None = None) -> ImageList:
@@ -67,8 +89,14 @@ def labelled_folder(root: str | os.PathLike, *, class_names: list[str] | None = 
     index = {c: i for i, c in enumerate(names)}
     unknown = sorted(set(images.class_names) - set(index))
     if unknown:
-        raise InputError(f"{root}: class folders {unknown[:3]} are not among the {len(names)} "
-                         "classes of the net")
+        expected = ("folders named by WordNet id (n01440764 … n15075141, ILSVRC-2012's), or "
+                    "flat images with the devkit or a labels CSV" if len(names) == 1000 and
+                    set(names) == set(wnid_index()) else
+                    f"folders named as its classes: {', '.join(names[:5])}"
+                    + (" …" if len(names) > 5 else ""))
+        raise InputError(f"{root}: class folders {', '.join(unknown[:3])}"
+                         f"{' …' if len(unknown) > 3 else ''} are not classes of the net; "
+                         f"its {len(names)} classes need {expected}")
     images.labels = [index[images.class_names[y]] for y in images.labels]
     images.class_names = names
     return images

@@ -1,0 +1,104 @@
+"""The command line: fast help, and one clear line instead of a traceback for bad requests."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import click
+import pytest
+import torch
+from conftest import write_image
+
+from vggfeat.cli import main
+from vggfeat.cli.main import COMMANDS, cli
+from vggfeat.data.folders import folder_for_net
+from vggfeat.devices import resolve_device
+from vggfeat.errors import ConfigError, InputError
+
+HEAVY = ("torch", "numpy", "torchvision", "timm", "sklearn", "h5py", "matplotlib", "scipy")
+
+
+@pytest.mark.parametrize("flag", ["--help", "--version"])
+def test_help_and_version_import_nothing_heavy(flag):
+    code = ("import sys\nfrom vggfeat.cli import main\ntry:\n    main([%r])\nexcept SystemExit:\n"
+            "    pass\nprint('loaded:', ','.join(m for m in %r if m in sys.modules))" % (flag, HEAVY))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().endswith("loaded:"), out.stdout
+    if flag == "--help":
+        assert all(name in out.stdout for name in COMMANDS)
+
+
+def test_every_listed_command_exists():
+    ctx = click.Context(cli)
+    for name in COMMANDS:
+        command = cli.get_command(ctx, name)
+        assert isinstance(command, click.Command) and command.name == name
+    assert cli.get_command(ctx, "nope") is None
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "unknown device 'tpu'; use one of cpu, cuda, mps"),
+    ("cuda:99", "cuda:99"),
+])
+def test_bad_devices_are_one_line_errors(device, message, tmp_path, capsys):
+    if device == "cuda:99" and not torch.cuda.is_available():
+        message = "no CUDA GPU is visible"
+    with pytest.raises(ConfigError, match=message):
+        resolve_device(device)
+    with pytest.raises(SystemExit) as stop:
+        main(["extract", str(tmp_path), "-o", str(tmp_path / "f.h5"), "--device", device])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "Invalid value for '--device'" in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_cuda_without_a_gpu_says_so():
+    with pytest.raises(ConfigError, match="no CUDA GPU is visible to PyTorch.*use --device cpu"):
+        resolve_device("cuda")
+
+
+def test_scoremap_class_out_of_range(tiny_weights, tmp_path, capsys):
+    image = write_image(tmp_path / "a.jpg")
+    with pytest.raises(SystemExit) as stop:
+        main(["scoremap", str(image), "-o", str(tmp_path / "m.png"), "--weights",
+              str(tiny_weights), "--class", "5000"])
+    assert stop.value.code == 2
+    assert "class 5000 does not exist: the net has 1000 classes, 0 … 999" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
+
+
+def test_evaluate_refuses_folders_that_are_not_the_nets_classes(tiny_weights, image_folder,
+                                                                 tmp_path):
+    import vggfeat
+
+    imagenet_net = vggfeat.vgg(weights=tiny_weights)
+    with pytest.raises(InputError, match="cat, dog are not classes of the net; its 1000 classes "
+                                         "need folders named by WordNet id"):
+        folder_for_net(image_folder, imagenet_net)
+    # A net trained on the folders' classes (recorded in its weights) labels them by name.
+    with pytest.warns(UserWarning):
+        pets = vggfeat.vgg(weights=tiny_weights, num_classes=2)
+    pets.weights_meta["class_names"] = ["dog", "cat"]
+    images = folder_for_net(image_folder, pets)
+    assert images.class_names == ["dog", "cat"]
+    assert [images.labels[i] for i, p in enumerate(images.paths) if "/cat/" in p] == [1] * 4
+    pets.weights_meta["class_names"] = ["dog", "horse"]
+    with pytest.raises(InputError, match="cat are not classes of the net; its 2 classes need "
+                                         "folders named as its classes: dog, horse"):
+        folder_for_net(image_folder, pets)
+    del pets.weights_meta["class_names"]  # unknown classes: only an unambiguous count is accepted
+    assert folder_for_net(image_folder, pets).class_names == ["cat", "dog"]
+    pets.reset_classifier(3)
+    with pytest.raises(InputError, match="2 class folders, but the net has 3 classes"):
+        folder_for_net(image_folder, pets)
+
+
+def test_evaluate_command_refusal_is_one_line(tiny_weights, image_folder, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["evaluate", "--weights", str(tiny_weights), "--data", str(image_folder),
+              "--device", "cpu", "--workers", "0", "--quiet"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "are not classes of the net" in err and "Traceback" not in err
