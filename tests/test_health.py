@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +99,32 @@ def test_crop_mode_defaults_live_in_the_descriptor_spec():
     assert (dense.scales, dense.flip) == ((256, 384, 512), True)
     with pytest.raises(errors.ConfigError, match="every scale must be ≥ 224"):
         DescriptorSpec(crop=224, scales=(192,))
+
+
+def test_importing_and_plotting_leave_matplotlib_alone(tmp_path):
+    """No backend switch at import time or when plotting: the user's choice (here svg) stays."""
+    from conftest import write_image
+
+    image = write_image(tmp_path / "cat.jpg", size=(224, 240))
+    code = f"""
+import sys
+import vggfeat.evaluate, vggfeat.train
+assert "matplotlib" not in sys.modules, "importing vggfeat loaded matplotlib"
+import matplotlib
+matplotlib.use("svg")
+from conftest import tiny_vgg
+from vggfeat.evaluate import plot_score_map
+from vggfeat.train.logs import plot_curves
+model = tiny_vgg("A").train()
+plot_score_map(model, {str(image)!r}, {str(tmp_path / "map.png")!r}, scale=224)
+assert model.training, "plot_score_map changed the caller's model to eval mode"
+plot_curves([dict(epoch=1, train_loss=2.0, val_top1_error=90.0, val_top5_error=70.0)],
+            __import__("pathlib").Path({str(tmp_path / "curves.png")!r}))
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("map.png", "curves.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -5,16 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import matplotlib
+import torch
+import torch.nn.functional as F
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from ..data.imagenet import imagenet_classes  # noqa: E402
-from ..data.images import read_image, resize_short_side  # noqa: E402
-from ..models.vgg import VGG  # noqa: E402
+from ..data.imagenet import imagenet_classes
+from ..data.images import read_image, resize_short_side
+from ..fileio import atomic_path
+from ..models.vgg import VGG
 
 
 @torch.inference_mode()
@@ -24,11 +21,17 @@ def plot_score_map(model: VGG, image_path: str | os.PathLike, output: str | os.P
 
     The map is the dense net's softmax for ``class_index`` (default: the top class of the
     spatially averaged scores) at each location, upsampled to the image.  Returns the class and
-    its posterior.
+    its posterior.  The picture's format follows ``output``'s suffix (PNG when it has none).
     """
+    # A bare Figure renders with Agg on its own: no pyplot, no global backend switch.
+    from matplotlib.figure import Figure
+
     image = resize_short_side(read_image(image_path), scale)
-    model = model.eval()
-    scores = model.score_map(model.preprocessing(image[None]))[0]  # K×h×w
+    was_training = model.training
+    try:  # eval mode (dropout off) for the map; the caller's model gets its mode back
+        scores = model.eval().score_map(model.preprocessing(image[None]))[0]  # K×h×w
+    finally:
+        model.train(was_training)
     probs = scores.softmax(0)
     posterior = scores.mean((1, 2)).softmax(0)
     k = int(posterior.argmax()) if class_index is None else class_index
@@ -36,13 +39,15 @@ def plot_score_map(model: VGG, image_path: str | os.PathLike, output: str | os.P
                          align_corners=False)[0, 0]
     names = imagenet_classes()[1] if model.num_classes == 1000 else None
     label = names[k].split(",")[0] if names else f"class {k}"
-    fig, ax = plt.subplots(figsize=(image.shape[2] / 100, image.shape[1] / 100 + 0.4), dpi=100)
+    fig = Figure(figsize=(image.shape[2] / 100, image.shape[1] / 100 + 0.4), dpi=100)
+    ax = fig.subplots()
     ax.imshow(image.permute(1, 2, 0).numpy())
     overlay = ax.imshow(heat.numpy(), cmap="jet", alpha=0.45, vmin=0, vmax=max(1e-6, float(heat.max())))
     fig.colorbar(overlay, ax=ax, fraction=0.03, pad=0.01)
     ax.set_title(f"{label}: p={posterior[k]:.3f}, score map {tuple(probs.shape[1:])} at Q={scale}",
                  fontsize=8)
     ax.axis("off")
-    fig.savefig(Path(output), bbox_inches="tight")
-    plt.close(fig)
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, bbox_inches="tight", format=output.suffix.lstrip(".").lower() or "png")
     return k, float(posterior[k])
