@@ -128,3 +128,36 @@ assert "matplotlib.pyplot" not in sys.modules
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in ("map.png", "curves.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_weights_and_posteriors_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A writer failing half-way keeps the previous file and leaves no temporary behind."""
+    import numpy as np
+    import safetensors.torch
+    from conftest import tiny_vgg
+
+    from vggfeat.evaluate import EvalResult, load_posteriors, save_posteriors
+    from vggfeat.models.weights import save_weights
+
+    weights = save_weights(tiny_vgg("A"), tmp_path / "a.safetensors")
+    before = weights.read_bytes()
+
+    def disk_full(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_weights(tiny_vgg("A", seed=1), weights)
+    assert weights.read_bytes() == before
+
+    good = EvalResult(np.full((2, 3), 1 / 3, np.float32), np.array([0, 2]), ["a.jpg", "b.jpg"],
+                      "dense", (256,), {"arch": "A"})
+    posteriors = save_posteriors(good, tmp_path / "p.h5")
+    bad = EvalResult(good.posteriors, good.labels, good.paths, "dense", (256,),
+                     {"arch": object()})  # not storable: fails after the datasets are written
+    with pytest.raises(TypeError):
+        save_posteriors(bad, posteriors)
+    assert load_posteriors(posteriors).attrs["arch"] == "A"
+    assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "p.h5"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from ..data.images import rescale_views
 from ..data.loader import image_loader
 from ..data.sources import ImageList
 from ..errors import InputError
+from ..fileio import atomic_path, write_json_atomic
 from ..models.vgg import VGG
 from .methods import CENTER_CROP_RESIZE, Evaluator, topk_error
 
@@ -136,14 +136,12 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
 def save_posteriors(result: EvalResult, path: str | os.PathLike) -> Path:
     """HDF5 with ``posteriors`` (N×K), ``labels``, ``paths`` and the settings as attributes."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("posteriors", data=result.posteriors.astype(np.float32))
         f["labels"] = result.labels
         f.create_dataset("paths", data=result.paths, dtype=STR)
         f.attrs.update({k: v for k, v in result.attrs.items()})
         f.attrs["method"], f.attrs["scales"] = result.method, list(result.scales)
-    os.replace(tmp, path)
     return path
 
 
@@ -197,4 +195,4 @@ def markdown_report(result: EvalResult) -> str:
 
 
 def write_json(result: EvalResult, path: str | os.PathLike) -> None:
-    Path(path).write_text(json.dumps(result.summary(), indent=2))
+    write_json_atomic(path, result.summary(), indent=2, sort_keys=False)

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..errors import WeightsError
+from ..fileio import atomic_path
 from .configs import ArchSpec
 from .preprocessing import IMAGENET, Preprocessing
 
@@ -176,8 +177,7 @@ def save_weights(model, path: str | os.PathLike, *, meta: dict | None = None) ->
                 "preprocessing": model.preprocessing.to_json(),
                 "meta": json.dumps({**model.weights_meta, **(meta or {})})}
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
