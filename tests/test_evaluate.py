@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from PIL import Image
 from scipy.io import savemat
 
 from vggfeat.data.imagenet import imagenet_classes, imagenet_folder
-from vggfeat.data.images import rescale_views
+from vggfeat.data.images import read_image, rescale_views
 from vggfeat.evaluate import (
     Evaluator,
     crop_grid,
@@ -125,12 +126,26 @@ def test_flat_val_with_devkit(tmp_path, val_folder):
 
 
 def test_evaluate_end_to_end_and_bad_files(val_folder, tmp_path):
-    (val_folder / WNIDS[0] / "ILSVRC2012_val_00000099.JPEG").write_bytes(b"")
+    bad = val_folder / WNIDS[0] / "ILSVRC2012_val_00000099.JPEG"
+    bad.write_bytes(b"")
     model = tiny_vgg("D")
     result = evaluate(imagenet_folder(val_folder), model, method="dense", scales=(224, 256),
                       workers=0, progress=False)
-    assert len(result.labels) == 6 and len(result.failed) == 1
-    assert 0 <= result.top5_error <= result.top1_error <= 100
+    assert [Path(p).name for p, _ in result.failed] == [bad.name]
+    assert result.labels.tolist() == [0, 0, 1, 1, 278, 278]
+    # Each row is the dense posterior of that very image, whatever the batching and the loader.
+    evaluator = Evaluator(model, "dense")
+    expected = torch.cat([evaluator([rescale_views(read_image(p), (224, 256))])
+                          for p in result.paths])
+    np.testing.assert_allclose(result.posteriors, expected.numpy(), rtol=1e-4, atol=1e-7)
+    # The errors are those of the posteriors: a known top-1/top-5 pattern is scored exactly.
+    ranked = np.argsort(-result.posteriors, axis=1)
+    planted = result.labels.copy()
+    planted[:2] = ranked[:2, 0]  # two top-1 hits
+    planted[2:4] = ranked[2:4, 3]  # two top-5 hits only
+    result.labels = planted
+    assert result.top1_error == pytest.approx(100 * 4 / 6)
+    assert result.top5_error == pytest.approx(100 * 2 / 6)
 
 
 def test_cli_evaluate_fuse_and_scoremap(val_folder, tmp_path, tiny_weights):

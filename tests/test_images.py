@@ -9,6 +9,7 @@ from conftest import write_image
 from PIL import Image
 
 from vggfeat.data import BadImage, InputError, gather_images, read_image
+from vggfeat.data.sources import ImageList
 from vggfeat.data.images import limit_aspect, resize_short_side
 
 
@@ -79,7 +80,21 @@ def test_gather_class_folders(image_folder):
     assert images.class_names == ["cat", "dog"]
     assert images.labels == [0, 0, 0, 0, 1, 1, 1, 1]
     assert any("photo 1 é.jpg" in p for p in images.paths)
-    assert images.fingerprint() == gather_images([image_folder]).fingerprint()
+
+
+def test_fingerprint_follows_the_images_their_order_and_labels(tmp_path, image_folder):
+    images = gather_images([image_folder])
+    fp = images.fingerprint()
+    assert fp == gather_images([image_folder]).fingerprint()  # same input, another run
+    reordered = tmp_path / "list.txt"
+    reordered.write_text("\n".join(reversed(images.paths)) + "\n")
+    assert gather_images([reordered]).fingerprint() == ImageList(images.paths[::-1]).fingerprint()
+    assert ImageList(images.paths[::-1]).fingerprint() != ImageList(images.paths).fingerprint()
+    relabelled = [1 - y for y in images.labels]
+    unlabelled = ImageList(images.paths).fingerprint()
+    assert len({fp, unlabelled, ImageList(images.paths, relabelled, ["a", "b"]).fingerprint()}) == 3
+    write_image(image_folder / "dog" / "4.jpg", seed=99)
+    assert gather_images([image_folder]).fingerprint() != fp
 
 
 def test_gather_lists_and_files(tmp_path, image_folder):

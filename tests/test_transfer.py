@@ -230,7 +230,11 @@ def test_cli_voc2007_extracts_then_reports_like_table_11(tmp_path, tiny_weights)
     first = data["results"][0]
     assert [r["aggregate"] for r in data["results"]] == ["mean", "stack"]
     assert first["sizes"] == {"classes": 20, "train": 20, "val": 10, "test": 10}
-    assert set(first["per_class"]) == set(VOC_CLASSES) and 0 <= first["mean"] <= 100
+    assert set(first["per_class"]) == set(VOC_CLASSES)
+    assert first["mean"] == pytest.approx(np.mean(list(first["per_class"].values())), abs=0.01)
+    # Each image's colour gives its classes, so even a random tiny net separates them: far above
+    # the ~20% AP of ranking at random (a class is in 1 image of 5).
+    assert first["mean"] > 80 and min(first["per_class"].values()) > 50
     assert first["paper"]["Net-D"] == [89.3, None]
     splits = json.loads(report.with_suffix(".splits.json").read_text())["results"][0]["splits"]
     assert len(splits[0]["test"]) == 10 and not set(splits[0]["test"]) & set(splits[0]["fit"])
