@@ -161,3 +161,23 @@ def test_weights_and_posteriors_are_written_whole_or_not_at_all(tmp_path, monkey
         save_posteriors(bad, posteriors)
     assert load_posteriors(posteriors).attrs["arch"] == "A"
     assert sorted(os.listdir(tmp_path)) == ["a.safetensors", "p.h5"]
+
+
+def test_docs_link_only_files_of_the_repository():
+    """Every relative link or path in the docs resolves inside the repository, to a file there."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    pages = sorted((root / "docs").glob("*.md")) + [root / "README.md"]
+    problems = []
+    for page in pages:
+        text = page.read_text()
+        targets = re.findall(r"\]\(([^)#\s]+)", text) + re.findall(r"`(\.\./[^`\s]+)`", text)
+        for target in targets:
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            resolved = (page.parent / target).resolve()
+            if not resolved.is_relative_to(root) or not resolved.exists():
+                problems.append(f"{page.name}: {target}")
+        problems += [f"{page.name}: {m}" for m in re.findall(r"/work/\S+", text)]
+    assert not problems, problems
