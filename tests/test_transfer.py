@@ -268,3 +268,100 @@ def test_voc2012_scores_val_and_says_test_is_on_the_server(tmp_path):
     assert result.sizes["test"] == 10 and result.sizes["train"] == 15
     assert "evaluation server" in PROTOCOLS["voc2012"].note
     assert "evaluation server" in markdown_report([result])
+
+
+# -- VOC-2012 action classification (Table 12) ---------------------------------------------------
+
+ACTION_COLOURS = [(230, 30, 30), (30, 210, 40), (40, 50, 230), (240, 230, 30), (220, 40, 220),
+                  (30, 220, 220), (250, 140, 20), (120, 40, 160), (20, 110, 60), (150, 150, 150)]
+
+
+def make_voc_actions(root, sets):
+    """VOCdevkit/VOC2012 with ImageSets/Action/{set}.txt and person objects with <actions>.
+
+    Image i of a set holds two people doing actions i and i+5 (mod 10), each a box filled with
+    that action's colour, and a dog (an object without actions, which still counts in the
+    devkit's object index).
+    """
+    from vggfeat.data.voc import VOC_ACTIONS
+    from PIL import Image
+
+    base = root / "VOCdevkit" / "VOC2012"
+    (base / "ImageSets" / "Action").mkdir(parents=True)
+    (base / "Annotations").mkdir()
+    (base / "JPEGImages").mkdir()
+    rng = np.random.default_rng(0)
+    n = 0
+    for name, count in sets.items():
+        ids = []
+        for i in range(count):
+            image_id = f"2012_{n:06d}"
+            pixels = rng.integers(0, 255, (240, 320, 3)).astype(np.uint8)
+            objects = []
+            for j, (action, box) in enumerate([(i % 10, (11, 21, 110, 150)),
+                                               ((i + 5) % 10, (171, 41, 300, 230))]):
+                x0, y0, x1, y1 = box
+                pixels[y0 - 1:y1, x0 - 1:x1] = ACTION_COLOURS[action]
+                flags = "".join(f"<{a}>{int(k == action)}</{a}>" for k, a in
+                                enumerate(VOC_ACTIONS + ("other",)))
+                objects.append(f"<object><name>person</name><actions>{flags}</actions><bndbox>"
+                               f"<xmin>{x0}</xmin><ymin>{y0}</ymin><xmax>{x1}</xmax>"
+                               f"<ymax>{y1}</ymax></bndbox></object>")
+                if j == 0:
+                    objects.append("<object><name>dog</name><bndbox><xmin>1</xmin><ymin>1</ymin>"
+                                   "<xmax>9</xmax><ymax>9</ymax></bndbox></object>")
+            Image.fromarray(pixels).save(base / "JPEGImages" / f"{image_id}.jpg", quality=95)
+            (base / "Annotations" / f"{image_id}.xml").write_text(
+                f"<annotation><filename>{image_id}.jpg</filename>{''.join(objects)}</annotation>")
+            ids.append(image_id)
+            n += 1
+        (base / "ImageSets" / "Action" / f"{name}.txt").write_text("\n".join(ids) + "\n")
+    return base
+
+
+def test_voc_actions_read_people_boxes_and_actions(tmp_path):
+    from vggfeat.data.voc import VOC_ACTIONS, read_voc_actions
+
+    base = make_voc_actions(tmp_path, {"train": 3})
+    people = read_voc_actions(tmp_path, "train")
+    assert people.ids[:2] == ["2012_000000_1", "2012_000000_3"]  # the dog is object 2
+    assert people.boxes[0].tolist() == [10, 20, 110, 150]  # 0-based, end exclusive
+    assert people.labels.shape == (6, len(VOC_ACTIONS)) and (people.labels == 1).sum() == 6
+    assert people.labels[1, 5] == 1 and people.labels[1, 0] == -1
+    with pytest.raises(InputError, match="val set of the VOC2012 action task is missing"):
+        load_dataset("voc2012-action", tmp_path, progress=False)
+    (base / "Annotations" / "2012_000001.xml").write_text("<annotation><object><name>dog</name>"
+                                                          "</object></annotation>")
+    with pytest.raises(InputError, match="no object in its annotation has <actions>"):
+        read_voc_actions(tmp_path, "train")
+
+
+def test_voc2012_action_protocol_both_settings_like_table_12(tmp_path, tiny_weights):
+    from vggfeat.cli import main
+    from PIL import Image
+
+    make_voc_actions(tmp_path, {"train": 20, "val": 10})
+    features = tmp_path / "actions.h5"
+    report = tmp_path / "actions.md"
+    main(["transfer", str(features), "--protocol", "voc2012-action", "--data", str(tmp_path),
+          "--weights", str(tiny_weights), "--scales", "224", "--workers", "0", "--C", "1",
+          "--quiet", "--report", str(report), "--crops", str(tmp_path / "crops")])
+    crop = tmp_path / "crops" / "2012_000000_1.png"
+    assert Image.open(crop).size == (100, 130)  # the person's box, cut out losslessly
+    results = json.loads(report.with_suffix(".json").read_text())["results"]
+    assert [r["setting"] for r in results] == ["image", "image+box"]
+    for r in results:
+        assert r["sizes"] == {"classes": 10, "train": 40, "val": 8, "test": 20}
+        assert len(r["per_class"]) == 10 and r["mean"] == pytest.approx(
+            np.mean(list(r["per_class"].values())), abs=0.01)
+    text = report.read_text()
+    assert "| paper: Net-D & Net-E | image | linear SVM | 79.2 |" in text
+    assert "| paper: Net-D & Net-E | image+box | linear SVM | 84.0 |" in text
+    # The box descriptor sees the person's colour alone: it separates the actions.
+    dataset = load_dataset("voc2012-action", tmp_path, crops=tmp_path / "crops", progress=False)
+    box = run_protocol("voc2012-action", dataset, [features], setting="image+box", C_grid=(1.0,))
+    assert box.mean > 90 and box.mean == pytest.approx(results[1]["mean"])
+    X, _, _, _ = descriptors([features], dataset, aggregate=None)
+    assert X.shape[0] == 60 and len(set(dataset.paths)) == 30
+    with pytest.raises(InputError, match="voc2012-action"):
+        run_protocol("voc2012", dataset, [features], setting="image")

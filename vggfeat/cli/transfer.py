@@ -28,7 +28,8 @@ def _q(scales: tuple[int, ...]) -> str:
 @click.command("transfer")
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @click.option("--protocol", type=click.Choice(list(PROTOCOLS)), required=True,
-              help="voc2007, voc2012, caltech101, caltech256, or folder (one folder per class)")
+              help="voc2007, voc2012, voc2012-action (Table 12), caltech101, caltech256, or "
+                   "folder (one folder per class)")
 @click.option("--data", type=click.Path(exists=True, file_okay=False),
               help="dataset root in its official layout (needed for VOC); a FEATURES file that "
                    "does not exist yet is extracted from it first")
@@ -47,6 +48,12 @@ def _q(scales: tuple[int, ...]) -> str:
 @click.option("--C", "C_grid", type=FloatList(), default=None,
               help="values of C to choose from on held-out data [default: 0.01…100 for svm, "
                    "0.1…10⁴ for logreg]")
+@click.option("--setting", type=click.Choice(["image", "image+box", "both"]), default=None,
+              help="voc2012-action: describe a person by the whole image, or by the whole image "
+                   "and the person box stacked [default: both, as Table 12]")
+@click.option("--crops", type=click.Path(file_okay=False), default=None,
+              help="voc2012-action: folder for the person-box images [default: "
+                   "VOC2012/PersonCrops]")
 @click.option("--seed", type=int, default=0, show_default=True, help="split s uses seed + s")
 @click.option("--report", type=click.Path(dir_okay=False),
               help="write REPORT.md, REPORT.json and REPORT.splits.json")
@@ -59,16 +66,21 @@ def _q(scales: tuple[int, ...]) -> str:
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
 @click.option("--quiet", is_flag=True)
 def transfer_command(features, protocol, data, classifier, aggregate, splits, train_per_class,
-                     test_per_class, C_grid, seed, report, arch, weights, layer, scales,
+                     test_per_class, C_grid, setting, crops, seed, report, arch, weights,
+                     layer, scales,
                      batch_size, workers, device, amp, quiet) -> None:
     """Train linear classifiers on the descriptors in FEATURES and score them as the paper did.
 
     Give two FEATURES files (e.g. of nets D and E) to stack their descriptors.  The results are
-    printed as a Markdown table beside the paper's Table 11.
+    printed as a Markdown table beside the paper's Table 11 (Table 12 for voc2012-action).
     """
     if data is None and protocol.startswith("voc"):
         raise click.UsageError("VOC labels come from the annotations: pass --data VOC_ROOT")
-    dataset = load_dataset(protocol, data) if data else dataset_from_features(features[0])
+    is_action = protocol == "voc2012-action"
+    if (setting or crops) and not is_action:
+        raise click.UsageError("--setting and --crops apply to --protocol voc2012-action only")
+    dataset = (load_dataset(protocol, data, crops=crops, progress=not quiet) if data
+               else dataset_from_features(features[0]))
     missing = [f for f in features if not Path(f).exists()]
     if missing and data is None:
         raise click.UsageError(f"{missing[0]} does not exist; pass --data DATASET_ROOT to "
@@ -81,9 +93,12 @@ def transfer_command(features, protocol, data, classifier, aggregate, splits, tr
         extract(extraction_inputs(dataset), output, spec=spec, arch=arch, weights=weights,
                 batch_size=batch_size, workers=workers, device=device, amp=amp,
                 progress=not quiet)
+    settings = ("image", "image+box") if is_action and setting in (None, "both") else (setting,)
     results = [run_protocol(protocol, dataset, list(features), classifier=classifier,
                             aggregate=agg, splits=splits, train_per_class=train_per_class,
-                            test_per_class=test_per_class, C_grid=C_grid, seed=seed)
+                            test_per_class=test_per_class, C_grid=C_grid, seed=seed,
+                            setting=person)
+               for person in settings
                for agg in (("mean", "stack") if aggregate == "both" else (aggregate,))]
     click.echo(markdown_report(results))
     if report:

@@ -1,4 +1,4 @@
-"""PASCAL VOC 2007/2012 classification sets, read from the devkit's own files.
+"""PASCAL VOC 2007/2012 classification sets and VOC 2012 action sets, read from the devkit's files.
 
 The image lists come from ``ImageSets/Main/{train,val,trainval,test}.txt`` and the labels from the
 XML annotations, as the VOC devkit builds its classification ground truth: an image is positive
@@ -17,6 +17,10 @@ from pathlib import Path
 import numpy as np
 
 from .sources import InputError
+
+# The ten actions VOC 2012 scores ("other" is annotated but not scored).
+VOC_ACTIONS = ("jumping", "phoning", "playinginstrument", "reading", "ridingbike", "ridinghorse",
+               "running", "takingphoto", "usingcomputer", "walking")
 
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
@@ -37,14 +41,14 @@ class MultiLabelSet:
         return len(self.paths)
 
 
-def voc_root(root: str | os.PathLike, year: str) -> Path:
+def voc_root(root: str | os.PathLike, year: str, task: str = "Main") -> Path:
     """``VOC{year}`` itself, or the ``VOCdevkit`` folder holding it, or the folder above that."""
     root = Path(root)
     for candidate in (root, root / f"VOC{year}", root / "VOCdevkit" / f"VOC{year}"):
-        if (candidate / "ImageSets" / "Main").is_dir() and (candidate / "Annotations").is_dir():
+        if (candidate / "ImageSets" / task).is_dir() and (candidate / "Annotations").is_dir():
             return candidate
-    raise InputError(f"{root} is not a VOC{year} folder: expected ImageSets/Main/ and Annotations/ "
-                     f"in it, in {root}/VOC{year}/ or in {root}/VOCdevkit/VOC{year}/ "
+    raise InputError(f"{root} is not a VOC{year} folder: expected ImageSets/{task}/ and "
+                     f"Annotations/ in it, in {root}/VOC{year}/ or in {root}/VOCdevkit/VOC{year}/ "
                      f"(see datasets/voc{year}/README.md)")
 
 
@@ -82,3 +86,103 @@ def read_voc(root: str | os.PathLike, year: str, image_set: str) -> MultiLabelSe
             elif labels[i, k] == NEGATIVE:
                 labels[i, k] = DIFFICULT
     return MultiLabelSet(paths, ids, labels)
+
+
+@dataclass
+class PersonActions:
+    """The people of VOC 2012's action task, one row per annotated person.
+
+    ``paths``: the image each person is in; ``ids``: ``IMAGEID_K``, K the person's 1-based
+    position among the image's objects (the devkit's object index); ``boxes``: N×4 pixel boxes
+    (x0, y0, x1, y1), 0-based, end exclusive; ``labels``: N×A int8, 1 doing the action, -1 not.
+    """
+
+    paths: list[str]
+    ids: list[str]
+    boxes: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...] = VOC_ACTIONS
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def read_voc_actions(root: str | os.PathLike, image_set: str) -> PersonActions:
+    """The people of ``ImageSets/Action/{image_set}.txt`` with their boxes and actions, from the
+    ``<actions>`` of each person object in the XML annotations."""
+    base = voc_root(root, "2012", "Action")
+    list_file = base / "ImageSets" / "Action" / f"{image_set}.txt"
+    if not list_file.is_file():
+        hint = (" The test set's actions are not public: it is scored by the evaluation server"
+                if image_set == "test" else "")
+        raise InputError(f"{list_file} does not exist; the {image_set} set of the VOC2012 action "
+                         f"task is missing from this copy.{hint}")
+    image_ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    paths, ids, boxes, labels = [], [], [], []
+    for image_id in dict.fromkeys(image_ids):  # files may list an image once per person
+        xml = base / "Annotations" / f"{image_id}.xml"
+        try:
+            tree = ET.parse(xml).getroot()
+        except (OSError, ET.ParseError) as err:
+            raise InputError(f"{xml}: cannot read the annotation of image {image_id} listed in "
+                             f"{list_file} ({err})") from err
+        path = os.path.abspath(base / "JPEGImages" / (tree.findtext("filename") or
+                                                       f"{image_id}.jpg"))
+        people = 0
+        for k, obj in enumerate(tree.iter("object"), start=1):
+            actions = obj.find("actions")
+            if actions is None:
+                continue
+            people += 1
+            paths.append(path)
+            ids.append(f"{image_id}_{k}")
+            boxes.append(_pixel_box(obj, xml))
+            labels.append([1 if (actions.findtext(a) or "0").strip() == "1" else -1
+                           for a in VOC_ACTIONS])
+        if not people:
+            raise InputError(f"{xml}: image {image_id} is listed in {list_file} but no object "
+                             "in its annotation has <actions>")
+    return PersonActions(paths, ids, np.asarray(boxes, np.int64).reshape(-1, 4),
+                         np.asarray(labels, np.int8).reshape(-1, len(VOC_ACTIONS)))
+
+
+def _pixel_box(obj: ET.Element, xml: Path) -> list[int]:
+    """VOC's 1-based inclusive (xmin, ymin, xmax, ymax) as 0-based, end-exclusive pixels."""
+    try:
+        x0, y0, x1, y1 = (int(round(float(obj.findtext(f"bndbox/{k}"))))
+                          for k in ("xmin", "ymin", "xmax", "ymax"))
+    except (TypeError, ValueError) as err:
+        raise InputError(f"{xml}: a person's <bndbox> lacks a number ({err})") from err
+    if not (x1 >= x0 and y1 >= y0):
+        raise InputError(f"{xml}: empty person box ({x0}, {y0}, {x1}, {y1})")
+    return [x0 - 1, y0 - 1, x1, y1]
+
+
+def write_person_crops(people: PersonActions, folder: str | os.PathLike, *,
+                       progress: bool = True) -> list[str]:
+    """Each person's box cut out of its image as ``folder/IMAGEID_K.png`` (lossless), so the
+    descriptor of the box is extracted, cached and resumed like any image's.
+
+    Crops already there are kept: a killed run goes on where it stopped.  Returns the paths.
+    """
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from ..fileio import atomic_path
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create the person-crop folder {folder} ({err}); choose another "
+                         "with --crops DIR") from err
+    out = [os.path.abspath(folder / f"{person_id}.png") for person_id in people.ids]
+    todo = [i for i, path in enumerate(out) if not os.path.exists(path)]
+    for i in tqdm(todo, unit="img", desc="person crops", disable=not progress or not todo):
+        with Image.open(people.paths[i]) as image:
+            x0, y0, x1, y1 = people.boxes[i].tolist()
+            crop = image.convert("RGB").crop((max(x0, 0), max(y0, 0), min(x1, image.width),
+                                              min(y1, image.height)))
+        with atomic_path(out[i]) as tmp:
+            crop.save(tmp, format="PNG")
+    return out

@@ -1,10 +1,14 @@
-"""The paper's transfer protocols (Appendix B, Table 11) on cached descriptors.
+"""The paper's transfer protocols (Appendix B, Tables 11 and 12) on cached descriptors.
 
 A protocol fixes the images, the splits, how hyper-parameters are chosen and the metric.  The
 descriptors come from one or more feature files (several files are stacked: the paper's
 "Net-D & Net-E"), matched to the dataset's images by path.  Each file's per-scale descriptors are
 averaged or kept stacked, then L2-normalised; a linear classifier is trained on them, with no
 fine-tuning of the net.
+
+VOC-2012 action classification (Table 12) scores people, not images: each annotated person is
+described by the whole image's descriptor, or by that stacked with the descriptor of the person's
+box (cut out and extracted like any image).
 """
 
 from __future__ import annotations
@@ -20,7 +24,14 @@ from sklearn.preprocessing import normalize
 from ..cache.store import load_features
 from ..data.folders import caltech_root, class_folders
 from ..data.sources import ImageList, InputError
-from ..data.voc import VOC_CLASSES, read_voc
+from ..data.voc import (
+    VOC_ACTIONS,
+    VOC_CLASSES,
+    read_voc,
+    read_voc_actions,
+    voc_root,
+    write_person_crops,
+)
 from ..extract.descriptor import DENSE_SCALES, DescriptorSpec
 from .classifiers import C_GRIDS, CLASSIFIERS, choose_C, train
 from .metrics import mean_class_recall, voc_ap
@@ -31,6 +42,8 @@ HOLDOUT = 0.2  # share of each training split held out to choose C (the paper's 
 FOLDER_TRAIN_FRACTION = 0.75
 # Appendix B: VOC descriptors over Q = 256…768 (Table 11's VOC figures), Caltech over 256…512.
 VOC_SCALES = (256, 384, 512, 640, 768)
+# Table 12's two descriptors of a person: the whole image, or the whole image and the person box.
+ACTION_SETTINGS = ("image", "image+box")
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,13 @@ PROTOCOLS = {p.name: p for p in (
              aggregate="mean", scales=VOC_SCALES,
              note="the paper's figures are on the test set, scored by the VOC evaluation server; "
                   "here: train on train, score val, C per class chosen on 20% of train"),
+    Protocol("voc2012-action", "VOC-2012 action", "mAP, area (%)", multilabel=True,
+             paper={"Net-D & Net-E, image": (79.2, None),
+                    "Net-D & Net-E, image+box": (84.0, None)},
+             aggregate="mean", scales=VOC_SCALES,
+             note="one sample per annotated person, AP per action over people; the paper's "
+                  "figures (Table 12) are on the test set, scored by the VOC evaluation server; "
+                  "here: train on train, score val, C per action chosen on 20% of train"),
     Protocol("caltech101", "Caltech-101", "mean class recall (%)", train_per_class=30,
              test_per_class=50, splits=3,
              paper={"Net-D": (91.8, 1.0), "Net-E": (92.3, 0.5), "Net-D & Net-E": (92.7, 0.5)},
@@ -102,12 +122,14 @@ class Dataset:
     labels: np.ndarray
     class_names: list[str]
     sets: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: list[str] | None = None  # VOC actions: each person's box as an image file
 
     def subset(self, keep: np.ndarray) -> Dataset:
         new_index = np.cumsum(keep) - 1
         sets = {name: new_index[idx[keep[idx]]] for name, idx in self.sets.items()}
+        boxes = None if self.boxes is None else [b for b, k in zip(self.boxes, keep) if k]
         return Dataset([p for p, k in zip(self.paths, keep) if k], self.labels[keep],
-                       self.class_names, sets)
+                       self.class_names, sets, boxes)
 
 
 @dataclass
@@ -126,6 +148,7 @@ class TransferResult:
     sizes: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     splits: list[dict[str, list[str]]] = field(default_factory=list)
+    setting: str = ""  # VOC actions: "image" or "image+box"
 
     @property
     def mean(self) -> float:
@@ -136,10 +159,17 @@ class TransferResult:
         return float(np.std(self.scores)) if len(self.scores) > 1 else 0.0
 
 
-def load_dataset(protocol: str, root: str | os.PathLike) -> Dataset:
-    """The protocol's images and labels from a dataset root in its official layout."""
+def load_dataset(protocol: str, root: str | os.PathLike, *,
+                 crops: str | os.PathLike | None = None, progress: bool = True) -> Dataset:
+    """The protocol's images and labels from a dataset root in its official layout.
+
+    For ``voc2012-action`` the people's boxes are cut out into ``crops`` (default
+    ``VOC2012/PersonCrops/``) the first time, so their descriptors can be extracted.
+    """
     get_protocol(protocol)
     root = Path(root).expanduser()
+    if protocol == "voc2012-action":
+        return _voc_actions(root, crops, progress=progress)
     if protocol in ("voc2007", "voc2012"):
         year = protocol[3:]
         names = ("train", "val", "test") if year == "2007" else ("train", "val")
@@ -157,6 +187,20 @@ def load_dataset(protocol: str, root: str | os.PathLike) -> Dataset:
     if protocol == "folder":
         return _from_image_list(class_folders(root))
     raise AssertionError(f"no dataset reader for protocol {protocol!r}")
+
+
+def _voc_actions(root: Path, crops: str | os.PathLike | None, *, progress: bool) -> Dataset:
+    parts = {name: read_voc_actions(root, name) for name in ("train", "val")}
+    folder = crops or voc_root(root, "2012", "Action") / "PersonCrops"
+    paths, labels, sets, boxes = [], [], {}, []
+    for name, part in parts.items():
+        sets[name] = np.arange(len(paths), len(paths) + len(part))
+        paths += part.paths
+        labels.append(part.labels)
+        boxes += write_person_crops(part, folder, progress=progress)
+    if len(set(boxes)) != len(boxes):
+        raise InputError(f"{root}: a person is listed in both the train and val action sets")
+    return Dataset(paths, np.concatenate(labels), list(VOC_ACTIONS), sets, boxes)
 
 
 def _from_image_list(images: ImageList) -> Dataset:
@@ -230,13 +274,30 @@ def _describe(attrs: dict, aggregate: str) -> str:
 def run_protocol(protocol: str, dataset: Dataset, files: list[str | os.PathLike], *,
                  classifier: str = "svm", aggregate: str | None = None, splits: int | None = None,
                  train_per_class: int | None = None, test_per_class: int | None = None,
-                 C_grid: tuple[float, ...] | None = None, seed: int = 0) -> TransferResult:
-    """Train and score linear classifiers on the descriptors of ``files`` as ``protocol`` says."""
+                 C_grid: tuple[float, ...] | None = None, seed: int = 0,
+                 setting: str | None = None) -> TransferResult:
+    """Train and score linear classifiers on the descriptors of ``files`` as ``protocol`` says.
+
+    ``setting`` (``voc2012-action`` only): ``"image"`` describes a person by the whole image,
+    ``"image+box"`` (the default) by the whole image and the person's box, stacked.
+    """
     spec = get_protocol(protocol)
     if classifier not in CLASSIFIERS:
         raise InputError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
+    if (setting is not None or dataset.boxes is not None) and protocol != "voc2012-action":
+        raise InputError(f"setting and person boxes belong to voc2012-action, not {protocol}")
+    setting = setting or ("image+box" if protocol == "voc2012-action" else "")
+    if setting and setting not in ACTION_SETTINGS:
+        raise InputError(f"setting must be one of {', '.join(ACTION_SETTINGS)}, got {setting!r}")
     X, keep, described, used = descriptors(files, dataset, aggregate=aggregate,
                                            preferred=spec.aggregate)
+    if setting == "image+box":
+        box_set = Dataset(dataset.boxes, dataset.labels, dataset.class_names)
+        X_box, keep_box, _, _ = descriptors(files, box_set, aggregate=aggregate,
+                                            preferred=spec.aggregate)
+        both = keep & keep_box
+        X = np.hstack([X[both[keep]], X_box[both[keep_box]]])
+        keep = both
     dropped = [p for p, k in zip(dataset.paths, keep) if not k]
     data = dataset.subset(keep)
     grid = tuple(C_grid or C_GRIDS[classifier])
@@ -245,7 +306,7 @@ def run_protocol(protocol: str, dataset: Dataset, files: list[str | os.PathLike]
                  splits=splits or spec.splits,
                  train_per_class=train_per_class or spec.train_per_class,
                  test_per_class=test_per_class or spec.test_per_class)
-    result.features, result.dropped = described, dropped
+    result.features, result.dropped, result.setting = described, dropped, setting
     result.aggregate = "+".join(dict.fromkeys(used))
     return result
 
@@ -328,8 +389,9 @@ def descriptor_spec(protocol: str, *, layer: str = "fc7",
 
 
 def extraction_inputs(dataset: Dataset) -> ImageList:
-    """The dataset's images as an extraction input list (labels kept for multi-class sets)."""
+    """The dataset's images (and person boxes) as an extraction input list, each once (labels
+    kept for multi-class sets)."""
     if dataset.labels.ndim == 1:
         return ImageList(list(dataset.paths), dataset.labels.tolist(), list(dataset.class_names))
-    return ImageList(list(dataset.paths))
+    return ImageList(list(dict.fromkeys(dataset.paths + (dataset.boxes or []))))
 
