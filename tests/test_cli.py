@@ -102,3 +102,29 @@ def test_evaluate_command_refusal_is_one_line(tiny_weights, image_folder, capsys
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "are not classes of the net" in err and "Traceback" not in err
+
+
+def test_missing_optional_package_names_the_extra(monkeypatch):
+    from vggfeat.errors import MissingDependencyError
+    from vggfeat.optional import require
+
+    monkeypatch.setitem(sys.modules, "scipy.io", None)  # as if scipy were not installed
+    with pytest.raises(MissingDependencyError, match=r'needs scipy.*pip install "vggfeat\[devkit\]"'):
+        require("scipy.io", "devkit", "reading the ILSVRC devkit's meta.mat")
+
+
+def test_packaging_extras_and_license():
+    tomllib = pytest.importorskip("tomllib")
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    core = " ".join(project["dependencies"])
+    assert "timm" in core  # part of the stack, not an extra
+    assert not any(name in core for name in ("tensorboard", "matplotlib", "scipy"))
+    extras = project["optional-dependencies"]
+    assert "vggfeat[all]" in extras["dev"] and "tensorboard>=2.12" in extras["train"]
+    assert any(d.startswith("scikit-learn>=1.6") for d in project["dependencies"])  # validate_data
+    assert any(d.startswith("torch>=2.3") for d in project["dependencies"])  # torch.amp.GradScaler
+    assert project["license"]["text"] == "BSD-3-Clause"
+    assert (root / "LICENSE").read_text().startswith("BSD 3-Clause License")

@@ -11,7 +11,7 @@ old type keeps working.
 from __future__ import annotations
 
 __all__ = ["VGGFeatError", "InputError", "ConfigError", "CacheError", "WeightsError",
-           "ExtractError", "TrainingError", "RecipeError"]
+           "ExtractError", "TrainingError", "RecipeError", "MissingDependencyError"]
 
 
 class VGGFeatError(Exception):
@@ -54,3 +54,7 @@ class TrainingError(VGGFeatError, RuntimeError):
     """A training run stopped (non-finite loss, say); the last good checkpoint is intact."""
 
     exit_code = 1
+
+
+class MissingDependencyError(VGGFeatError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra."""

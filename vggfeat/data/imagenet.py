@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from .sources import ImageList, InputError, gather_images, is_image_file
+from ..optional import require
 
 
 @lru_cache(maxsize=1)
@@ -68,7 +69,7 @@ def imagenet_folder(root: str | os.PathLike, *, devkit: str | os.PathLike | None
 
 def _devkit_labels(devkit: Path) -> dict[str, str]:
     """image stem → wnid from the devkit's meta.mat and validation ground truth."""
-    from scipy.io import loadmat
+    loadmat = require("scipy.io", "devkit", "reading the ILSVRC devkit's meta.mat").loadmat
 
     meta_path = devkit / "data" / "meta.mat"
     truth_path = devkit / "data" / "ILSVRC2012_validation_ground_truth.txt"
