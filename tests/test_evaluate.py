@@ -90,7 +90,44 @@ def test_fusion_averages_posteriors(tmp_path):
     fused = fuse([load_posteriors(save_posteriors(a, tmp_path / "a.h5")),
                   load_posteriors(save_posteriors(b, tmp_path / "b.h5"))])
     np.testing.assert_allclose(fused.posteriors, [[0.5, 0.5], [0.5, 0.5]])
-    assert fused.attrs["arch"] == "D+E" and "Table 6" in markdown_report(fused)
+    assert fused.attrs["arch"] == "D+E"
+    # Nets of unknown S, one dense and one multi-crop at Q=384: no row of Table 6 is comparable.
+    assert markdown_report(fused).rstrip().endswith("| — |")
+
+
+def _net(arch, s, method, scales=(256, 384, 512)):
+    from vggfeat.evaluate import EvalResult
+
+    return EvalResult(np.eye(3, dtype=np.float32), np.arange(3), ["x", "y", "z"], method, scales,
+                      {"arch": arch, "train_scale": s})
+
+
+@pytest.mark.parametrize("method,row", [("dense", "24.0 / 7.1"), ("multi-crop", "23.9 / 7.2"),
+                                        ("dense+multi-crop", "23.7 / 6.8")])
+def test_fusion_report_cites_the_table_6_row_of_what_was_fused(tmp_path, method, row):
+    fused = fuse([_net("D", "256-512", method), _net("E", "256-512", method)])
+    assert f"| {row} (Table 6) |" in markdown_report(fused)
+    again = load_posteriors(save_posteriors(fused, tmp_path / "de.h5"))  # members survive the file
+    assert f"| {row} (Table 6) |" in markdown_report(again)
+
+
+def test_fusion_report_has_no_paper_row_for_other_fusions():
+    jitter = "256-512"
+    for nets in ([_net("D", jitter, "dense", (256,)), _net("E", jitter, "dense", (256,))],
+                 [_net("D", jitter, "dense"), _net("E", jitter, "multi-crop")],
+                 [_net("D", "256", "dense"), _net("E", jitter, "dense")],
+                 [_net("D", jitter, "dense"), _net("D", jitter, "dense")],
+                 [_net("C", jitter, "dense"), _net("D", jitter, "dense"), _net("E", jitter, "dense")]):
+        assert markdown_report(fuse(nets)).rstrip().endswith("| — |"), nets
+    submission = [_net(c, s, "dense", q) for c, s, q in [
+        ("D", "256", (224, 256, 288)), ("D", "384", (352, 384, 416)), ("D", jitter, (256, 384, 512)),
+        ("C", "256", (224, 256, 288)), ("C", "384", (352, 384, 416)), ("E", "256", (224, 256, 288)),
+        ("E", "384", (352, 384, 416))]]
+    assert "| 24.7 / 7.5 (Table 6, ILSVRC submission) |" in markdown_report(fuse(submission))
+    # Fusing a fusion counts its nets: (D+E)+C is the same three nets as above.
+    three = fuse([fuse([_net("D", jitter, "dense"), _net("E", jitter, "dense")]),
+                  _net("C", jitter, "dense")])
+    assert three.attrs["fused"] == 3 and markdown_report(three).rstrip().endswith("| — |")
 
 
 def test_default_scales_follow_the_paper():

@@ -52,8 +52,20 @@ PAPER_ROWS: dict[tuple[str, str, str, tuple[int, ...]], tuple[float, float, str]
     ("E", JITTER, "multi-crop", (256, 384, 512)): (24.6, 7.4, "Table 5"),
     ("E", JITTER, "dense+multi-crop", (256, 384, 512)): (24.4, 7.1, "Table 5"),
 }
-# Table 6: fusion of D and E (multi-crop & dense), the paper's best.
-PAPER_FUSION = {("D", "E"): (23.7, 6.8, "Table 6")}
+
+# Table 6: fusions, each net written "config/S/method/Q" (the paper's "(D/[256;512]/256,384,512)").
+_SUBMISSION = ("D/256/dense/224,256,288", "D/384/dense/352,384,416", "D/256-512/dense/256,384,512",
+               "C/256/dense/224,256,288", "C/384/dense/352,384,416", "E/256/dense/224,256,288",
+               "E/384/dense/352,384,416")
+PAPER_FUSION: dict[frozenset[str], tuple[float, float, str]] = {
+    frozenset(_SUBMISSION): (24.7, 7.5, "Table 6, ILSVRC submission"),
+    frozenset({"D/256-512/dense/256,384,512", "E/256-512/dense/256,384,512"}):
+        (24.0, 7.1, "Table 6"),
+    frozenset({"D/256-512/multi-crop/256,384,512", "E/256-512/multi-crop/256,384,512"}):
+        (23.9, 7.2, "Table 6"),
+    frozenset({"D/256-512/dense+multi-crop/256,384,512",
+               "E/256-512/dense+multi-crop/256,384,512"}): (23.7, 6.8, "Table 6"),
+}
 
 
 def train_scale(model: VGG) -> str | None:
@@ -169,17 +181,31 @@ def fuse(results: list[EvalResult]) -> EvalResult:
         if not np.array_equal(r.labels[idx], first.labels):
             raise InputError("the posterior files disagree on the labels of the same images")
         aligned.append(torch.as_tensor(r.posteriors[idx]))
+    members = [m for r in results for m in fusion_members(r)]
     arch = "+".join(str(r.attrs.get("arch", "?")) for r in results)
+    train_scales = "+".join(dict.fromkeys(str(r.attrs.get("train_scale") or "?") for r in results))
     return EvalResult(torch.stack(aligned).mean(0).numpy(), first.labels, first.paths,
-                      "+".join(sorted({r.method for r in results})), first.scales,
-                      {"arch": arch, "fused": len(results)})
+                      "+".join(sorted({r.method for r in results})),
+                      tuple(sorted({q for r in results for q in r.scales})),
+                      {"arch": arch, "train_scale": train_scales, "fused": len(members),
+                       "members": members})
+
+
+def fusion_members(result: EvalResult) -> list[str]:
+    """The nets averaged into ``result``, each as "config/S/method/Q" (one if not fused)."""
+    if "members" in result.attrs:
+        return list(result.attrs["members"])
+    return [f"{result.attrs.get('arch', '?')}/{result.attrs.get('train_scale') or '?'}/"
+            f"{result.method}/{','.join(map(str, sorted(result.scales)))}"]
 
 
 def paper_row(result: EvalResult) -> tuple[float, float, str] | None:
-    arch = str(result.attrs.get("arch", ""))
-    if "+" in arch:
-        return PAPER_FUSION.get(tuple(sorted(arch.split("+"))))
-    return PAPER_ROWS.get((arch, str(result.attrs.get("train_scale", "")), result.method,
+    """The paper's (top-1, top-5, table) for the same net(s), S, method and Q; None if none."""
+    if "members" in result.attrs:
+        members = fusion_members(result)
+        return PAPER_FUSION.get(frozenset(members)) if len(set(members)) == len(members) else None
+    return PAPER_ROWS.get((str(result.attrs.get("arch", "")),
+                           str(result.attrs.get("train_scale", "")), result.method,
                            tuple(sorted(result.scales))))
 
 
