@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, resize_short_side
+from ..errors import ConfigError
 from ..fileio import atomic_path
 from ..models.vgg import VGG
+from ..optional import require
 
 
 @torch.inference_mode()
@@ -24,8 +26,11 @@ def plot_score_map(model: VGG, image_path: str | os.PathLike, output: str | os.P
     its posterior.  The picture's format follows ``output``'s suffix (PNG when it has none).
     """
     # A bare Figure renders with Agg on its own: no pyplot, no global backend switch.
-    from matplotlib.figure import Figure
+    Figure = require("matplotlib.figure", "plot", "vggfeat scoremap").Figure
 
+    if class_index is not None and not 0 <= class_index < model.num_classes:
+        raise ConfigError(f"class {class_index} does not exist: the net has {model.num_classes} "
+                          f"classes, 0 … {model.num_classes - 1}")
     image = resize_short_side(read_image(image_path), scale)
     was_training = model.training
     try:  # eval mode (dropout off) for the map; the caller's model gets its mode back
