@@ -38,7 +38,7 @@ def init_weights(model: VGG, scheme: str = "glorot", *, seed: int | None = None,
                 if scheme == "paper" or (scheme == "kaiming" and is_fc):
                     nn.init.normal_(module.weight, 0.0, std, generator=gen)
                 elif scheme == "glorot":
-                    _glorot_uniform(module.weight, gen)
+                    _glorot_uniform(module.weight, gen, is_fc=is_fc)
                 else:
                     nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu",
                                             generator=gen)
@@ -49,9 +49,12 @@ def init_weights(model: VGG, scheme: str = "glorot", *, seed: int | None = None,
     return model
 
 
-def _glorot_uniform(weight: torch.Tensor, gen: torch.Generator | None) -> None:
-    # fan_in/fan_out of the fc layer as a Linear: for fc6 that is 25088 → 4096, as in Caffe.
-    fan_out, fan_in = weight.shape[0], weight[0].numel()
+def _glorot_uniform(weight: torch.Tensor, gen: torch.Generator | None, *, is_fc: bool) -> None:
+    # A conv's fan_out counts every output position a weight reaches: out_channels·k·k (Glorot &
+    # Bengio; Caffe's and Keras' xavier).  An fc layer stored as a k×k conv is a Linear: fc6 is
+    # 25088 → 4096, so its fan_out is out_features alone.
+    fan_in = weight[0].numel()
+    fan_out = weight.shape[0] if is_fc else weight.shape[0] * weight[0, 0].numel()
     bound = (6.0 / (fan_in + fan_out)) ** 0.5
     nn.init.uniform_(weight, -bound, bound, generator=gen)
 
