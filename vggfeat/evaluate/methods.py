@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..models.configs import INPUT_SIZE
-from ..models.runner import DeviceRunner
+from ..models.runner import DeviceRunner, cudnn_benchmark
 from ..models.vgg import VGG
 
 METHODS = ("dense", "multi-crop", "dense+multi-crop", "center-crop")
@@ -36,64 +36,88 @@ def crop_grid(height: int, width: int, *, size: int = INPUT_SIZE, n: int = GRID)
 
 
 class Evaluator(DeviceRunner):
-    """Posteriors N×K for batches of per-scale uint8 views (as :func:`rescale_views` makes them)."""
+    """Posteriors N×K for batches of per-scale uint8 views (as :func:`rescale_views` makes them).
+
+    Crops are cut on the device from the normalised image, and the posteriors of a batch come
+    back to the host in one copy.
+    """
 
     def __init__(self, model: VGG, method: str, *, device: str | torch.device = "cpu",
-                 batch_size: int = 8, amp: str | None = None) -> None:
+                 batch_size: int = 8, amp: str | None = None,
+                 channels_last: bool = True) -> None:
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
-        super().__init__(model, device=device, batch_size=batch_size, amp=amp)
+        super().__init__(model, device=device, batch_size=batch_size, amp=amp,
+                         channels_last=channels_last)
         self.method = method
         self.crops_run = 0  # crops evaluated so far, for reporting and tests
 
     @torch.inference_mode()
     def __call__(self, items: list[list[Tensor]]) -> Tensor:
+        parts: list[tuple[list[int], Tensor]] = []  # (rows, their posteriors on the device)
         n_scales = len(items[0])
-        total = torch.zeros(len(items), self.model.num_classes)
         for s in range(n_scales):
             views = [item[s] for item in items]
             if self.method in ("dense", "dense+multi-crop"):
-                total += self.dense(views)
+                parts += self.dense(views)
             if self.method in ("multi-crop", "dense+multi-crop"):
-                total += torch.stack([self.multi_crop(v) for v in views])
+                parts += [([i], self.multi_crop(v)[None]) for i, v in enumerate(views)]
             if self.method == "center-crop":
-                total += self.crops(torch.stack(views))
+                parts.append((list(range(len(views))),
+                              self.crops(self.network_input(torch.stack(views)))))
+        total = torch.zeros(len(items), self.model.num_classes)
+        total.index_add_(0, torch.tensor([i for rows, _ in parts for i in rows]),
+                         torch.cat([p for _, p in parts]).cpu())
         per_scale = 2 if self.method == "dense+multi-crop" else 1
         return total / (n_scales * per_scale)
 
-    def dense(self, views: list[Tensor]) -> Tensor:
-        """Flip-averaged softmax of the spatially averaged score map, per image: N×K."""
-        out = torch.empty(len(views), self.model.num_classes)
-        for chunk in self.same_shape_chunks(views):
-            x = self.network_input(torch.stack([views[i] for i in chunk]))
-            with self.autocast():
-                scores = self.model.score_map(torch.cat([x, x.flip(-1)])).float().mean((2, 3))
-            out[chunk] = scores.softmax(1).view(2, len(chunk), -1).mean(0).cpu()
+    def dense(self, views: list[Tensor]) -> list[tuple[list[int], Tensor]]:
+        """Flip-averaged softmax of the spatially averaged score map, per same-shape chunk of
+        ``views``: (indices, chunk×K posteriors on the device)."""
+        out = []
+        # Every image size is a new shape: cudnn's per-shape search would cost more than it saves.
+        with cudnn_benchmark(False):
+            for chunk in self.same_shape_chunks(views):
+                x = self.network_input(torch.stack([views[i] for i in chunk]))
+                with self.autocast():
+                    maps = self.model.score_map(torch.cat([x, x.flip(-1)]))
+                out.append((chunk, flip_averaged_posteriors(maps, len(chunk))))
         return out
 
     def multi_crop(self, view: Tensor) -> Tensor:
-        """Mean softmax over the 5×5 grid of 224 crops and their flips (50 crops): K."""
-        crops = torch.stack([view[:, t:t + INPUT_SIZE, left:left + INPUT_SIZE]
-                             for t, left in crop_grid(*view.shape[-2:])])
-        crops = torch.cat([crops, crops.flip(-1)])
-        return self.crops(crops).mean(0)
+        """Mean softmax over the 5×5 grid of 224 crops and their flips (50 crops): K, on the
+        device.  The image goes to the device once; the crops are views of it there."""
+        x = self.network_input(view[None])
+        crops = torch.cat([x[..., t:t + INPUT_SIZE, left:left + INPUT_SIZE]
+                           for t, left in crop_grid(*view.shape[-2:])])
+        return self.crops(torch.cat([crops, crops.flip(-1)])).mean(0)
 
-    def crops(self, crops: Tensor) -> Tensor:
-        """Softmax posteriors of 224 crops (uint8 M×3×224×224) in crop mode: M×K."""
+    def crops(self, x: Tensor) -> Tensor:
+        """Softmax posteriors of normalised 224 crops (M×3×224×224, on the device): M×K."""
         out = []
-        for start in range(0, len(crops), self.batch_size * 2):
+        for start in range(0, len(x), self.batch_size * 2):
             with self.autocast():
-                logits = self.model(self.network_input(crops[start:start + self.batch_size * 2]))
-            out.append(logits.float().softmax(1).cpu())
-        self.crops_run += len(crops)
+                logits = self.model(x[start:start + self.batch_size * 2])
+            out.append(logits.float().softmax(1))
+        self.crops_run += len(x)
         return torch.cat(out)
+
+
+def flip_averaged_posteriors(maps: Tensor, n: int) -> Tensor:
+    """Score maps of n images then of their flips (2n×K×h×w) → n×K dense posteriors: the
+    spatially averaged scores' softmax, averaged over the image and its flip."""
+    return maps.float().mean((2, 3)).softmax(1).view(2, n, -1).mean(0)
+
+
+def topk_misses(posteriors: np.ndarray | Tensor, labels: np.ndarray | Tensor, k: int) -> int:
+    """How many images do not have their label among the k best classes."""
+    posteriors, labels = torch.as_tensor(posteriors), torch.as_tensor(labels)
+    topk = posteriors.topk(min(k, posteriors.shape[1]), dim=1).indices
+    return int((topk != labels[:, None]).all(dim=1).sum())
 
 
 def topk_error(posteriors: np.ndarray | Tensor, labels: np.ndarray | Tensor, k: int) -> float:
     """Top-k error in percent: the share of images whose label is not among the k best classes."""
-    posteriors, labels = torch.as_tensor(posteriors), torch.as_tensor(labels)
     if len(labels) == 0:
         raise ValueError("no images to score")
-    topk = posteriors.topk(min(k, posteriors.shape[1]), dim=1).indices
-    hit = (topk == labels[:, None]).any(dim=1)
-    return 100.0 * (1.0 - hit.float().mean().item())
+    return 100.0 * topk_misses(posteriors, labels, k) / len(labels)

@@ -6,6 +6,7 @@ the network runs on, so loaders move bytes, not floats.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 
@@ -31,8 +32,7 @@ class Preprocessing:
         x = images.float()
         if self.channel_order == "BGR":
             x = x.flip(1)
-        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        mean, std = _constants(self, x.device)
         return (x * self.scale - mean) / std
 
     def to_json(self) -> str:
@@ -42,6 +42,13 @@ class Preprocessing:
     def from_json(cls, text: str) -> Preprocessing:
         fields = json.loads(text)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+@functools.lru_cache(maxsize=64)
+def _constants(p: Preprocessing, device: torch.device) -> tuple[Tensor, Tensor]:
+    # Built once per device: a tensor made from Python numbers on a GPU is a blocking copy.
+    mean = torch.tensor(p.mean).view(1, 3, 1, 1).to(device)
+    return mean, torch.tensor(p.std).view(1, 3, 1, 1).to(device)
 
 
 # The paper (Sect. 2.1): RGB, the training-set mean pixel subtracted, nothing else.

@@ -6,27 +6,53 @@ compute from the network's outputs.
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
 
 from .vgg import VGG
 
-AMP_DTYPES = {None: None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``cuda`` → ``cuda:N`` of the current GPU, so devices compare equal to a tensor's."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def memory_format_of(model: torch.nn.Module) -> torch.memory_format:
+    """channels_last if the first convolution's weight is laid out so, else contiguous."""
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    if not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 class DeviceRunner:
-    """A VGG in eval mode, channels_last, on ``device``, fed uint8 RGB batches."""
+    """A VGG in eval mode on ``device``, fed uint8 RGB batches.
+
+    The caller's model is never changed: if it is not already in eval mode on ``device`` in the
+    asked memory format (channels_last, faster for inference on GPUs and CPUs alike, unless
+    ``channels_last=False``), the runner works on a copy placed there (``self.model``).
+    """
 
     def __init__(self, model: VGG, *, device: str | torch.device = "cpu", batch_size: int = 8,
-                 amp: str | None = None) -> None:
+                 amp: str | None = None, channels_last: bool = True) -> None:
         if amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of bf16, fp16 or None, got {amp!r}")
-        self.model = model.eval().to(device, memory_format=torch.channels_last)
-        self.device = torch.device(device)
+            raise ValueError(f"amp must be one of fp32, bf16, fp16 or None, got {amp!r}")
+        self.device = resolve_device(device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        on_device = next(model.parameters()).device == self.device
+        if model.training or not on_device or memory_format_of(model) != self.memory_format:
+            model = copy.deepcopy(model).eval().to(self.device, memory_format=self.memory_format)
+        self.model = model
         self.batch_size = batch_size
         self.amp_dtype = AMP_DTYPES[amp]
 
@@ -36,9 +62,9 @@ class DeviceRunner:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def network_input(self, batch: Tensor) -> Tensor:
-        """uint8 N×3×H×W → normalised float input on the device, channels_last."""
+        """uint8 N×3×H×W → normalised float input on the device, in the model's memory format."""
         x = batch.to(self.device, non_blocking=True)
-        return self.model.preprocessing(x).contiguous(memory_format=torch.channels_last)
+        return self.model.preprocessing(x).contiguous(memory_format=self.memory_format)
 
     def same_shape_chunks(self, views: list[Tensor]) -> Iterator[list[int]]:
         """Indices of ``views`` grouped by shape, in chunks of at most ``batch_size``."""
@@ -48,3 +74,33 @@ class DeviceRunner:
         for members in groups.values():
             for start in range(0, len(members), self.batch_size):
                 yield members[start:start + self.batch_size]
+
+
+@contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` set for a block and restored after it.
+
+    Benchmarking pays off when shapes repeat (training crops) and costs a search per new shape
+    (dense evaluation, where every image size differs).
+    """
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool = True) -> Iterator[None]:
+    """TF32 tensor-core matmuls on Ampere and later GPUs for a block, restored after it.
+
+    float32 matmuls then round their inputs to 10 mantissa bits (convolutions already do so by
+    default); fc6–fc8 and any float32 run get tensor-core speed.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
