@@ -4,9 +4,22 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as torch_dist
+
+
+# Long enough for the slowest legitimate wait (rank 0 writing a checkpoint of VGG-19 with its
+# optimiser state, a merge of extraction shards); a hang fails well before NCCL's watchdog
+# would notice it, and states which collective it was.
+DEFAULT_TIMEOUT = timedelta(minutes=30)
+
+
+def rank_device(device: torch.device, local_rank: int) -> torch.device:
+    """The device of the process with ``local_rank`` under torchrun: its own GPU, whatever
+    index ``device`` names (``cuda:0`` on every rank would put them all on one GPU)."""
+    return torch.device("cuda", local_rank) if device.type == "cuda" else device
 
 
 @dataclass
@@ -14,7 +27,9 @@ class Distributed:
     """This process's place in a run: rank, world size and device.
 
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is joined with NCCL on GPUs and gloo
-    on CPUs; each rank takes GPU ``LOCAL_RANK``.  Alone, every collective is a no-op.
+    on CPUs; each rank takes GPU ``LOCAL_RANK`` (``cuda`` and ``cuda:N`` alike: choose the GPUs
+    with ``CUDA_VISIBLE_DEVICES``).  A collective that waits longer than ``timeout`` fails the run
+    with an error instead of hanging.  Alone, every collective is a no-op.
     """
 
     rank: int = 0
@@ -22,17 +37,19 @@ class Distributed:
     device: torch.device = torch.device("cpu")
 
     @classmethod
-    def from_env(cls, device: str | torch.device = "cpu") -> Distributed:
+    def from_env(cls, device: str | torch.device = "cpu", *,
+                 timeout: timedelta = DEFAULT_TIMEOUT) -> Distributed:
         device = torch.device(device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls(0, 1, device)
-        if device.type == "cuda" and device.index is None:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        device = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+        if device.type == "cuda":
             torch.cuda.set_device(device)
         if not torch_dist.is_initialized():
             torch_dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                          device_id=device if device.type == "cuda" else None)
+                                          device_id=device if device.type == "cuda" else None,
+                                          timeout=timeout)
         return cls(torch_dist.get_rank(), torch_dist.get_world_size(), device)
 
     @property
@@ -45,11 +62,7 @@ class Distributed:
 
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's ``flag`` on every rank."""
-        if self.world_size == 1:
-            return flag
-        value = torch.tensor([int(flag)], device=self.device)
-        torch_dist.broadcast(value, src=0)
-        return bool(value.item())
+        return bool(self.broadcast_int(int(flag)))
 
     def broadcast_object(self, obj):
         """Rank 0's ``obj`` (anything picklable) on every rank."""
@@ -58,6 +71,14 @@ class Distributed:
         box = [obj]
         torch_dist.broadcast_object_list(box, src=0)
         return box[0]
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's ``value`` on every rank."""
+        if self.world_size == 1:
+            return value
+        box = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch_dist.broadcast(box, src=0)
+        return int(box.item())
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
