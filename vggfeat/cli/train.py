@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..extract.run import default_device
-from ..train import Recipe, load_recipe, train
+from ..train import Recipe, load_recipe, run_recipe, train
 from .options import Arch, IntList
 
 
@@ -25,8 +25,15 @@ from .options import Arch, IntList
 @click.option("--micro-batch", type=click.IntRange(1), default=None,
               help="images per forward pass per process; gradients are accumulated up to the "
                    "batch")
-@click.option("--lr", type=float, default=None)
-@click.option("--weights", default=None, help="start from these weights (fine-tuning)")
+@click.option("--lr", type=float, default=None,
+              help="learning rate for a batch of 256 images, scaled linearly to --batch-size "
+                   "[default: 0.01, or 0.001 with --weights]")
+@click.option("--weights", default=None,
+              help="fine-tune: torchvision, timm or a weights file; conv1_1 … fc7 come from it and "
+                   "fc8 is new when the classes differ")
+@click.option("--freeze", default=None,
+              help="with --weights: none, conv (train fc6–fc8), or a layer such as conv4_3 or fc7 "
+                   "(it and all before it stay fixed) [default: none]")
 @click.option("--init-from-a", default=None, help="pre-initialise from a trained net A")
 @click.option("--init", type=click.Choice(["paper", "glorot", "kaiming"]), default=None)
 @click.option("--width-mult", type=float, default=None, help="reduced-width nets (quick runs)")
@@ -38,7 +45,10 @@ from .options import Arch, IntList
 @click.option("--device", default=None, help="cpu, cuda … [default: cuda when available]")
 @click.option("--workers", type=click.IntRange(0), default=None,
               help="decoding worker processes per process")
-@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
+@click.option("--amp", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+              help="autocast dtype [default: bf16 on GPUs, fp32 on CPUs]")
+@click.option("--sync-bn/--no-sync-bn", default=None,
+              help="batch-norm nets on several GPUs: statistics over all GPUs' micro-batches")
 @click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the net")
 @click.option("--checkpoint-minutes", type=float, default=None,
               help="write checkpoints/last.pt at least this often [default: 30]")
@@ -46,28 +56,38 @@ from .options import Arch, IntList
               help="ILSVRC2012_devkit_t12, for a flat val folder")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False),
               help="filename,wnid CSV, for a flat val folder")
-@click.option("--resume", is_flag=True, help="continue the run in --out from its last checkpoint")
+@click.option("--resume", is_flag=True,
+              help="continue the run in --out from its last checkpoint, with its own recipe "
+                   "unless --recipe is given (flags still override)")
 @click.option("--max-steps", type=click.IntRange(1), default=None,
               help="stop after this many optimiser steps (a checkpoint is kept; --resume goes on)")
 @click.option("--quiet", is_flag=True)
 def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size, micro_batch, lr,
-                  weights, init_from_a, init, width_mult, fc_dim, dropout, val_limit, seed,
-                  device, workers, amp, compile_, checkpoint_minutes, devkit, labels, resume,
-                  max_steps, quiet) -> None:
+                  weights, freeze, init_from_a, init, width_mult, fc_dim, dropout, val_limit, seed,
+                  device, workers, amp, sync_bn, compile_, checkpoint_minutes, devkit, labels,
+                  resume, max_steps, quiet) -> None:
     """Train a VGG as in Sect. 3.1: SGD with momentum, lr divided by 10 on plateaus, scale
     jittering, random crops and flips, PCA colour shift.
 
     Runs on one device, or on several with torchrun (e.g. torchrun --nproc-per-node 8 -m vggfeat
     train …).  Kill it at any moment; --resume continues from the last checkpoint.
     """
-    recipe = load_recipe(recipe_file) if recipe_file else Recipe()
+    if recipe_file:
+        recipe = load_recipe(recipe_file)
+    elif resume:
+        if out is None:
+            raise click.UsageError("--resume needs --out, the run folder to continue")
+        recipe = run_recipe(out)
+    else:
+        recipe = Recipe()
     if train_scale is not None:
         train_scale = train_scale[0] if len(train_scale) == 1 else list(train_scale)
     recipe = recipe.with_overrides(
         arch=arch, train_scale=train_scale, epochs=epochs, batch_size=batch_size,
-        micro_batch=micro_batch, lr=lr, weights=weights, init_from_a=init_from_a, init=init,
+        micro_batch=micro_batch, lr=lr, weights=weights, freeze=freeze, init_from_a=init_from_a, init=init,
         width_mult=width_mult, fc_dim=fc_dim, dropout=dropout, val_limit=val_limit, seed=seed,
-        workers=workers, amp=amp, compile=compile_, checkpoint_minutes=checkpoint_minutes)
+        workers=workers, amp=amp, sync_bn=sync_bn, compile=compile_,
+        checkpoint_minutes=checkpoint_minutes)
     result = train(recipe, data, out or f"runs/{recipe.name}", device=device or default_device(),
                    resume=resume, devkit=devkit, labels_csv=labels, max_steps=max_steps,
                    progress=not quiet)

@@ -10,6 +10,10 @@ run sees exactly the images an uninterrupted one would have.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -43,20 +47,30 @@ def derived_seed(*keys: int) -> int:
 DROPOUT_STREAM = 1  # keeps the dropout keys (4 values) apart from the image keys (3 values)
 
 
-def augment(image: Tensor, transform: v2.Compose, *, seed: int, lighting: float
-            ) -> tuple[Tensor, Tensor]:
-    """One training view of ``image`` and its colour-shift coefficients α (3), both seeded.
+def augment(image: Tensor, transform: v2.Compose, *, seed: int, lighting: float,
+            sample: Callable[[Tensor, v2.Compose], tuple[Tensor, Any]] | None = None
+            ) -> tuple[Tensor, Tensor, Any]:
+    """One training view of ``image``, its colour-shift coefficients α (3) and its target, all
+    seeded.  ``sample(image, transform)`` makes the view and the target together (a task's
+    targets may move with the image, boxes say); without it the target is None.
 
     The global RNG is left as it was (forked), so dropout's random stream is not disturbed.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        view = transform(image)
+        view, target = sample(image, transform) if sample else (transform(image), None)
         alphas = torch.randn(3) * lighting
-    return view, alphas
+    return view, alphas, target
 
 
 def pca_lighting(images: Tensor, alphas: Tensor) -> Tensor:
     """Add Σᵢ αᵢ λᵢ pᵢ to every pixel: float N×3×H×W in 0–255 RGB, α N×3 → same shape."""
-    shift = (alphas * PCA_EIGVAL.to(alphas.device)) @ PCA_EIGVEC.to(alphas.device).T  # N×3
+    eigval, eigvec = _pca_constants(alphas.device)
+    shift = (alphas * eigval) @ eigvec.T  # N×3
     return images + 255.0 * shift[:, :, None, None]
+
+
+@functools.lru_cache(maxsize=16)
+def _pca_constants(device: torch.device) -> tuple[Tensor, Tensor]:
+    # Copied to each device once, not on every micro-batch.
+    return PCA_EIGVAL.to(device), PCA_EIGVEC.to(device)

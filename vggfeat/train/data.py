@@ -8,6 +8,7 @@ any folder-per-class dataset whose val classes are a subset of the train classes
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,10 +25,20 @@ from ..data.sources import ImageList, InputError
 from .augment import augment, derived_seed
 
 
+# Share of each class held out for validation when --data is class folders without train/ val/.
+VAL_FRACTION = 0.2
+
+
 def training_data(root: str | os.PathLike, *, devkit: str | None = None,
                   labels_csv: str | None = None) -> tuple[ImageList, ImageList]:
-    """(train, val) image lists of ``ROOT/train`` and ``ROOT/val``, labelled in one class order."""
+    """(train, val) image lists of ``ROOT/train`` and ``ROOT/val``, labelled in one class order.
+
+    A ROOT of class folders alone (no train/ and val/) is split: a fixed, seeded
+    :data:`VAL_FRACTION` of each class (at least one image) is held out for validation.
+    """
     root = Path(root).expanduser()
+    if root.is_dir() and not (root / "train").exists() and not (root / "val").exists():
+        return hold_out(labelled_folder(root), VAL_FRACTION)
     for folder in (root / "train", root / "val"):
         if not folder.is_dir():
             raise InputError(f"{folder} does not exist: --data must hold train/ and val/ "
@@ -38,6 +49,27 @@ def training_data(root: str | os.PathLike, *, devkit: str | None = None,
     return train, val
 
 
+def hold_out(images: ImageList, fraction: float, *, seed: int = 0) -> tuple[ImageList, ImageList]:
+    """Split a labelled list into (train, val), ``fraction`` of each class to val (≥ 1 image)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(images.labels)
+    val = []
+    for c, name in enumerate(images.class_names):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 2:
+            raise InputError(f"class {name!r} has {len(members)} image(s): a class-folder dataset "
+                             "needs at least 2 per class (one is held out for validation)")
+        val += rng.permutation(members)[:max(1, round(fraction * len(members)))].tolist()
+    is_val = np.zeros(len(labels), bool)
+    is_val[val] = True
+
+    def part(mask: np.ndarray) -> ImageList:
+        return ImageList([p for p, m in zip(images.paths, mask) if m], labels[mask].tolist(),
+                         list(images.class_names))
+
+    return part(~is_val), part(is_val)
+
+
 def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
     """The permutation of the n training images visited in ``epoch``."""
     return np.random.default_rng([seed, epoch]).permutation(n)
@@ -46,21 +78,29 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
 @dataclass
 class Batch:
     images: Tensor  # uint8 N×3×crop×crop
-    labels: Tensor  # int64 N
+    targets: Tensor  # the task's targets, stacked: N×…
     alphas: Tensor  # float32 N×3, colour-shift coefficients
     failed: list[tuple[int, str]]  # (image index, reason) of images skipped in this batch
 
+    def __len__(self) -> int:
+        return len(self.images)
+
     def pin_memory(self) -> Batch:
-        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.alphas.pin_memory(),
-                     self.failed)
+        return Batch(self.images.pin_memory(), self.targets.pin_memory(),
+                     self.alphas.pin_memory(), self.failed)
 
 
 class TrainImages(Dataset):
-    """Key (epoch, index) → (index, augmented uint8 view or None, α, failure reason or None)."""
+    """Key (epoch, index) → (index, (uint8 view, α, target) or None, failure reason or None).
 
-    def __init__(self, paths: list[str], transform: v2.Compose, *, seed: int,
-                 lighting: float) -> None:
-        self.paths, self.transform, self.seed, self.lighting = paths, transform, seed, lighting
+    ``sample(image, index, transform)`` is the task's (:meth:`Task.sample`).
+    """
+
+    def __init__(self, paths: list[str], transform: v2.Compose,
+                 sample: Callable[[Tensor, int, v2.Compose], tuple[Tensor, Tensor]], *,
+                 seed: int, lighting: float) -> None:
+        self.paths, self.transform, self.sample = paths, transform, sample
+        self.seed, self.lighting = seed, lighting
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -69,26 +109,23 @@ class TrainImages(Dataset):
         epoch, index = key
         try:
             image = read_image(self.paths[index])
-            view, alphas = augment(image, self.transform, lighting=self.lighting,
-                                   seed=derived_seed(self.seed, epoch, index))
-            return index, view, alphas, None
+            view, alphas, target = augment(image, self.transform, lighting=self.lighting,
+                                           seed=derived_seed(self.seed, epoch, index),
+                                           sample=lambda im, tf: self.sample(im, index, tf))
+            return index, (view, alphas, target), None
         except Exception as err:  # one bad file must not end a run on day 3: skip and count
-            return index, None, None, str(err) or type(err).__name__
+            return index, None, str(err) or type(err).__name__
 
 
-class _Collate:
-    def __init__(self, labels: np.ndarray) -> None:
-        self.labels = labels
-
-    def __call__(self, items) -> Batch:
-        good = [(i, v, a) for i, v, a, _ in items if v is not None]
-        failed = [(i, r) for i, v, _, r in items if v is None]
-        if not good:
-            return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0, dtype=torch.long),
-                         torch.empty(0, 3), failed)
-        return Batch(torch.stack([v for _, v, _ in good]),
-                     torch.as_tensor(self.labels[[i for i, _, _ in good]], dtype=torch.long),
-                     torch.stack([a for _, _, a in good]), failed)
+def _collate(items) -> Batch | list[tuple[int, str]]:
+    """Stack the readable samples (in the worker); an all-unreadable micro-batch gives only its
+    failures, and the loop still runs it, empty, through every collective."""
+    good = [sample for _, sample, _ in items if sample is not None]
+    failed = [(i, r) for i, sample, r in items if sample is None]
+    if not good:
+        return failed
+    views, alphas, targets = (torch.stack(parts) for parts in zip(*good))
+    return Batch(views, targets, alphas, failed)
 
 
 def micro_batches(order: np.ndarray, *, epoch: int, first_step: int, batch_size: int, rank: int,
@@ -107,8 +144,8 @@ def micro_batches(order: np.ndarray, *, epoch: int, first_step: int, batch_size:
     return out
 
 
-def train_loader(dataset: TrainImages, labels: np.ndarray, batches: list[list[tuple[int, int]]],
+def train_loader(dataset: TrainImages, batches: list[list[tuple[int, int]]],
                  *, workers: int, pin_memory: bool) -> DataLoader:
-    return DataLoader(dataset, batch_sampler=batches, collate_fn=_Collate(np.asarray(labels)),
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=_collate,
                       num_workers=workers, worker_init_fn=single_threaded_worker, pin_memory=pin_memory,
                       prefetch_factor=4 if workers else None, persistent_workers=False)

@@ -17,36 +17,37 @@ import json
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..data.sources import ImageList
 from ..distributed import Distributed
 from ..errors import TrainingError
-from ..evaluate.run import evaluate
 from ..extract.run import default_device, default_workers
-from ..models.factory import vgg
-from ..models.runner import AMP_DTYPES
+from ..fileio import atomic_path
+from ..models.runner import AMP_DTYPES, cudnn_benchmark, tf32_matmuls
 from ..models.vgg import VGG
 from ..models.weights import save_weights
 from .augment import DROPOUT_STREAM, derived_seed, pca_lighting, train_transform
-from .data import TrainImages, epoch_order, micro_batches, train_loader, training_data
+from .data import Batch, TrainImages, epoch_order, micro_batches, train_loader
 from .logs import RunLog
-from .recipe import Recipe, RecipeError, save_recipe
+from .model import build_model, make_optimizer, make_scheduler
+from .recipe import Recipe, RecipeError, load_recipe, save_recipe
+from .task import ImageClassification, Task
 
 CHECKPOINT = Path("checkpoints") / "last.pt"
-# Recipe fields that change the maths: a resumed run must agree on them.
-RESUME_FIXED = ("arch", "batch_norm", "width_mult", "fc_dim", "train_scale", "init",
-                "init_from_a", "weights", "batch_size", "lr", "momentum", "weight_decay",
-                "dropout", "lr_factor", "lr_drops", "patience", "crop", "flip", "lighting",
-                "preprocessing", "seed")
+# The loss stays on the device and is read (one host sync) every this many steps, at
+# checkpoints and at epoch ends; every step's value still reaches the logs.
+LOSS_READ_STEPS = 10
+# Steps before the first time-based checkpoint decision (later ones follow the measured pace).
+FIRST_CHECK_STEPS = 10
 
 
 @dataclass
@@ -64,289 +65,402 @@ class _State:
     epoch: int = 0
     step: int = 0  # next step within ``epoch``
     global_step: int = 0
-    best_top1_error: float = math.inf
+    best: float = math.inf  # lowest value of the task's first metric so far
     skipped: int = 0
     history: list[dict] = field(default_factory=list)
     epoch_loss: float = 0.0  # loss sum and images of the epoch so far: its mean survives resume
     epoch_images: int = 0
 
 
-def build_model(recipe: Recipe, num_classes: int, *, download: bool = True) -> VGG:
-    """The net a recipe starts from: fresh (``init``), pre-initialised from A, or ``weights``."""
-    return vgg(recipe.arch, weights=recipe.weights, batch_norm=recipe.batch_norm or None,
-               num_classes=num_classes, width_mult=recipe.width_mult, fc_dim=recipe.fc_dim,
-               dropout=recipe.dropout, init=recipe.init, seed=recipe.seed,
-               init_from_a=recipe.init_from_a, preprocessing=recipe.preprocessing,
-               download=download)
-
-
-def make_optimizer(model: VGG, recipe: Recipe) -> torch.optim.SGD:
-    """SGD with momentum; weight decay on weights, not on biases and batch-norm parameters."""
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    return torch.optim.SGD([{"params": decay, "weight_decay": recipe.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=recipe.lr, momentum=recipe.momentum)
-
-
-def make_scheduler(optimizer, recipe: Recipe) -> torch.optim.lr_scheduler.ReduceLROnPlateau:
-    """lr × ``lr_factor`` when validation top-1 error stalls for ``patience`` epochs, at most
-    ``lr_drops`` times (the floor sits just below the last allowed value)."""
-    floor = recipe.lr * recipe.lr_factor ** recipe.lr_drops
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=recipe.lr_factor, patience=recipe.patience,
-        min_lr=floor * (1 - 1e-6), eps=floor * 1e-3)
-
-
-def train(recipe: Recipe, data: str | os.PathLike, out: str | os.PathLike, *,
+def train(recipe: Recipe | None, data: str | os.PathLike | Task, out: str | os.PathLike, *,
           device: str | None = None, resume: bool = False, devkit: str | None = None,
           labels_csv: str | None = None, max_steps: int | None = None, progress: bool = True,
           download: bool = True) -> TrainResult:
-    """Train ``recipe`` on ``data`` (``train/`` and ``val/``) into the run folder ``out``.
+    """Train ``recipe`` on ``data`` into the run folder ``out``.
 
-    ``max_steps`` stops after that many optimiser steps in all (benchmarks, smoke tests); the
-    checkpoint then lets ``resume`` go on.
+    ``data`` is a folder with ``train/`` and ``val/`` (image classification, see
+    :func:`training_data`; ``devkit``/``labels_csv`` label a flat ImageNet val folder), or a
+    :class:`Task` for other targets.  ``recipe`` None with ``resume`` continues with the run's own
+    recipe.  ``max_steps`` stops after that many optimiser steps in all (benchmarks, smoke
+    tests); the checkpoint then lets ``resume`` go on.
     """
-    dist = Distributed.from_env(device or default_device())
+    task = data if isinstance(data, Task) else \
+        ImageClassification.from_folders(data, devkit=devkit, labels_csv=labels_csv)
     run_dir = Path(out)
-    last = run_dir / CHECKPOINT
-    if last.exists() and not resume:
-        raise RecipeError(f"{run_dir} already holds a run ({last}); pass --resume to continue "
-                          "it, or choose another --out")
-    train_set, val_set = training_data(data, devkit=devkit, labels_csv=labels_csv)
-    world, batch = dist.world_size, recipe.batch_size
+    if recipe is None:
+        if not resume:
+            raise RecipeError("a new run needs a recipe")
+        recipe = run_recipe(run_dir, task.recipe_class)
+    dist = Distributed.from_env(device or default_device())
+    with ExitStack() as scope:
+        if dist.device.type == "cuda":
+            # Training crops have one shape: let cuDNN pick its fastest kernels, and give
+            # float32 matmuls tensor cores; both are restored when the run ends.
+            scope.enter_context(cudnn_benchmark(True))
+            scope.enter_context(tf32_matmuls(True))
+        trainer = _Trainer(recipe, task, run_dir, dist, resume=resume, progress=progress,
+                           download=download)
+        scope.callback(trainer.log.close)
+        return trainer.run(max_steps)
+
+
+def run_recipe(run_dir: str | os.PathLike, cls: type[Recipe] = Recipe) -> Recipe:
+    """The recipe a run folder was started with (its ``recipe.yaml``)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{path} does not exist: --resume without --recipe continues a run in "
+                          "--out, and that folder holds none; check --out")
+    return load_recipe(path, cls)
+
+
+def resolved_amp(recipe: Recipe, device: torch.device) -> str | None:
+    """``amp`` None means bf16 autocast on GPUs (bf16 keeps float32's range: no loss scaling)
+    and float32 elsewhere."""
+    if recipe.amp is None:
+        return "bf16" if device.type == "cuda" else None
+    return None if recipe.amp == "fp32" else recipe.amp
+
+
+class _Trainer:
+    """One run: the net, its optimiser and the loop's state, and the steps of the loop."""
+
+    def __init__(self, recipe: Recipe, task: Task, run_dir: Path, dist: Distributed, *,
+                 resume: bool, progress: bool, download: bool) -> None:
+        self.recipe, self.task, self.run_dir, self.dist = recipe, task, run_dir, dist
+        self.progress = progress
+        self.last = run_dir / CHECKPOINT
+        if self.last.exists() and not resume:
+            raise RecipeError(f"{run_dir} already holds a run ({self.last}); pass --resume to "
+                              "continue it, or choose another --out")
+        if not task.metrics:
+            raise ValueError(f"{type(task).__name__} names no validation metric")
+        self.micro, self.accum = _micro_batching(recipe, dist.world_size)
+        self.steps_per_epoch = len(task.train_set) // recipe.batch_size
+        if self.steps_per_epoch == 0:
+            raise RecipeError(f"batch_size {recipe.batch_size} is larger than the "
+                              f"{len(task.train_set)} training images")
+        self.model = self._place(task.build_model(recipe, download=download))
+        self.optimizer = make_optimizer(self.model, recipe)
+        self.scheduler = make_scheduler(self.optimizer, recipe)
+        self.amp = resolved_amp(recipe, dist.device)
+        self.amp_dtype = AMP_DTYPES[self.amp]
+        self.scaler = torch.amp.GradScaler(dist.device.type,
+                                           enabled=self.amp_dtype is torch.float16)
+        self.state = _State()
+        if resume and self.last.exists():
+            self._load_checkpoint()
+        if dist.is_main:
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            save_recipe(recipe, run_dir / "recipe.yaml")
+        dist.barrier()
+        self.net = DistributedDataParallel(
+            self.model, device_ids=[dist.device] if dist.device.type == "cuda" else None) \
+            if dist.world_size > 1 else self.model
+        self.forward = torch.compile(self.net) if recipe.compile else self.net
+        self.dataset = TrainImages(task.train_set.paths,
+                                   train_transform(recipe.scale_range, crop=recipe.crop,
+                                                   flip=recipe.flip),
+                                   task.sample, seed=recipe.seed, lighting=recipe.lighting)
+        self.workers = default_workers() if recipe.workers is None else recipe.workers
+        self.log = RunLog(run_dir, metrics=task.metrics, enabled=dist.is_main)
+        # Loss sums of the steps not yet read, on the device, and their image counts (host).
+        self.pending: list[tuple[Tensor, int, int]] = []  # (loss sum, images, global step)
+        self.read_at = time.monotonic()
+        self.bar: tqdm | None = None
+        self.last_save = time.monotonic()
+        self.saved_at_step = self.state.global_step
+        self.next_check = self.state.global_step + FIRST_CHECK_STEPS
+
+    def _place(self, model: VGG) -> VGG:
+        """The net on this process's device, in the training memory format; SyncBatchNorm when
+        asked for with several processes."""
+        recipe, dist = self.recipe, self.dist
+        channels_last = recipe.channels_last if recipe.channels_last is not None else \
+            dist.device.type == "cuda"
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if recipe.sync_bn and recipe.batch_norm and dist.world_size > 1:
+            if dist.device.type != "cuda":
+                raise RecipeError("sync_bn needs GPUs (NCCL); on CPU processes leave it off")
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return model.to(dist.device, memory_format=self.memory_format)
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def run(self, max_steps: int | None) -> TrainResult:
+        state, result = self.state, TrainResult(self.run_dir, None)
+        while state.epoch < self.recipe.epochs:
+            if not self._epoch(max_steps, result.step_seconds):
+                self._save_checkpoint()  # stopped by max_steps
+                break
+            self._end_epoch()
+        else:
+            if self.dist.is_main:
+                result.final = self._export("final.safetensors",
+                                            state.history[-1] if state.history else {})
+        self.dist.barrier()
+        result.history, result.global_step, result.skipped = state.history, state.global_step, \
+            state.skipped
+        return result
+
+    def _epoch(self, max_steps: int | None, step_seconds: list[float]) -> bool:
+        """Train the rest of the current epoch; False if ``max_steps`` stopped it."""
+        state, recipe, dist = self.state, self.recipe, self.dist
+        batches = micro_batches(epoch_order(len(self.task.train_set), seed=recipe.seed,
+                                            epoch=state.epoch),
+                                epoch=state.epoch, first_step=state.step,
+                                batch_size=recipe.batch_size, rank=dist.rank,
+                                world_size=dist.world_size, micro_batch=self.micro)
+        loader = iter(train_loader(self.dataset, batches, workers=self.workers,
+                                   pin_memory=dist.device.type == "cuda"))
+        self.model.train()
+        self.bar = tqdm(total=self.steps_per_epoch, initial=state.step, unit="step",
+                        disable=not (self.progress and dist.is_main), dynamic_ncols=True,
+                        desc=f"epoch {state.epoch + 1}/{recipe.epochs}")
+        self.epoch_started, self.images_before = time.monotonic(), state.epoch_images
+        try:
+            while state.step < self.steps_per_epoch:
+                tic = time.monotonic()
+                images = self.step(loader)
+                step_seconds.append(time.monotonic() - tic)
+                self.bar.update()
+                self.bar.set_postfix(img_s=f"{images / max(step_seconds[-1], 1e-9):.0f}",
+                                     refresh=False)
+                if len(self.pending) >= LOSS_READ_STEPS:
+                    self._read_losses()
+                if max_steps is not None and state.global_step >= max_steps:
+                    return False
+                if state.step < self.steps_per_epoch and self._checkpoint_due():
+                    self._save_checkpoint()
+            return True
+        finally:
+            self.bar.close()
+
+    def step(self, loader) -> int:
+        """One optimiser step over the global batch; returns this process's image count.
+
+        Nothing here waits for the device: inputs arrive with non-blocking copies, constants
+        live on the device, and the loss stays there until :meth:`_read_losses`.
+        """
+        state, recipe, dist = self.state, self.recipe, self.dist
+        # Dropout's stream is a function of (seed, rank, step): nothing to save or restore.
+        torch.manual_seed(derived_seed(recipe.seed, DROPOUT_STREAM, dist.rank, state.global_step))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, images = torch.zeros((), dtype=torch.float64, device=dist.device), 0
+        for k in range(self.accum):
+            batch = next(loader)
+            if not isinstance(batch, Batch):  # every image of this micro-batch was unreadable
+                self._skip(batch)
+                batch = None
+            else:
+                self._skip(batch.failed)
+            # DDP reduces gradients on the last micro-batch only; the others accumulate locally.
+            last = k == self.accum - 1
+            with nullcontext() if dist.world_size == 1 or last else self.net.no_sync():
+                loss = self._micro_step(batch)
+            if batch is not None:
+                loss_sum += loss.detach().double() * len(batch)
+                images += len(batch)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        state.step += 1
+        state.global_step += 1
+        self.pending.append((loss_sum, images, state.global_step))
+        return images
+
+    def _micro_step(self, batch: Batch | None) -> Tensor:
+        """Forward and backward of one micro-batch; returns its mean loss (on the device).
+
+        An empty micro-batch still runs the net (on zero images) and its backward: every process
+        must take part in DDP's gradient reduction, and in SyncBatchNorm's, at every step.
+        """
+        device = self.dist.device
+        if batch is None:
+            x = torch.zeros(0, 3, self.recipe.crop, self.recipe.crop, device=device)
+        else:
+            x = batch.images.to(device, non_blocking=True).float()
+            x = pca_lighting(x, batch.alphas.to(device, non_blocking=True))
+            x = self.model.preprocessing(x)
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            outputs = self.forward(x)
+        if batch is None:
+            loss = outputs.float().sum() * 0.0  # zero gradients, through the whole graph
+        else:
+            loss = self.task.loss(outputs.float(), batch.targets.to(device, non_blocking=True))
+        self.scaler.scale(loss / self.accum).backward()
+        return loss
+
+    def _skip(self, failed: list[tuple[int, str]]) -> None:
+        if failed:
+            self.state.skipped += len(failed)
+            paths = self.task.train_set.paths
+            with open(self.run_dir / f"skipped-rank{self.dist.rank}.tsv", "a") as f:
+                f.writelines(f"{paths[i]}\t{reason}\n" for i, reason in failed)
+
+    def _read_losses(self) -> None:
+        """Bring the pending steps' losses to the host (one sync, one collective), log them,
+        and stop on a non-finite one."""
+        if not self.pending:
+            return
+        state, dev = self.state, self.dist.device
+        counts = torch.tensor([n for _, n, _ in self.pending], dtype=torch.float64)
+        totals = torch.cat([torch.stack([loss for loss, _, _ in self.pending]), counts.to(dev)])
+        sums = self.dist.all_reduce_sum(totals).tolist()
+        k = len(self.pending)
+        lr = self.optimizer.param_groups[0]["lr"]
+        for (_, _, global_step), loss_sum, images in zip(self.pending, sums[:k], sums[k:]):
+            if not math.isfinite(loss_sum):
+                raise TrainingError(
+                    f"the training loss is {loss_sum / max(images, 1)} at step {global_step} "
+                    f"(epoch {state.epoch + 1}, lr {lr:g}). " + self._what_is_kept())
+            self.log.step(global_step, loss_sum / max(images, 1), lr)
+            state.epoch_loss += loss_sum
+            state.epoch_images += int(images)
+        now = time.monotonic()
+        self.log.images_per_s(self.pending[-1][2], sum(sums[k:]) / max(now - self.read_at, 1e-9))
+        self.read_at = now
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{sums[k - 1] / max(sums[-1], 1):.3f}", refresh=False)
+        self.pending.clear()
+
+    def _what_is_kept(self) -> str:
+        if self.last.exists():
+            return (f"The last good checkpoint {self.last} is intact: lower --lr (or check the "
+                    "data) and run again with --resume")
+        return ("No checkpoint had been written yet: lower --lr (or check the data) and start "
+                "again")
+
+    def _checkpoint_due(self) -> bool:
+        """Every ``checkpoint_steps`` steps, or about every ``checkpoint_minutes``: rank 0 turns
+        the minutes into a step count from its measured pace, and every rank hears it at the
+        same step, so no step waits for a collective."""
+        recipe, state, dist = self.recipe, self.state, self.dist
+        if recipe.checkpoint_steps:
+            return state.step % recipe.checkpoint_steps == 0
+        if state.global_step < self.next_check:
+            return False
+        period = 60 * recipe.checkpoint_minutes
+        elapsed = time.monotonic() - self.last_save
+        pace = elapsed / max(state.global_step - self.saved_at_step, 1)  # s per step
+        due = dist.broadcast_flag(elapsed >= period)
+        wait = period if due else period - elapsed
+        self.next_check = state.global_step + dist.broadcast_int(max(1, math.ceil(wait / pace)))
+        return due
+
+    def _end_epoch(self) -> None:
+        """Validate, step the lr schedule, log, export the best weights, checkpoint."""
+        state, task = self.state, self.task
+        self._read_losses()
+        seconds = time.monotonic() - self.epoch_started
+        metrics = self._validate()
+        self.scheduler.step(metrics[task.metrics[0]])
+        row = {"epoch": state.epoch + 1, "lr": self.optimizer.param_groups[0]["lr"],
+               "train_loss": state.epoch_loss / max(state.epoch_images, 1), **metrics,
+               "images_per_s": (state.epoch_images - self.images_before) / max(seconds, 1e-9),
+               "skipped_images": state.skipped, "seconds": seconds}
+        state.history.append(row)
+        state.epoch, state.step, state.epoch_loss, state.epoch_images = state.epoch + 1, 0, 0.0, 0
+        if self.dist.is_main:
+            self.log.epoch(state.history)
+            if metrics[task.metrics[0]] < state.best:
+                self._export("best.safetensors", row)
+        state.best = min(state.best, metrics[task.metrics[0]])
+        self._save_checkpoint()
+
+    def _validate(self) -> dict[str, float]:
+        """The task's metrics over the validation images, each process scoring its share."""
+        recipe, dist, task = self.recipe, self.dist, self.task
+        images = task.val_set
+        if recipe.val_limit and recipe.val_limit < len(images):
+            keep = np.linspace(0, len(images) - 1, recipe.val_limit).round().astype(int)
+            images = _subset(images, keep)
+        shard = _subset(images, np.arange(dist.rank, len(images), dist.world_size))
+        self.model.eval()
+        try:
+            sums = task.validate(self.model, shard, recipe, device=dist.device,
+                                 workers=self.workers, amp=self.amp)
+        finally:
+            self.model.train()
+        keys = ("images", *task.metrics)
+        totals = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+        totals = dist.all_reduce_sum(totals.to(dist.device)).tolist()
+        if totals[0] == 0:
+            raise TrainingError(f"none of the {len(images)} validation images could be scored "
+                                "(unreadable files?); check the val/ folder")
+        return {k: v / totals[0] for k, v in zip(task.metrics, totals[1:])}
+
+    # -- files ---------------------------------------------------------------------------------
+
+    def _check_finite(self) -> None:
+        """Refuse to write weights that are no longer finite (they would poison every later use)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()
+        if not bool(finite):
+            raise TrainingError(f"the weights are no longer finite after step "
+                                f"{self.state.global_step}; nothing was written from them. "
+                                + self._what_is_kept())
+
+    def _export(self, name: str, metrics: dict) -> Path:
+        self._check_finite()
+        recipe = self.recipe
+        return save_weights(self.model, self.run_dir / name,
+                            meta={"train_scale": recipe.scale_label, "recipe": recipe.to_dict(),
+                                  "lr": recipe.scaled_lr, "metrics": metrics,
+                                  "trained_with": "vggfeat train", **self.task.weights_meta()})
+
+    def _save_checkpoint(self) -> None:
+        """Rank 0 writes the whole training state atomically; every rank waits for it."""
+        self._read_losses()
+        self._check_finite()
+        state, dist = self.state, self.dist
+        if dist.is_main:
+            checkpoint = {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "recipe": self.recipe.to_dict(), "world_size": dist.world_size,
+                "epoch": state.epoch, "step": state.step, "global_step": state.global_step,
+                "best": state.best, "skipped": state.skipped, "epoch_loss": state.epoch_loss,
+                "epoch_images": state.epoch_images, "history": json.dumps(state.history)}
+            with atomic_path(self.last) as tmp:
+                torch.save(checkpoint, tmp)
+        dist.barrier()
+        self.last_save, self.saved_at_step = time.monotonic(), state.global_step
+
+    def _load_checkpoint(self) -> None:
+        checkpoint = torch.load(self.last, map_location="cpu", weights_only=True)
+        saved, current = checkpoint["recipe"], self.recipe.to_dict()
+        changed = [f"{k}: {saved.get(k)!r} → {current[k]!r}" for k in self.recipe.resume_fixed
+                   if saved.get(k) != current[k]]
+        if changed:
+            raise RecipeError(f"{self.last} was trained with other settings "
+                              f"({'; '.join(changed)}); resume with the same recipe, or start a "
+                              "new run in another --out")
+        self.model.load_state_dict(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        if checkpoint["scaler"] and self.scaler.is_enabled():
+            # A run started without fp16 has no scaler state: the scaler then starts afresh.
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.state = _State(epoch=checkpoint["epoch"], step=checkpoint["step"],
+                            global_step=checkpoint["global_step"], best=checkpoint["best"],
+                            skipped=checkpoint["skipped"],
+                            history=json.loads(checkpoint["history"]),
+                            epoch_loss=checkpoint["epoch_loss"],
+                            epoch_images=checkpoint["epoch_images"])
+
+
+def _micro_batching(recipe: Recipe, world: int) -> tuple[int, int]:
+    """(images per forward pass, forward passes per step) of each process."""
+    batch = recipe.batch_size
     if batch % world:
         raise RecipeError(f"batch_size {batch} must be divisible by the {world} processes")
     share = batch // world
     micro = min(recipe.micro_batch or share, share)
     if share % micro:
         raise RecipeError(f"micro_batch {micro} must divide the per-process batch {share}")
-    steps_per_epoch = len(train_set) // batch
-    if steps_per_epoch == 0:
-        raise RecipeError(f"batch_size {batch} is larger than the {len(train_set)} training images")
-
-    model = build_model(recipe, len(train_set.class_names), download=download)
-    channels_last = recipe.channels_last if recipe.channels_last is not None else \
-        dist.device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(dist.device, memory_format=memory_format)
-    optimizer = make_optimizer(model, recipe)
-    scheduler = make_scheduler(optimizer, recipe)
-    amp_dtype = AMP_DTYPES[recipe.amp]
-    scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype is torch.float16)
-    state = _State()
-    if resume and last.exists():
-        state = _load_checkpoint(last, recipe, model, optimizer, scheduler, scaler, dist)
-    if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "checkpoints").mkdir(exist_ok=True)
-        save_recipe(recipe, run_dir / "recipe.yaml")
-    dist.barrier()
-    net = DistributedDataParallel(model, device_ids=[dist.device] if dist.device.type == "cuda"
-                                  else None) if world > 1 else model
-    forward = torch.compile(net) if recipe.compile else net
-    if dist.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-    dataset = TrainImages(train_set.paths, train_transform(recipe.scale_range, crop=recipe.crop,
-                                                           flip=recipe.flip),
-                          seed=recipe.seed, lighting=recipe.lighting)
-    labels = np.asarray(train_set.labels)
-    workers = default_workers() if recipe.workers is None else recipe.workers
-    log = RunLog(run_dir, enabled=dist.is_main)
-    accum = share // micro
-    last_save = time.monotonic()
-    result = TrainResult(run_dir, None)
-    stopped = False  # by max_steps
-    try:
-        while state.epoch < recipe.epochs and not stopped:
-            epoch = state.epoch
-            batches = micro_batches(epoch_order(len(train_set), seed=recipe.seed, epoch=epoch),
-                                    epoch=epoch, first_step=state.step, batch_size=batch,
-                                    rank=dist.rank, world_size=world, micro_batch=micro)
-            loader = iter(train_loader(dataset, labels, batches, workers=workers,
-                                       pin_memory=dist.device.type == "cuda"))
-            model.train()
-            bar = tqdm(total=steps_per_epoch, initial=state.step, unit="step",
-                       disable=not (progress and dist.is_main), dynamic_ncols=True,
-                       desc=f"epoch {epoch + 1}/{recipe.epochs}")
-            started, done_before = time.monotonic(), state.epoch_images
-            while state.step < steps_per_epoch:
-                tic = time.monotonic()
-                # Dropout's stream is a function of (seed, rank, step): nothing to save or restore.
-                torch.manual_seed(derived_seed(recipe.seed, DROPOUT_STREAM, dist.rank,
-                                               state.global_step))
-                loss_sum, images, failed = _step(forward, net, model, optimizer, scaler, loader,
-                                                 accum, amp_dtype, memory_format, dist)
-                if failed:
-                    state.skipped += len(failed)
-                    with open(run_dir / f"skipped-rank{dist.rank}.tsv", "a") as f:
-                        f.writelines(f"{train_set.paths[i]}\t{reason}\n" for i, reason in failed)
-                if not math.isfinite(loss_sum):
-                    raise TrainingError(
-                        f"the training loss is {loss_sum / max(images, 1)} at epoch {epoch + 1}, "
-                        f"step {state.step + 1} (lr {optimizer.param_groups[0]['lr']:g}); "
-                        f"stopped before updating. The last good checkpoint {last} is intact: "
-                        "lower --lr (or check the data) and run again with --resume")
-                scaler.step(optimizer)
-                scaler.update()
-                state.step += 1
-                state.global_step += 1
-                state.epoch_loss += loss_sum
-                state.epoch_images += images
-                result.step_seconds.append(time.monotonic() - tic)
-                rate = images / max(result.step_seconds[-1], 1e-9)
-                bar.update()
-                bar.set_postfix(loss=f"{loss_sum / max(images, 1):.3f}", img_s=f"{rate:.0f}",
-                                refresh=False)
-                if state.global_step % 10 == 0:
-                    log.step(state.global_step, loss_sum / max(images, 1),
-                             optimizer.param_groups[0]["lr"], rate)
-                due = (recipe.checkpoint_steps and state.step % recipe.checkpoint_steps == 0) or \
-                    time.monotonic() - last_save > 60 * recipe.checkpoint_minutes
-                if dist.broadcast_flag(bool(due)) and state.step < steps_per_epoch:
-                    _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state, dist)
-                    last_save = time.monotonic()
-                if max_steps is not None and state.global_step >= max_steps:
-                    stopped = True
-                    break
-            bar.close()
-            if stopped:
-                _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state, dist)
-                break
-            seconds = time.monotonic() - started
-            top1, top5 = _validate(model, val_set, recipe, dist, workers)
-            scheduler.step(top1)
-            row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"],
-                   "train_loss": state.epoch_loss / max(state.epoch_images, 1),
-                   "val_top1_error": top1, "val_top5_error": top5,
-                   "images_per_s": (state.epoch_images - done_before) / max(seconds, 1e-9),
-                   "skipped_images": state.skipped, "seconds": seconds}
-            state.history.append(row)
-            state.epoch, state.step, state.epoch_loss, state.epoch_images = epoch + 1, 0, 0.0, 0
-            if dist.is_main:
-                log.epoch(state.history)
-                if top1 < state.best_top1_error:
-                    _export(model, recipe, run_dir / "best.safetensors", row, train_set.class_names)
-            state.best_top1_error = min(state.best_top1_error, top1)
-            _save_checkpoint(last, recipe, model, optimizer, scheduler, scaler, state, dist)
-            last_save = time.monotonic()
-        if dist.is_main and not stopped:
-            result.final = _export(model, recipe, run_dir / "final.safetensors",
-                                   state.history[-1] if state.history else {},
-                                   train_set.class_names)
-        dist.barrier()
-    finally:
-        log.close()
-    result.history, result.global_step, result.skipped = state.history, state.global_step, \
-        state.skipped
-    return result
+    return micro, share // micro
 
 
-def _step(forward, net, model, optimizer, scaler, loader, accum, amp_dtype, memory_format,
-          dist: Distributed) -> tuple[float, int, list[tuple[int, str]]]:
-    """Gradients of one global batch, accumulated over micro-batches.
-
-    Returns the global loss sum and image count (over all ranks) and this rank's skipped images.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    totals = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    failed = []
-    for k in range(accum):
-        batch = next(loader)
-        failed += batch.failed
-        sync = nullcontext() if dist.world_size == 1 or k == accum - 1 else net.no_sync()
-        with sync:
-            if len(batch.labels):
-                x = batch.images.to(dist.device, non_blocking=True).float()
-                x = pca_lighting(x, batch.alphas.to(dist.device))
-                x = model.preprocessing(x).contiguous(memory_format=memory_format)
-                y = batch.labels.to(dist.device, non_blocking=True)
-                with torch.autocast(dist.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = forward(x)
-                loss = F.cross_entropy(logits.float(), y)
-                totals += torch.stack([loss.detach().double() * len(y),
-                                       torch.tensor(len(y), dtype=torch.float64, device=dist.device)])
-            else:  # every image of this micro-batch was unreadable: still take part in the sync
-                loss = sum(p.sum() for p in model.parameters()) * 0.0
-            scaler.scale(loss / accum).backward()
-    dist.all_reduce_sum(totals)
-    loss_sum, images = totals.tolist()
-    return loss_sum, int(images), failed
-
-
-def _validate(model: VGG, val_set: ImageList, recipe: Recipe, dist: Distributed, workers: int
-              ) -> tuple[float, float]:
-    """Top-1/top-5 error (%) on rank 0, shared with every rank (the scheduler needs it)."""
-    errors = torch.zeros(2, dtype=torch.float64, device=dist.device)
-    if dist.is_main:
-        images = val_set
-        if recipe.val_limit and recipe.val_limit < len(val_set):
-            keep = np.linspace(0, len(val_set) - 1, recipe.val_limit).round().astype(int)
-            images = ImageList([val_set.paths[i] for i in keep],
-                               [val_set.labels[i] for i in keep], val_set.class_names)
-        lo, hi = recipe.scale_range
-        q = recipe.val_scale or (lo if lo == hi else 384)
-        result = evaluate(images, model, method=recipe.val_method, scales=(q,),
-                          batch_size=max(1, (recipe.micro_batch or recipe.batch_size) // 2),
-                          workers=workers, device=str(dist.device), amp=recipe.amp,
-                          progress=False)
-        errors += torch.tensor([result.top1_error, result.top5_error], dtype=torch.float64,
-                               device=dist.device)
-    dist.all_reduce_sum(errors)  # only rank 0 added anything: this is a broadcast
-    model.train()
-    top1, top5 = errors.tolist()
-    return top1, top5
-
-
-def _export(model: VGG, recipe: Recipe, path: Path, metrics: dict, class_names: list[str]
-            ) -> Path:
-    return save_weights(model, path, meta={"train_scale": recipe.scale_label,
-                                           "recipe": recipe.to_dict(), "metrics": metrics,
-                                           "class_names": class_names,
-                                           "trained_with": "vggfeat train"})
-
-
-def _save_checkpoint(path: Path, recipe: Recipe, model: VGG, optimizer, scheduler, scaler,
-                     state: _State, dist: Distributed) -> None:
-    """Rank 0 writes the whole training state under a temporary name, then renames it."""
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise TrainingError(f"the weights are no longer finite after step {state.global_step}; "
-                            f"not overwriting the last good checkpoint {path}. Lower --lr and run "
-                            "again with --resume")
-    if dist.is_main:
-        checkpoint = {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "recipe": recipe.to_dict(), "world_size": dist.world_size,
-            "epoch": state.epoch, "step": state.step, "global_step": state.global_step,
-            "best_top1_error": state.best_top1_error, "skipped": state.skipped,
-            "epoch_loss": state.epoch_loss, "epoch_images": state.epoch_images,
-            "history": json.dumps(state.history)}
-        tmp = path.with_name(f".{path.name}.tmp")
-        torch.save(checkpoint, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    dist.barrier()
-
-
-def _load_checkpoint(path: Path, recipe: Recipe, model: VGG, optimizer, scheduler, scaler,
-                     dist: Distributed) -> _State:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    saved = checkpoint["recipe"]
-    current = recipe.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} → {current[k]!r}" for k in RESUME_FIXED
-               if saved.get(k) != current[k]]
-    if changed:
-        raise RecipeError(f"{path} was trained with other settings ({'; '.join(changed)}); resume "
-                          "with the same recipe, or start a new run in another --out")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scaler.load_state_dict(checkpoint["scaler"])
-    return _State(epoch=checkpoint["epoch"], step=checkpoint["step"],
-                  global_step=checkpoint["global_step"],
-                  best_top1_error=checkpoint["best_top1_error"], skipped=checkpoint["skipped"],
-                  history=json.loads(checkpoint["history"]), epoch_loss=checkpoint["epoch_loss"],
-                  epoch_images=checkpoint["epoch_images"])
+def _subset(images: ImageList, keep: np.ndarray) -> ImageList:
+    return ImageList([images.paths[i] for i in keep],
+                     None if images.labels is None else [images.labels[i] for i in keep],
+                     images.class_names)
