@@ -239,6 +239,8 @@ def test_each_torchrun_process_takes_its_own_gpu_and_a_finite_timeout(monkeypatc
     monkeypatch.setattr(distributed.torch_dist, "get_rank", lambda: 1)
     monkeypatch.setattr(distributed.torch_dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: joined.update(gpu=device))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two GPUs, on any machine
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     dist = distributed.Distributed.from_env("cuda:0")  # as `--device cuda:0` under torchrun
     assert dist.device == torch.device("cuda", 1) and joined["gpu"] == torch.device("cuda", 1)
     assert joined["backend"] == "nccl" and joined["timeout"] == distributed.DEFAULT_TIMEOUT

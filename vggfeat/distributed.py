@@ -9,6 +9,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as torch_dist
 
+from .devices import resolve_device
+
 
 # Long enough for the slowest legitimate wait (rank 0 writing a checkpoint of VGG-19 with its
 # optimiser state, a merge of extraction shards); a hang fails well before NCCL's watchdog
@@ -39,7 +41,7 @@ class Distributed:
     @classmethod
     def from_env(cls, device: str | torch.device = "cpu", *,
                  timeout: timedelta = DEFAULT_TIMEOUT) -> Distributed:
-        device = torch.device(device)
+        device = resolve_device(device)
         world = int(os.environ.get("WORLD_SIZE", "1"))
         if world <= 1:
             return cls(0, 1, device)

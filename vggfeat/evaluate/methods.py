@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError, InputError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner, cudnn_benchmark
 from ..models.vgg import VGG
@@ -29,7 +30,7 @@ CENTER_CROP_RESIZE = 256
 def crop_grid(height: int, width: int, *, size: int = INPUT_SIZE, n: int = GRID) -> list[tuple[int, int]]:
     """(top, left) corners of an n×n regular grid of size×size crops covering an H×W image."""
     if min(height, width) < size:
-        raise ValueError(f"multi-crop needs images of at least {size} px, got {height}×{width}")
+        raise InputError(f"multi-crop needs images of at least {size} px, got {height}×{width}")
     tops = np.linspace(0, height - size, n).round().astype(int)
     lefts = np.linspace(0, width - size, n).round().astype(int)
     return [(int(t), int(left)) for t in tops for left in lefts]
@@ -46,7 +47,7 @@ class Evaluator(DeviceRunner):
                  batch_size: int = 8, amp: str | None = None,
                  channels_last: bool = True) -> None:
         if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
+            raise ConfigError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
         super().__init__(model, device=device, batch_size=batch_size, amp=amp,
                          channels_last=channels_last)
         self.method = method
@@ -119,5 +120,5 @@ def topk_misses(posteriors: np.ndarray | Tensor, labels: np.ndarray | Tensor, k:
 def topk_error(posteriors: np.ndarray | Tensor, labels: np.ndarray | Tensor, k: int) -> float:
     """Top-k error in percent: the share of images whose label is not among the k best classes."""
     if len(labels) == 0:
-        raise ValueError("no images to score")
+        raise InputError("no images to score")
     return 100.0 * topk_misses(posteriors, labels, k) / len(labels)

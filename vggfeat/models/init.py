@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError, WeightsError
 from .vgg import VGG, DenseLinear
 
 SCHEMES = ("paper", "glorot", "kaiming")
@@ -29,7 +30,7 @@ def init_weights(model: VGG, scheme: str = "glorot", *, seed: int | None = None,
     ``seed`` makes the result reproducible independently of the global RNG.
     """
     if scheme not in SCHEMES:
-        raise ValueError(f"unknown init scheme {scheme!r}; valid choices: {', '.join(SCHEMES)}")
+        raise ConfigError(f"unknown init scheme {scheme!r}; valid choices: {', '.join(SCHEMES)}")
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     with torch.no_grad():
         for module in model.modules():
@@ -73,12 +74,12 @@ def preinit_from_a(model: VGG, net_a: VGG | dict[str, torch.Tensor]) -> list[str
         prefix = ("head." if layer.startswith("fc") else "features.") + layer + "."
         for key in [k for k in source if k.startswith(prefix)]:
             if key not in target or target[key].shape != source[key].shape:
-                raise ValueError(f"cannot pre-initialise {key} of VGG {model.spec.name} from net A:"
+                raise WeightsError(f"cannot pre-initialise {key} of VGG {model.spec.name} from net A:"
                                  f" shapes {tuple(source[key].shape)} vs "
                                  f"{tuple(target[key].shape) if key in target else 'absent'}")
             target[key] = source[key].clone()
             copied.append(key)
     if not copied:
-        raise ValueError("the given net A has none of conv1_1, conv2_1, conv3_1, conv3_2, fc6–fc8")
+        raise WeightsError("the given net A has none of conv1_1, conv2_1, conv3_1, conv3_2, fc6–fc8")
     model.load_state_dict(target)
     return copied

@@ -14,14 +14,17 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
+from ..devices import resolve_device
+from ..errors import ConfigError
 from .vgg import VGG
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``cuda`` → ``cuda:N`` of the current GPU, so devices compare equal to a tensor's."""
-    device = torch.device(device)
+def placed_device(device: str | torch.device) -> torch.device:
+    """A checked device, ``cuda`` → ``cuda:N`` of the current GPU, so that it compares equal to
+    the device of a tensor placed there."""
+    device = resolve_device(device)
     if device.type == "cuda" and device.index is None:
         return torch.device("cuda", torch.cuda.current_device())
     return device
@@ -46,8 +49,8 @@ class DeviceRunner:
     def __init__(self, model: VGG, *, device: str | torch.device = "cpu", batch_size: int = 8,
                  amp: str | None = None, channels_last: bool = True) -> None:
         if amp not in AMP_DTYPES:
-            raise ValueError(f"amp must be one of fp32, bf16, fp16 or None, got {amp!r}")
-        self.device = resolve_device(device)
+            raise ConfigError(f"amp must be one of fp32, bf16, fp16 or None, got {amp!r}")
+        self.device = placed_device(device)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         on_device = next(model.parameters()).device == self.device
         if model.training or not on_device or memory_format_of(model) != self.memory_format:
