@@ -185,6 +185,16 @@ def test_evaluate_end_to_end_and_bad_files(val_folder, tmp_path):
     assert result.top5_error == pytest.approx(100 * 2 / 6)
 
 
+def test_evaluate_takes_the_training_scale_without_touching_the_model(val_folder):
+    model = tiny_vgg("A")
+    meta = dict(model.weights_meta)
+    result = evaluate(imagenet_folder(val_folder), model, method="dense", train_scale="256",
+                      workers=0, progress=False)
+    assert result.scales == (224, 256, 288)  # the paper's {S-32, S, S+32}
+    assert result.attrs["train_scale"] == "256"
+    assert model.weights_meta == meta
+
+
 def test_cli_evaluate_fuse_and_scoremap(val_folder, tmp_path, tiny_weights):
     out = tmp_path / "d.json"
     run_cli("evaluate", "--weights", tiny_weights, "--data", val_folder, "--method",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from ..data.folders import labelled_folder
+from ..data.folders import folder_for_net
 from ..evaluate import (
     METHODS,
     evaluate,
@@ -17,7 +17,7 @@ from ..evaluate import (
     save_posteriors,
 )
 from ..evaluate.run import write_json
-from ..extract.run import default_device, default_workers
+from ..fileio import write_text_atomic
 from ..models.factory import vgg
 from .options import IntList, device_options, model_options
 
@@ -55,13 +55,10 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
         if data is None:
             raise click.UsageError("give --data VAL_DIR, or --fuse with posterior files")
         model = vgg(arch, weights=weights, progress=not quiet)
-        if train_scale:
-            model.weights_meta["train_scale"] = train_scale
-        images = labelled_folder(data, class_names=model.weights_meta.get("class_names"),
-                                 devkit=devkit, labels_csv=labels)
-        result = evaluate(images, model, method=method, scales=scales, batch_size=batch_size,
-                          workers=default_workers() if workers is None else workers,
-                          device=device or default_device(), amp=amp, progress=not quiet)
+        images = folder_for_net(data, model, devkit=devkit, labels_csv=labels)
+        result = evaluate(images, model, method=method, scales=scales, train_scale=train_scale,
+                          batch_size=batch_size, workers=workers, device=device, amp=amp,
+                          progress=not quiet)
         for path, reason in result.failed:
             click.echo(f"skipped {path}: {reason}", err=True)
     if posteriors_out:
@@ -70,7 +67,7 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
         write_json(result, json_out)
     table = markdown_report(result)
     if report:
-        Path(report).write_text(table)
+        write_text_atomic(report, table)
     click.echo(table)
 
 

@@ -18,6 +18,7 @@ from ..data.images import rescale_views
 from ..data.loader import image_loader
 from ..data.sources import ImageList
 from ..errors import InputError
+from ..extract.run import default_device, default_workers
 from ..fileio import atomic_path, write_json_atomic
 from ..models.vgg import VGG
 from .methods import CENTER_CROP_RESIZE, Evaluator, topk_error
@@ -68,7 +69,7 @@ PAPER_FUSION: dict[frozenset[str], tuple[float, float, str]] = {
 }
 
 
-def train_scale(model: VGG) -> str | None:
+def model_train_scale(model: VGG) -> str | None:
     """The training scale S the weights record: "256", "384" or "256-512"; None if unknown."""
     s = model.weights_meta.get("train_scale")
     if s is None:
@@ -112,12 +113,22 @@ class EvalResult:
 
 
 def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
-             scales: tuple[int, ...] | None = None, batch_size: int = 8, workers: int = 2,
-             device: str = "cpu", amp: str | None = None, progress: bool = True) -> EvalResult:
-    """Posteriors and errors of ``model`` on labelled ``images`` with a Sect. 3.2 method."""
+             scales: tuple[int, ...] | None = None, train_scale: str | None = None,
+             batch_size: int = 8, workers: int | None = None, device: str | None = None,
+             amp: str | None = None, progress: bool = True) -> EvalResult:
+    """Posteriors and errors of ``model`` on labelled ``images`` with a Sect. 3.2 method.
+
+    ``scales`` default to the paper's for the training scale S: ``train_scale`` ("256", "384",
+    "256-512") when given, else what the weights record.  ``workers`` default to half the cores
+    (at most 8), ``device`` to CUDA when available.  ``model`` is left as it is (mode, device,
+    memory format, metadata); see :class:`DeviceRunner`.
+    """
+    device = device or default_device()
+    workers = default_workers() if workers is None else workers
+    s = str(train_scale) if train_scale else model_train_scale(model)
     if images.labels is None:
         raise InputError("evaluation needs labelled images (class folders or a labelled list)")
-    scales = scales or default_scales(method, train_scale(model))
+    scales = scales or default_scales(method, s)
     if method != "center-crop" and min(scales) < 224:
         raise InputError(f"{method} evaluation needs scales ≥ 224, got {scales}")
     start = time.monotonic()
@@ -138,7 +149,7 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
             if kept:
                 bar.set_postfix(top1_err=f"{topk_error(np.concatenate(rows), np.asarray(images.labels)[kept], 1):.1f}",
                                 failed=len(failed), refresh=False)
-    attrs = {"arch": model.spec.name, "train_scale": train_scale(model) or "",
+    attrs = {"arch": model.spec.name, "train_scale": s or "",
              "weights": model.weights_meta.get("name") or model.weights_meta.get("file") or "random"}
     return EvalResult(np.concatenate(rows) if rows else np.empty((0, model.num_classes), np.float32),
                       np.asarray(images.labels, np.int64)[kept], [images.paths[i] for i in kept],
