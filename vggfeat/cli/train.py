@@ -9,22 +9,78 @@ from ..train import Recipe, load_recipe, run_recipe, train
 from .options import Arch, IntList
 
 
+def run_options(f):
+    """The options of a training run, shared by ``vggfeat train`` and ``vggfeat localize train``."""
+    options = [
+        click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False),
+                     help="YAML recipe, e.g. recipes/D-256.yaml; flags override its values"),
+        click.option("--out", type=click.Path(file_okay=False), default=None,
+                     help="run folder [default: runs/RECIPE-NAME]"),
+        click.option("--arch", type=Arch(), default=None, help="A, A-LRN, B, C, D, E, vgg16 …"),
+        click.option("--train-scale", type=IntList(), default=None,
+                     help="S, or Smin,Smax for scale jittering (e.g. 256,512)"),
+        click.option("--epochs", type=click.IntRange(1), default=None),
+        click.option("--batch-size", type=click.IntRange(1), default=None,
+                     help="global batch: the images one optimiser step sees (all processes "
+                          "together)"),
+        click.option("--micro-batch", type=click.IntRange(1), default=None,
+                     help="images per forward pass per process; gradients are accumulated up to "
+                          "the batch"),
+        click.option("--init", type=click.Choice(["paper", "glorot", "kaiming"]), default=None),
+        click.option("--width-mult", type=float, default=None,
+                     help="reduced-width nets (quick runs)"),
+        click.option("--fc-dim", type=int, default=None, help="width of fc6/fc7 (quick runs)"),
+        click.option("--dropout", type=float, default=None),
+        click.option("--val-limit", type=click.IntRange(1), default=None,
+                     help="validate on this many images only"),
+        click.option("--seed", type=int, default=None),
+        click.option("--device", default=None, help="cpu, cuda … [default: cuda when available]"),
+        click.option("--workers", type=click.IntRange(0), default=None,
+                     help="decoding worker processes per process"),
+        click.option("--amp", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
+                     help="autocast dtype [default: bf16 on GPUs, fp32 on CPUs]"),
+        click.option("--sync-bn/--no-sync-bn", default=None,
+                     help="batch-norm nets on several GPUs: statistics over all GPUs' "
+                          "micro-batches"),
+        click.option("--compile/--no-compile", "compile_", default=None,
+                     help="torch.compile the net"),
+        click.option("--checkpoint-minutes", type=float, default=None,
+                     help="write checkpoints/last.pt at least this often [default: 30]"),
+        click.option("--resume", is_flag=True,
+                     help="continue the run in --out from its last checkpoint, with its own "
+                          "recipe unless --recipe is given (flags still override)"),
+        click.option("--max-steps", type=click.IntRange(1), default=None,
+                     help="stop after this many optimiser steps (a checkpoint is kept; --resume "
+                          "goes on)"),
+        click.option("--quiet", is_flag=True),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def recipe_from_flags(cls: type[Recipe], recipe_file: str | None, out: str | None, resume: bool,
+                      train_scale: tuple[int, ...] | None, compile_: bool | None,
+                      **overrides) -> Recipe:
+    """The recipe file (or the resumed run's recipe, or the defaults of ``cls``), with the flags
+    that were given on top."""
+    if recipe_file:
+        recipe = load_recipe(recipe_file, cls)
+    elif resume:
+        if out is None:
+            raise click.UsageError("--resume needs --out, the run folder to continue")
+        recipe = run_recipe(out, cls)
+    else:
+        recipe = cls()
+    if train_scale is not None:
+        train_scale = train_scale[0] if len(train_scale) == 1 else list(train_scale)
+    return recipe.with_overrides(train_scale=train_scale, compile=compile_, **overrides)
+
+
 @click.command("train")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="folder with train/ and val/ (ImageNet layout, or one sub-folder per class)")
-@click.option("--recipe", "recipe_file", type=click.Path(dir_okay=False),
-              help="YAML recipe, e.g. recipes/D-256.yaml; flags override its values")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="run folder [default: runs/RECIPE-NAME]")
-@click.option("--arch", type=Arch(), default=None, help="A, A-LRN, B, C, D, E, vgg16 …")
-@click.option("--train-scale", type=IntList(), default=None,
-              help="S, or Smin,Smax for scale jittering (e.g. 256,512)")
-@click.option("--epochs", type=click.IntRange(1), default=None)
-@click.option("--batch-size", type=click.IntRange(1), default=None,
-              help="global batch: the images one optimiser step sees (all processes together)")
-@click.option("--micro-batch", type=click.IntRange(1), default=None,
-              help="images per forward pass per process; gradients are accumulated up to the "
-                   "batch")
+@run_options
 @click.option("--lr", type=float, default=None,
               help="learning rate for a batch of 256 images, scaled linearly to --batch-size "
                    "[default: 0.01, or 0.001 with --weights]")
@@ -35,33 +91,10 @@ from .options import Arch, IntList
               help="with --weights: none, conv (train fc6–fc8), or a layer such as conv4_3 or fc7 "
                    "(it and all before it stay fixed) [default: none]")
 @click.option("--init-from-a", default=None, help="pre-initialise from a trained net A")
-@click.option("--init", type=click.Choice(["paper", "glorot", "kaiming"]), default=None)
-@click.option("--width-mult", type=float, default=None, help="reduced-width nets (quick runs)")
-@click.option("--fc-dim", type=int, default=None, help="width of fc6/fc7 (quick runs)")
-@click.option("--dropout", type=float, default=None)
-@click.option("--val-limit", type=click.IntRange(1), default=None,
-              help="validate on this many images only")
-@click.option("--seed", type=int, default=None)
-@click.option("--device", default=None, help="cpu, cuda … [default: cuda when available]")
-@click.option("--workers", type=click.IntRange(0), default=None,
-              help="decoding worker processes per process")
-@click.option("--amp", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
-              help="autocast dtype [default: bf16 on GPUs, fp32 on CPUs]")
-@click.option("--sync-bn/--no-sync-bn", default=None,
-              help="batch-norm nets on several GPUs: statistics over all GPUs' micro-batches")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the net")
-@click.option("--checkpoint-minutes", type=float, default=None,
-              help="write checkpoints/last.pt at least this often [default: 30]")
 @click.option("--devkit", type=click.Path(exists=True, file_okay=False),
               help="ILSVRC2012_devkit_t12, for a flat val folder")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False),
               help="filename,wnid CSV, for a flat val folder")
-@click.option("--resume", is_flag=True,
-              help="continue the run in --out from its last checkpoint, with its own recipe "
-                   "unless --recipe is given (flags still override)")
-@click.option("--max-steps", type=click.IntRange(1), default=None,
-              help="stop after this many optimiser steps (a checkpoint is kept; --resume goes on)")
-@click.option("--quiet", is_flag=True)
 def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size, micro_batch, lr,
                   weights, freeze, init_from_a, init, width_mult, fc_dim, dropout, val_limit, seed,
                   device, workers, amp, sync_bn, compile_, checkpoint_minutes, devkit, labels,
@@ -72,21 +105,11 @@ def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size,
     Runs on one device, or on several with torchrun (e.g. torchrun --nproc-per-node 8 -m vggfeat
     train …).  Kill it at any moment; --resume continues from the last checkpoint.
     """
-    if recipe_file:
-        recipe = load_recipe(recipe_file)
-    elif resume:
-        if out is None:
-            raise click.UsageError("--resume needs --out, the run folder to continue")
-        recipe = run_recipe(out)
-    else:
-        recipe = Recipe()
-    if train_scale is not None:
-        train_scale = train_scale[0] if len(train_scale) == 1 else list(train_scale)
-    recipe = recipe.with_overrides(
-        arch=arch, train_scale=train_scale, epochs=epochs, batch_size=batch_size,
-        micro_batch=micro_batch, lr=lr, weights=weights, freeze=freeze, init_from_a=init_from_a, init=init,
-        width_mult=width_mult, fc_dim=fc_dim, dropout=dropout, val_limit=val_limit, seed=seed,
-        workers=workers, amp=amp, sync_bn=sync_bn, compile=compile_,
+    recipe = recipe_from_flags(
+        Recipe, recipe_file, out, resume, train_scale, compile_, arch=arch, epochs=epochs,
+        batch_size=batch_size, micro_batch=micro_batch, lr=lr, weights=weights, freeze=freeze,
+        init_from_a=init_from_a, init=init, width_mult=width_mult, fc_dim=fc_dim, dropout=dropout,
+        val_limit=val_limit, seed=seed, workers=workers, amp=amp, sync_bn=sync_bn,
         checkpoint_minutes=checkpoint_minutes)
     result = train(recipe, data, out or f"runs/{recipe.name}", device=device or default_device(),
                    resume=resume, devkit=devkit, labels_csv=labels, max_steps=max_steps,
