@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import click
 
-from ..extract.run import default_device
 from ..train import Recipe, load_recipe, run_recipe, train
 from .options import Arch, IntList
 
@@ -111,7 +110,7 @@ def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size,
         init_from_a=init_from_a, init=init, width_mult=width_mult, fc_dim=fc_dim, dropout=dropout,
         val_limit=val_limit, seed=seed, workers=workers, amp=amp, sync_bn=sync_bn,
         checkpoint_minutes=checkpoint_minutes)
-    result = train(recipe, data, out or f"runs/{recipe.name}", device=device or default_device(),
+    result = train(recipe, data, out or f"runs/{recipe.name}", device=device,
                    resume=resume, devkit=devkit, labels_csv=labels, max_steps=max_steps,
                    progress=not quiet)
     if result.history and not quiet:
