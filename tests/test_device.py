@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_vgg
@@ -15,6 +16,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import vggfeat.distributed as distributed
+from vggfeat.data.loader import PreparedBatch, stack_rows
 from vggfeat.evaluate import Evaluator
 from vggfeat.models.runner import cudnn_benchmark, memory_format_of, tf32_matmuls
 
@@ -91,6 +93,41 @@ def test_runners_never_change_the_callers_model():
         assert torch.equal(value, before[key]) and value.is_contiguous(), key
     ready = tiny_vgg("A").eval()  # already in eval mode on the device, in the asked layout
     assert Evaluator(ready, "dense", channels_last=False).model is ready
+
+
+# -- loading -------------------------------------------------------------------------------
+
+def _prepared_batch() -> PreparedBatch:
+    views = [[torch.full((3, 224, 240 + 16 * (i % 2)), i, dtype=torch.uint8)] for i in range(4)]
+    return PreparedBatch([(i, v, None) for i, v in enumerate(views)] + [(4, None, "bad file")])
+
+
+def test_stacking_rows_of_one_block_does_not_copy():
+    block = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8)
+    rows = [block[i] for i in range(4)]
+    assert stack_rows(rows).data_ptr() == block.data_ptr() and torch.equal(stack_rows(rows), block)
+    assert torch.equal(stack_rows([rows[0], rows[2]]), block[[0, 2]])  # not consecutive: a copy
+
+
+@needs_cuda
+def test_loader_batches_are_pinned_as_whole_stacks():
+    pinned = _prepared_batch().pin_memory()
+    assert [r for _, _, r in pinned] == [None] * 4 + ["bad file"]
+    wide = [pinned[i][1][0] for i in (1, 3)]  # the two 3×224×256 views
+    stacked = stack_rows(wide)
+    assert stacked.is_pinned() and stacked.data_ptr() == wide[0].data_ptr()
+    assert torch.equal(stacked[:, 0, 0, 0], torch.tensor([1, 3], dtype=torch.uint8))
+
+
+def test_image_loader_gives_prepared_batches(tmp_path):
+    from conftest import write_image
+
+    from vggfeat.data.loader import image_loader
+
+    paths = [str(write_image(tmp_path / f"{i}.jpg", size=(224, 240), seed=i)) for i in range(3)]
+    batch = next(iter(image_loader(paths, np.arange(3), lambda image: [image], batch_size=3,
+                                   workers=0, pin_memory=False)))
+    assert isinstance(batch, PreparedBatch) and [i for i, _, _ in batch] == [0, 1, 2]
 
 
 # -- evaluation ----------------------------------------------------------------------------

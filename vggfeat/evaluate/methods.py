@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..data.loader import stack_rows
 from ..errors import ConfigError, InputError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner, cudnn_benchmark
@@ -65,7 +66,7 @@ class Evaluator(DeviceRunner):
                 parts += [([i], self.multi_crop(v)[None]) for i, v in enumerate(views)]
             if self.method == "center-crop":
                 parts.append((list(range(len(views))),
-                              self.crops(self.network_input(torch.stack(views)))))
+                              self.crops(self.network_input(stack_rows(views)))))
         total = torch.zeros(len(items), self.model.num_classes)
         total.index_add_(0, torch.tensor([i for rows, _ in parts for i in rows]),
                          torch.cat([p for _, p in parts]).cpu())
@@ -79,7 +80,7 @@ class Evaluator(DeviceRunner):
         # Every image size is a new shape: cudnn's per-shape search would cost more than it saves.
         with cudnn_benchmark(False):
             for chunk in self.same_shape_chunks(views):
-                x = self.network_input(torch.stack([views[i] for i in chunk]))
+                x = self.network_input(stack_rows([views[i] for i in chunk]))
                 with self.autocast():
                     maps = self.model.score_map(torch.cat([x, x.flip(-1)]))
                 out.append((chunk, flip_averaged_posteriors(maps, len(chunk))))
