@@ -21,7 +21,7 @@ from ..errors import InputError
 from ..extract.run import default_device, default_workers
 from ..fileio import atomic_path, write_json_atomic
 from ..models.vgg import VGG
-from .methods import CENTER_CROP_RESIZE, Evaluator, topk_error
+from .methods import CENTER_CROP_RESIZE, Evaluator, topk_error, topk_misses
 
 # (config, training scale S, method, test scales) → (top-1, top-5) error %, paper Tables 3–5.
 JITTER = "256-512"
@@ -115,7 +115,8 @@ class EvalResult:
 def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
              scales: tuple[int, ...] | None = None, train_scale: str | None = None,
              batch_size: int = 8, workers: int | None = None, device: str | None = None,
-             amp: str | None = None, progress: bool = True) -> EvalResult:
+             amp: str | None = None, channels_last: bool = True,
+             progress: bool = True) -> EvalResult:
     """Posteriors and errors of ``model`` on labelled ``images`` with a Sect. 3.2 method.
 
     ``scales`` default to the paper's for the training scale S: ``train_scale`` ("256", "384",
@@ -132,12 +133,15 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
     if method != "center-crop" and min(scales) < 224:
         raise InputError(f"{method} evaluation needs scales ≥ 224, got {scales}")
     start = time.monotonic()
-    evaluator = Evaluator(model, method, device=device, batch_size=batch_size, amp=amp)
+    evaluator = Evaluator(model, method, device=device, batch_size=batch_size, amp=amp,
+                          channels_last=channels_last)
     crop = 224 if method == "center-crop" else None
     loader = image_loader(images.paths, np.arange(len(images)),
                           partial(rescale_views, scales=scales, crop=crop), batch_size=batch_size,
                           workers=workers, pin_memory=device.startswith("cuda"))
     rows, kept, failed = [], [], []
+    labels = np.asarray(images.labels)
+    misses = 0  # running top-1 count for the progress bar: O(batch) per update, not O(images)
     with tqdm(total=len(images), unit="img", disable=not progress, desc=f"evaluate {method}") as bar:
         for batch in loader:
             good = [(i, v) for i, v, _ in batch if v is not None]
@@ -145,10 +149,11 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
             if good:
                 rows.append(evaluator([v for _, v in good]).numpy())
                 kept += [i for i, _ in good]
+                misses += topk_misses(rows[-1], labels[[i for i, _ in good]], 1)
             bar.update(len(batch))
             if kept:
-                bar.set_postfix(top1_err=f"{topk_error(np.concatenate(rows), np.asarray(images.labels)[kept], 1):.1f}",
-                                failed=len(failed), refresh=False)
+                bar.set_postfix(top1_err=f"{100.0 * misses / len(kept):.1f}", failed=len(failed),
+                                refresh=False)
     attrs = {"arch": model.spec.name, "train_scale": s or "",
              "weights": model.weights_meta.get("name") or model.weights_meta.get("file") or "random"}
     return EvalResult(np.concatenate(rows) if rows else np.empty((0, model.num_classes), np.float32),
