@@ -293,3 +293,172 @@ def test_localisation_net_from_a_classifier_keeps_all_but_fc8_and_records_its_he
     torch.testing.assert_close(again.state_dict(), loc.state_dict())
     with pytest.raises(WeightsError, match="not a localisation net"):
         load_localizer(classifier)
+
+
+def constant_box_net(tmp_path) -> Path:
+    """A saved SCR net whose every window predicts itself: fc8 weights 0, bias (½, ½, 1, 1)."""
+    model = attach_head(tiny_vgg("A", num_classes=4), box_head("scr", WNIDS[:2]))
+    with torch.no_grad():
+        model.head.fc8.weight.zero_()
+        model.head.fc8.bias.copy_(torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    return vggfeat.save_weights(model, tmp_path / "const.safetensors")
+
+
+def test_protocols_map_boxes_back_to_the_original_image(tmp_path):
+    loc = constant_box_net(tmp_path)
+    classifier = vggfeat.save_weights(tiny_vgg("A", num_classes=2), tmp_path / "cls.safetensors",
+                                      meta={"class_names": WNIDS[:2]})
+    image = write_image(tmp_path / "a.png", size=(256, 320))
+    # Centre crop of the 256×320 image at Q=256: the 224 window at (48, 16).
+    (guess,) = Localizer(load_localizer(loc)[0], method="center-crop", scales=(256,))(
+        image, class_index=1)
+    assert guess.wnid == WNIDS[1] and guess.box == pytest.approx((48, 16, 272, 240))
+    # At Q=512 the view is twice as big: the window is half as big in original pixels.
+    (guess,) = Localizer(load_localizer(loc)[0], method="center-crop", scales=(512,))(
+        image, class_index=0)
+    assert guess.box == pytest.approx((104, 72, 216, 184))
+    # Dense at Q=256: 2×4 windows 32 px apart, and those of the mirror image; they all merge
+    # into their mean, the window centred in the image.  One call, from the weight files.
+    guesses = vggfeat.localize.localize(image, weights=loc, cls_weights=classifier, scales=(256,))
+    assert [g.score for g in guesses] == sorted((g.score for g in guesses), reverse=True)
+    assert sorted(g.wnid for g in guesses) == WNIDS[:2]
+    for g in guesses:
+        assert g.box == pytest.approx((48, 16, 272, 240), abs=1e-3)
+    assert sum(g.score for g in guesses) == pytest.approx(1.0, abs=1e-5)  # every box merged
+    with pytest.raises(vggfeat.errors.ConfigError, match="needs a classification net"):
+        Localizer(load_localizer(loc)[0], method="dense")
+
+
+# -- end to end: photographs with pasted objects --------------------------------------------
+
+def pasted_photo(rng, background, thing):
+    """A crop of one real photograph with a crop of another pasted at a random place and size;
+    returns the PIL image and the pasted box (x0, y0, x1, y1)."""
+    height, width = int(rng.integers(230, 300)), int(rng.integers(280, 360))
+    y, x = rng.integers(0, background.shape[0] - 200), rng.integers(0, background.shape[1] - 260)
+    image = Image.fromarray(background[y:y + 200, x:x + 260]).resize((width, height))
+    h, w = int(height * rng.uniform(0.3, 0.6)), int(width * rng.uniform(0.3, 0.6))
+    y, x = rng.integers(0, thing.shape[0] - 150), rng.integers(0, thing.shape[1] - 150)
+    patch = Image.fromarray(thing[y:y + 150, x:x + 150]).resize((w, h))
+    top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+    image.paste(patch, (left, top))
+    return image, (left, top, left + w, top + h)
+
+
+@pytest.fixture(scope="module")
+def pasted(tmp_path_factory):
+    """ILSVRC layouts: train/<wnid>/<wnid>_<i>.JPEG with bbox XML files in <wnid>/ folders, flat
+    val/ILSVRC2012_val_*.JPEG with LOC_val_solution.csv."""
+    from sklearn.datasets import load_sample_image
+
+    root = tmp_path_factory.mktemp("pasted")
+    photos = [load_sample_image("china.jpg"), load_sample_image("flower.jpg")]
+    rng = np.random.default_rng(0)
+    val_rows = {}
+    for split, n in (("train", 48), ("val", 16)):
+        for i in range(n):
+            c = i % 2
+            image, box = pasted_photo(rng, photos[c], photos[1 - c])
+            if split == "train":
+                name = f"{WNIDS[c]}_{i}"
+                (root / "train" / WNIDS[c]).mkdir(parents=True, exist_ok=True)
+                image.save(root / "train" / WNIDS[c] / f"{name}.JPEG", quality=90)
+                ilsvrc_xml(root / "bbox" / WNIDS[c] / f"{name}.xml", name, image.size,
+                           [(WNIDS[c], box)])
+            else:
+                name = f"ILSVRC2012_val_{i + 1:08d}"
+                (root / "val").mkdir(exist_ok=True)
+                image.save(root / "val" / f"{name}.JPEG", quality=90)
+                val_rows[name] = [(WNIDS[c], box)]
+    write_loc_csv(root / "LOC_val_solution.csv", val_rows)
+    (root / "train" / WNIDS[0] / f"{WNIDS[0]}_nobox.JPEG").write_bytes(
+        (root / "train" / WNIDS[0] / f"{WNIDS[0]}_0.JPEG").read_bytes())
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny convolutions gain nothing from a second thread, and lose a lot on a busy machine.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def invoke(*args):
+    from click.testing import CliRunner
+
+    from vggfeat.cli.main import cli
+
+    result = CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+@pytest.fixture(scope="module")
+def trained(pasted, tmp_path_factory):
+    """A reduced-width SCR net trained by `vggfeat localize train` on the pasted photographs."""
+    out = tmp_path_factory.mktemp("loc-run") / "run"
+    recipe = out.parent / "tiny.yaml"
+    recipe.write_text("arch: A\nbatch_norm: true\nwidth_mult: 0.125\nfc_dim: 64\ndropout: 0.0\n"
+                      "init: kaiming\npreprocessing: imagenet\ntrain_scale: 256\nbatch_size: 8\n"
+                      "lr: 0.05\nlr_base_size: null\nweight_decay: 0.0\nepochs: 8\nworkers: 0\n")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        invoke("localize", "train", "--data", pasted, "--boxes", pasted / "bbox", "--boxes",
+               pasted / "LOC_val_solution.csv", "--recipe", recipe, "--head", "scr",
+               "--out", out, "--device", "cpu", "--quiet")
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+def test_a_reduced_width_net_learns_boxes_better_than_the_whole_image(pasted, trained, one_thread):
+    from vggfeat.localize.run import evaluate_localization, images_with_boxes
+
+    history = (trained / "metrics.csv").read_text().splitlines()
+    assert len(history) == 9 and "val_loc_error" in history[0]
+    model, head = load_localizer(trained / "final.safetensors")
+    assert head.kind == "scr" and model.weights_meta["train_scale"] == "256"
+    images = images_with_boxes(pasted / "val", read_boxes(pasted / "LOC_val_solution.csv"))
+    result = evaluate_localization(Localizer(model, method="center-crop"), images, workers=0,
+                                   progress=False)
+    truths = [t.xyxy for t in images.truths]
+    ours = np.array([iou(gs[0].box, t).max().item() for gs, t in zip(result.guesses, truths)])
+    whole = np.array([iou([[0, 0, *Image.open(p).size]], t).max().item()
+                      for p, t in zip(images.paths, truths)])
+    assert ours.mean() > whole.mean() + 0.05, (ours.mean(), whole.mean())
+    assert result.metrics["gt_class_loc_error"] < 100.0 * (whole < 0.5).mean()
+
+
+def test_cli_evaluate_dense_and_center_crop_then_score_the_submission(pasted, trained, tmp_path,
+                                                                      one_thread):
+    classifier = tmp_path / "cls.safetensors"
+    vggfeat.save_weights(tiny_vgg("A", num_classes=2), classifier, meta={"class_names": WNIDS[:2]})
+    loc = trained / "final.safetensors"
+    out = invoke("localize", "evaluate", "--weights", loc, "--weights", loc, "--cls-weights",
+                 classifier, "--data", pasted, "--boxes", pasted / "LOC_val_solution.csv",
+                 "--scales", "256,288", "--json", tmp_path / "dense.json", "--predictions",
+                 tmp_path / "pred.csv", "--pictures", tmp_path / "pictures", "--workers", "0",
+                 "--quiet")
+    summary = json.loads((tmp_path / "dense.json").read_text())
+    assert summary["images"] == 16 and summary["method"] == "dense"
+    assert summary["scales"] == [256, 288] and "top5_loc_error" in out
+    assert summary["top5_loc_error"] <= summary["top1_loc_error"]
+    rows = (tmp_path / "pred.csv").read_text().splitlines()
+    assert rows[0] == "ImageId,PredictionString" and len(rows) == 17
+    groups = rows[1].split(",")[1].split()
+    assert len(groups) == 10 and groups[0] in WNIDS  # 2 classes: 2 guesses of 5 fields
+    assert len(list((tmp_path / "pictures").glob("*.png"))) == 16
+    invoke("localize", "score", tmp_path / "pred.csv", "--boxes", pasted / "LOC_val_solution.csv",
+           "--json", tmp_path / "score.json")
+    score = json.loads((tmp_path / "score.json").read_text())
+    assert (score["top1_loc_error"], score["top5_loc_error"], score["images"]) == \
+        (summary["top1_loc_error"], summary["top5_loc_error"], 16)
+
+    invoke("localize", "evaluate", "--weights", loc, "--data", pasted, "--boxes",
+           pasted / "LOC_val_solution.csv", "--method", "center-crop", "--json",
+           tmp_path / "cc.json", "--workers", "0", "--quiet")
+    summary = json.loads((tmp_path / "cc.json").read_text())
+    assert summary["scales"] == [256] and 0 <= summary["gt_class_loc_error"] <= 100

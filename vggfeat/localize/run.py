@@ -66,7 +66,7 @@ class LocResult:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        return {**self.metrics, "images": len(self.paths), "failed": len(self.failed),
+        return {**{k: round(v, 3) for k, v in self.metrics.items()}, "images": len(self.paths), "failed": len(self.failed),
                 "method": self.method, "scales": list(self.scales),
                 "seconds": round(self.seconds, 1)}
 
@@ -111,12 +111,11 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
         table = BoxTable({str(i): t for i, t in enumerate(truths)})
         score = score_guesses({str(i): [(g.wnid, g.box) for g in gs]
                                for i, gs in enumerate(guesses)}, table)
-        metrics = {"top1_loc_error": round(score.top1_loc_error, 3),
-                   "top5_loc_error": round(score.top5_loc_error, 3)}
+        metrics = {"top1_loc_error": score.top1_loc_error, "top5_loc_error": score.top5_loc_error}
     else:
         boxes = np.array([gs[0].box for gs in guesses])
         wrong = gt_class_errors(boxes, [t.of_class(gs[0].wnid) for t, gs in zip(truths, guesses)])
-        metrics = {"gt_class_loc_error": round(100.0 * float(wrong.mean()), 3)}
+        metrics = {"gt_class_loc_error": 100.0 * float(wrong.mean())}
     return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
                      metrics, failed, time.monotonic() - start)
 

@@ -1,0 +1,172 @@
+"""``vggfeat localize train|evaluate|score``: box-regression nets of the paper's Appendix A."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .options import IntList, device_options
+from .train import recipe_from_flags, run_options
+
+
+def _report_bad_boxes(table, quiet: bool) -> None:
+    if table.bad and not quiet:
+        for source, reason in table.bad[:10]:
+            click.echo(f"bad box dropped: {source}: {reason}", err=True)
+        if len(table.bad) > 10:
+            click.echo(f"… and {len(table.bad) - 10} more bad boxes", err=True)
+
+
+@click.group("localize")
+def localize_group() -> None:
+    """Localisation as in the paper's Appendix A: train box-regression nets (SCR/PCR), run them
+    with the centre-crop or dense protocol, score LOC submission files."""
+
+
+@localize_group.command("train")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="folder with train/ (one sub-folder per class) and val/ (flat or in class "
+                   "folders), as for vggfeat train")
+@click.option("--boxes", "boxes_paths", multiple=True, required=True, type=click.Path(exists=True),
+              help="LOC_train_solution.csv / LOC_val_solution.csv or ILSVRC bbox XML folders; "
+                   "repeat for train and val")
+@click.option("--weights", default=None,
+              help="classification net to start from (vggfeat file, torchvision or timm): every "
+                   "layer but fc8")
+@click.option("--head", type=click.Choice(["scr", "pcr"]), default=None,
+              help="single-class (4 outputs) or per-class (4 per class) regression [default: pcr]")
+@click.option("--finetune", type=click.Choice(["fc", "all"]), default=None,
+              help="train fc6–fc8 only, or every layer [default: all]")
+@click.option("--lr", type=float, default=None,
+              help="learning rate for a batch of 256 images, scaled linearly to --batch-size "
+                   "[default: 0.001]")
+@run_options
+def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, out, arch,
+                  train_scale, epochs, batch_size, micro_batch, init, width_mult, fc_dim, dropout,
+                  val_limit, seed, device, workers, amp, sync_bn, compile_, checkpoint_minutes,
+                  resume, max_steps, quiet) -> None:
+    """Train a localisation net (Appendix A): a classification net whose fc8 regresses boxes,
+    Euclidean loss, lr 10⁻³, the training augmentation of vggfeat train applied to image and box.
+
+    Everything vggfeat train guarantees holds: torchrun/DDP, bf16, exact resume after a kill,
+    metrics.csv, curves.png, TensorBoard, .safetensors exports (which record the box head).
+    """
+    from ..extract.run import default_device
+    from ..localize.train import Localization, LocRecipe, merged_boxes
+    from ..train import train
+
+    recipe = recipe_from_flags(
+        LocRecipe, recipe_file, out, resume, train_scale, compile_, weights=weights, head=head,
+        finetune=finetune, lr=lr, arch=arch, epochs=epochs, batch_size=batch_size,
+        micro_batch=micro_batch, init=init, width_mult=width_mult, fc_dim=fc_dim,
+        dropout=dropout, val_limit=val_limit, seed=seed, workers=workers, amp=amp,
+        sync_bn=sync_bn, checkpoint_minutes=checkpoint_minutes)
+    table = merged_boxes(boxes_paths)
+    _report_bad_boxes(table, quiet)
+    task = Localization.from_folders(data, table, head=recipe.head)
+    if task.without_boxes and not quiet:
+        click.echo(f"{task.without_boxes} training images have no box and are left out; "
+                   f"training on {len(task.train_set)}", err=True)
+    result = train(recipe, task, out or f"runs/{recipe.name}", device=device or default_device(),
+                   resume=resume, max_steps=max_steps, progress=not quiet)
+    if result.history and not quiet:
+        last = result.history[-1]
+        click.echo(f"epoch {last['epoch']}: val localisation error (centre crop, true class) "
+                   f"{last['val_loc_error']:.2f}%", err=True)
+    if result.final:
+        click.echo(f"weights: {result.final}", err=True)
+    if result.skipped:
+        click.echo(f"{result.skipped} unreadable training images skipped (see "
+                   f"{result.run_dir}/skipped-rank*.tsv)", err=True)
+
+
+@localize_group.command("evaluate")
+@click.option("--weights", "loc_weights", multiple=True, required=True,
+              type=click.Path(exists=True, dir_okay=False),
+              help="localisation net weights (repeat --weights to merge several nets' boxes)")
+@click.option("--cls-weights", default="torchvision", show_default=True,
+              help="classification net for the dense protocol: torchvision, timm or a file")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
+              help="folder with val/ (flat images, or one sub-folder per class)")
+@click.option("--boxes", "boxes_path", required=True, type=click.Path(exists=True),
+              help="LOC_val_solution.csv, or the folder of ILSVRC val bbox XML files")
+@click.option("--method", type=click.Choice(["center-crop", "dense"]), default="dense",
+              show_default=True)
+@click.option("--scales", type=IntList(), default=None,
+              help="test scales Q [default: the net's training S; else 256 (center-crop) or 384]")
+@click.option("--merge-threshold", type=float, default=None,
+              help="greedy merge: merge boxes whose match score is below this [default: 1.0]")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the summary here")
+@click.option("--predictions", type=click.Path(dir_okay=False),
+              help="write a LOC submission CSV (ImageId,PredictionString) here")
+@click.option("--pictures", type=click.Path(file_okay=False),
+              help="draw the predicted and true boxes on each image into this folder")
+@device_options
+@click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
+@click.option("--quiet", is_flag=True)
+def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales, merge_threshold,
+                     json_out, predictions, pictures, batch_size, workers, device, amp,
+                     quiet) -> None:
+    """Localisation error on val images with known boxes: center-crop with the ground-truth
+    class (Table 8), or dense with the top-5 classes and greedy merging (Tables 9–10)."""
+    from ..data.boxes import read_boxes
+    from ..extract.run import default_device, default_workers
+    from ..localize.merge import DEFAULT_THRESHOLD
+    from ..localize.predict import Localizer
+    from ..localize.run import (
+        draw_all,
+        evaluate_localization,
+        images_with_boxes,
+        write_predictions,
+        write_summary,
+    )
+
+    table = read_boxes(boxes_path)
+    _report_bad_boxes(table, quiet)
+    images = images_with_boxes(Path(data) / "val" if (Path(data) / "val").is_dir() else data,
+                               table)
+    if images.without_boxes and not quiet:
+        click.echo(f"{len(images.without_boxes)} image(s) without boxes left out, e.g. "
+                   f"{images.without_boxes[0]}", err=True)
+    localizer = Localizer.from_weights(
+        list(loc_weights), cls_weights if method == "dense" else None, method=method,
+        scales=scales, merge_threshold=merge_threshold or DEFAULT_THRESHOLD,
+        device=device or default_device(), batch_size=batch_size, amp=amp)
+    result = evaluate_localization(localizer, images, batch_size=batch_size,
+                                   workers=default_workers() if workers is None else workers,
+                                   progress=not quiet)
+    for path, reason in result.failed:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    weights = {"weights": list(loc_weights),
+               "cls_weights": cls_weights if method == "dense" else None}
+    if json_out:
+        write_summary(result, json_out, **weights)
+    if predictions:
+        write_predictions(result, predictions)
+    if pictures:
+        draw_all(result, images, pictures)
+    errors = ", ".join(f"{k} {v:.2f}%" for k, v in result.metrics.items())
+    click.echo(f"{method} Q={','.join(map(str, result.scales))} on {len(result.paths)} images: "
+               f"{errors}")
+
+
+@localize_group.command("score")
+@click.argument("predictions", type=click.Path(exists=True, dir_okay=False))
+@click.option("--boxes", "boxes_path", required=True, type=click.Path(exists=True),
+              help="the ground truth: LOC_val_solution.csv or the folder of val bbox XML files")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the summary here")
+def score_command(predictions, boxes_path, json_out) -> None:
+    """Top-1/top-5 localisation error of a LOC submission file (ImageId,PredictionString with up
+    to 5 ranked 'wnid xmin ymin xmax ymax' groups per image)."""
+    from ..data.boxes import read_boxes
+    from ..fileio import write_json_atomic
+    from ..localize.metric import score_submission
+
+    score = score_submission(read_boxes(predictions, ordered=True), read_boxes(boxes_path))
+    if json_out:
+        write_json_atomic(json_out, {**score.summary(), "predictions": str(predictions)})
+    missing = f" ({score.missing} images without a prediction count as errors)" \
+        if score.missing else ""
+    click.echo(f"top-1 localisation error {score.top1_loc_error:.2f}%, top-5 "
+               f"{score.top5_loc_error:.2f}% on {score.images} images{missing}")

@@ -1,0 +1,150 @@
+"""Training box-regression nets (Appendix A) with vggfeat's training loop.
+
+:func:`vggfeat.train.train` runs the loop (seeded augmentation, gradient accumulation, DDP,
+autocast, checkpoints with exact resume, logs, exports); :class:`Localization` supplies the
+parts that differ from classification: the box target of each training view, the Euclidean loss,
+the net (a classification net with a new fc8, conv layers frozen for ``finetune: fc``) and the
+validation metric, the centre-crop localisation error with the ground-truth class (Table 8).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.transforms import v2
+
+from ..data.boxes import BoxTable, read_boxes
+from ..data.folders import labelled_folder
+from ..data.sources import ImageList
+from ..errors import InputError, RecipeError
+from ..models.finetune import freeze
+from ..models.runner import memory_format_of
+from ..models.vgg import VGG
+from ..train.model import build_model
+from ..train.recipe import Recipe
+from ..train.task import Task
+from .geometry import BoxAugment
+from .net import HEADS, BoxHead, attach_head, box_head, euclidean_loss
+from .predict import Localizer
+from .run import LocImages, evaluate_localization, images_with_boxes
+
+FINETUNE = {"fc": "conv", "all": "none"}  # what to freeze: fc6–fc8 train, or every layer
+
+
+@dataclass(frozen=True)
+class LocRecipe(Recipe):
+    """A :class:`vggfeat.train.Recipe` for a localisation net.
+
+    Attributes:
+        head: ``scr`` (one box, 4 outputs) or ``pcr`` (a box per class, 4·C outputs).
+        finetune: ``fc`` trains fc6, fc7 and the new fc8 (OverFeat's choice); ``all`` trains
+            every layer.
+        weights: the classification net to start from (every layer but fc8).
+        lr: 10⁻³ (Appendix A), for a batch of 256.
+    """
+
+    head: str = "pcr"
+    finetune: str = "all"
+    lr: float | None = 1e-3
+    resume_fixed: ClassVar[tuple[str, ...]] = Recipe.resume_fixed + ("head", "finetune")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head not in HEADS:
+            raise RecipeError(f"head must be scr or pcr, got {self.head!r}")
+        if self.finetune not in FINETUNE:
+            raise RecipeError(f"finetune must be fc or all, got {self.finetune!r}")
+
+
+class Localization(Task):
+    """Box regression on ``ROOT/train`` images with boxes, validated on ``ROOT/val`` images with
+    boxes; boxes are matched to images by file name."""
+
+    metrics = ("val_loc_error",)
+    recipe_class = LocRecipe
+
+    def __init__(self, train_set: ImageList, train_boxes: list[np.ndarray], val: LocImages, *,
+                 head: str, without_boxes: int = 0) -> None:
+        self.train_set, self.val = train_set, val
+        self.val_set = ImageList(val.paths)
+        self.train_boxes = train_boxes
+        self.head: BoxHead = box_head(head, train_set.class_names)
+        self._labels = np.asarray(train_set.labels, dtype=np.int64)
+        self._truth = dict(zip(val.paths, val.truths))
+        self.without_boxes = without_boxes  # training images left out: no box of their class
+
+    @classmethod
+    def from_folders(cls, root: str | os.PathLike, boxes: BoxTable | list, *,
+                     head: str) -> Localization:
+        """``ROOT/train`` (class folders) and ``ROOT/val`` (flat or class folders) with the boxes
+        of one or more box files or folders (:func:`vggfeat.data.boxes.read_boxes`)."""
+        root = Path(root).expanduser()
+        for folder in (root / "train", root / "val"):
+            if not folder.is_dir():
+                raise InputError(f"{folder} does not exist: --data must hold train/ (one "
+                                 "sub-folder per class) and val/ (flat or in class folders)")
+        table = boxes if isinstance(boxes, BoxTable) else merged_boxes(boxes)
+        train = labelled_folder(root / "train")
+        paths, labels, kept_boxes = [], [], []
+        for path, label in zip(train.paths, train.labels):
+            found = table.get(path)
+            if found is None:
+                continue
+            wnid = train.class_names[label]
+            own = found.of_class(wnid) if wnid in found.wnids else found.xyxy
+            if len(own):
+                paths.append(path)
+                labels.append(label)
+                kept_boxes.append(own)
+        if not paths:
+            raise InputError(f"none of the {len(train)} training images in {root / 'train'} has "
+                             "a box; give the training boxes (LOC_train_solution.csv or the "
+                             "train bbox XML folder) with --boxes")
+        kept = ImageList(paths, labels, train.class_names, train.sources)
+        return cls(kept, kept_boxes, images_with_boxes(root / "val", table), head=head,
+                   without_boxes=len(train) - len(paths))
+
+    def build_model(self, recipe: LocRecipe, *, download: bool = True) -> VGG:
+        model = attach_head(build_model(recipe, self.head.outputs, download=download), self.head)
+        freeze(model, FINETUNE[recipe.finetune])
+        return model
+
+    def sample(self, image: Tensor, index: int, transform: v2.Compose) -> tuple[Tensor, Tensor]:
+        view, box = BoxAugment(transform)((image, self.train_boxes[index]))
+        return view, torch.cat([torch.tensor([float(self._labels[index])]), box])
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        return euclidean_loss(outputs, targets, self.head)
+
+    def validate(self, model: VGG, images: ImageList, recipe: Recipe, *, device: torch.device,
+                 workers: int, amp: str | None) -> dict[str, float]:
+        if not len(images):
+            return {"images": 0, "val_loc_error": 0.0}
+        q = recipe.val_scale or recipe.scale_range[0]
+        localizer = Localizer(model, method="center-crop", scales=(q,), device=device, amp=amp,
+                              batch_size=max(1, (recipe.micro_batch or recipe.batch_size) // 2),
+                              channels_last=memory_format_of(model) == torch.channels_last)
+        shard = LocImages(images.paths, [self._truth[p] for p in images.paths])
+        result = evaluate_localization(localizer, shard, batch_size=localizer.locs[0].batch_size,
+                                       workers=workers, progress=False)
+        n = len(result.paths)
+        return {"images": n, "val_loc_error": result.metrics["gt_class_loc_error"] * n}
+
+    def weights_meta(self) -> dict:
+        return self.head.to_meta()
+
+
+def merged_boxes(paths: list[str | os.PathLike]) -> BoxTable:
+    """One table from several box files or folders (e.g. the train and the val boxes)."""
+    tables = [read_boxes(p) for p in paths]
+    merged = BoxTable({}, source=", ".join(t.source for t in tables))
+    for table in tables:
+        merged.boxes.update(table.boxes)
+        merged.bad += table.bad
+    return merged
