@@ -40,6 +40,19 @@ def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
     assert os.listdir(tmp_path) == ["weights.bin"]
 
 
+def test_leftovers_of_killed_writes_are_found_by_name(tmp_path):
+    from vggfeat.fileio import leftovers
+
+    for name in (".a[1].h5.0123abcd.tmp", ".b.h5.89abcdef.tmp", "a[1].h5", ".a[1].h5x.1.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(KeyboardInterrupt), atomic_path(tmp_path / "c.h5") as tmp:
+        tmp.write_bytes(b"half")
+        assert leftovers(tmp_path, "c.h5") == [tmp]  # what a kill at this moment leaves
+        raise KeyboardInterrupt
+    assert [p.name for p in leftovers(tmp_path, "a[1].h5")] == [".a[1].h5.0123abcd.tmp"]
+    assert len(leftovers(tmp_path)) == 3
+
+
 def test_all_user_errors_share_one_base_and_keep_their_old_types():
     from vggfeat.cache.store import CacheError
     from vggfeat.data.sources import InputError

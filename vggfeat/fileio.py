@@ -8,6 +8,7 @@ moment leaves either the old file or the new one, never a truncated one.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import uuid
@@ -16,7 +17,17 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 __all__ = ["atomic_path", "atomic_write", "write_bytes_atomic", "write_text_atomic",
-           "write_json_atomic", "fsync_path"]
+           "write_json_atomic", "fsync_path", "leftovers"]
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def leftovers(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
+    """Temporary files that killed atomic writes left in ``folder``: those of the file ``name``,
+    or of any file.  Only safe to delete while no other process is writing there."""
+    pattern = "*" if name is None else glob.escape(name)
+    return sorted(Path(folder).glob(f".{pattern}.*{TEMP_SUFFIX}"))
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -43,7 +54,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temporary name is hidden (``.name.<random>.tmp``) so folder globs never see it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     try:
         yield tmp
         fsync_path(tmp)
