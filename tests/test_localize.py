@@ -462,3 +462,20 @@ def test_cli_evaluate_dense_and_center_crop_then_score_the_submission(pasted, tr
            tmp_path / "cc.json", "--workers", "0", "--quiet")
     summary = json.loads((tmp_path / "cc.json").read_text())
     assert summary["scales"] == [256] and 0 <= summary["gt_class_loc_error"] <= 100
+
+
+def test_shipped_localisation_recipes_record_their_table_rows():
+    from vggfeat.localize.train import LocRecipe
+    from vggfeat.train import load_recipe
+
+    recipes = {p.stem: load_recipe(p, LocRecipe)
+               for p in (Path(__file__).parent.parent / "recipes").glob("loc-*.yaml")}
+    assert sorted(recipes) == ["loc-D-256", "loc-D-256-pcr-fc", "loc-D-256-scr-fc", "loc-D-384"]
+    for name, r in recipes.items():
+        assert (r.arch, r.lr, r.batch_size) == ("D", 1e-3, 256)
+        assert r.weights == f"runs/D-{r.train_scale}/final.safetensors"
+        assert (r.head, r.finetune) == (("scr" if "scr" in name else "pcr"),
+                                        ("fc" if name.endswith("-fc") else "all"))
+        assert r.table_row.startswith("Table 8" if "256" in name else "Table 9")
+    with pytest.raises(vggfeat.errors.RecipeError, match="head must be scr or pcr"):
+        LocRecipe(head="boxes")
