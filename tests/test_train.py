@@ -336,6 +336,7 @@ def test_ddp_survives_an_empty_micro_batch_and_shards_validation(tmp_path, colou
     run = tmp_path / "run"
     skipped = "".join(p.read_text() for p in run.glob("skipped-rank*.tsv"))
     assert skipped.count("green/3.jpg") == 1
+    assert (run / "metrics.csv").read_text().splitlines()[1].split(",")[6] == "1"  # all ranks'
     shards = [(run / f"val-rank{r}").read_text().splitlines() for r in (0, 1)]
     assert not set(shards[0]) & set(shards[1]) and len(shards[0]) + len(shards[1]) == 9
     assert (run / "final.safetensors").is_file()

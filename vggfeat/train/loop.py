@@ -4,11 +4,13 @@ One optimiser step sees the global batch (``recipe.batch_size``): it is split ev
 processes, and each process reaches its share by gradient accumulation over micro-batches, so
 the update does not depend on how many GPUs there are.  The run folder holds:
 
-* ``checkpoints/last.pt``: model, optimiser, scheduler, position (epoch, step) and history, written atomically every few minutes and at each epoch's end; ``--resume`` continues
-  from it and ends with the same weights as an uninterrupted run;
-* ``best.safetensors`` (lowest validation top-1 error) and ``final.safetensors``, vggfeat weight
+* ``checkpoints/last.pt``: model, optimiser, scheduler, position (epoch, step) and history,
+  written atomically every few minutes and at each epoch's end; ``--resume`` continues from it
+  and ends with the same weights as an uninterrupted run;
+* ``best.safetensors`` (lowest value of the task's first metric, the validation top-1 error for
+  classification) and ``final.safetensors``, vggfeat weight
   files with the recipe, S and metrics, readable by ``vggfeat extract`` and ``vggfeat evaluate``;
-* ``recipe.yaml``, ``metrics.csv``, ``curves.png``, ``tensorboard/``, ``skipped.tsv``.
+* ``recipe.yaml``, ``metrics.csv``, ``curves.png``, ``tensorboard/``, ``skipped-rank*.tsv``.
 """
 
 from __future__ import annotations
@@ -164,7 +166,8 @@ class _Trainer:
         self.workers = default_workers() if recipe.workers is None else recipe.workers
         self.log = RunLog(run_dir, metrics=task.metrics, enabled=dist.is_main)
         # Loss sums of the steps not yet read, on the device, and their image counts (host).
-        self.pending: list[tuple[Tensor, int, int]] = []  # (loss sum, images, global step)
+        # (loss sum, images, unreadable images, global step) of each step not yet read
+        self.pending: list[tuple[Tensor, int, int, int]] = []
         self.read_at = time.monotonic()
         self.bar: tqdm | None = None
         self.last_save = time.monotonic()
@@ -245,14 +248,14 @@ class _Trainer:
         # Dropout's stream is a function of (seed, rank, step): nothing to save or restore.
         torch.manual_seed(derived_seed(recipe.seed, DROPOUT_STREAM, dist.rank, state.global_step))
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum, images = torch.zeros((), dtype=torch.float64, device=dist.device), 0
+        loss_sum, images, skipped = torch.zeros((), dtype=torch.float64, device=dist.device), 0, 0
         for k in range(self.accum):
             batch = next(loader)
             if not isinstance(batch, Batch):  # every image of this micro-batch was unreadable
-                self._skip(batch)
+                skipped += self._skip(batch)
                 batch = None
             else:
-                self._skip(batch.failed)
+                skipped += self._skip(batch.failed)
             # DDP reduces gradients on the last micro-batch only; the others accumulate locally.
             last = k == self.accum - 1
             with nullcontext() if dist.world_size == 1 or last else self.net.no_sync():
@@ -264,7 +267,7 @@ class _Trainer:
         self.scaler.update()
         state.step += 1
         state.global_step += 1
-        self.pending.append((loss_sum, images, state.global_step))
+        self.pending.append((loss_sum, images, skipped, state.global_step))
         return images
 
     def _micro_step(self, batch: Batch | None) -> Tensor:
@@ -290,25 +293,29 @@ class _Trainer:
         self.scaler.scale(loss / self.accum).backward()
         return loss
 
-    def _skip(self, failed: list[tuple[int, str]]) -> None:
+    def _skip(self, failed: list[tuple[int, str]]) -> int:
+        """Record this process's unreadable images; returns how many."""
         if failed:
-            self.state.skipped += len(failed)
             paths = self.task.train_set.paths
             with open(self.run_dir / f"skipped-rank{self.dist.rank}.tsv", "a") as f:
                 f.writelines(f"{paths[i]}\t{reason}\n" for i, reason in failed)
+        return len(failed)
 
     def _read_losses(self) -> None:
         """Bring the pending steps' losses to the host (one sync, one collective), log them,
         and stop on a non-finite one."""
         if not self.pending:
             return
-        state, dev = self.state, self.dist.device
-        counts = torch.tensor([n for _, n, _ in self.pending], dtype=torch.float64)
-        totals = torch.cat([torch.stack([loss for loss, _, _ in self.pending]), counts.to(dev)])
-        sums = self.dist.all_reduce_sum(totals).tolist()
-        k = len(self.pending)
+        state, dev, k = self.state, self.dist.device, len(self.pending)
+        counts = torch.tensor([[n for _, n, _, _ in self.pending],
+                               [n for _, _, n, _ in self.pending]], dtype=torch.float64)
+        totals = torch.cat([torch.stack([loss for loss, *_ in self.pending]),
+                            counts.flatten().to(dev)])
+        sums = self.dist.all_reduce_sum(totals).tolist()  # every process's, added up
+        losses, images_per_step, skipped = sums[:k], sums[k:2 * k], sums[2 * k:]
+        state.skipped += int(sum(skipped))
         lr = self.optimizer.param_groups[0]["lr"]
-        for (_, _, global_step), loss_sum, images in zip(self.pending, sums[:k], sums[k:]):
+        for (*_, global_step), loss_sum, images in zip(self.pending, losses, images_per_step):
             if not math.isfinite(loss_sum):
                 raise TrainingError(
                     f"the training loss is {loss_sum / max(images, 1)} at step {global_step} "
@@ -317,10 +324,12 @@ class _Trainer:
             state.epoch_loss += loss_sum
             state.epoch_images += int(images)
         now = time.monotonic()
-        self.log.images_per_s(self.pending[-1][2], sum(sums[k:]) / max(now - self.read_at, 1e-9))
+        self.log.images_per_s(self.pending[-1][-1],
+                              sum(images_per_step) / max(now - self.read_at, 1e-9))
         self.read_at = now
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{sums[k - 1] / max(sums[-1], 1):.3f}", refresh=False)
+            self.bar.set_postfix(loss=f"{losses[-1] / max(images_per_step[-1], 1):.3f}",
+                                 refresh=False)
         self.pending.clear()
 
     def _what_is_kept(self) -> str:
