@@ -21,6 +21,7 @@ from vggfeat.train import (
     PCA_EIGVEC,
     Recipe,
     RecipeError,
+    TrainingError,
     epoch_order,
     load_recipe,
     micro_batches,
@@ -209,8 +210,7 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path, colours):
                                                          reference.history]
     # Stopping and resuming without any kill: validation in between must not change the net
     # behind the loop's back, and --resume alone continues with the run's own recipe.
-    run_cli("train", "--recipe", recipe_file, "--data", colours, "--out", tmp_path / "stepped",
-            "--device", "cpu", "--quiet", "--max-steps", "4")
+    train(recipe, colours, tmp_path / "stepped", device="cpu", progress=False, max_steps=4)
     run_cli("train", "--data", colours, "--out", tmp_path / "stepped", "--resume", "--device",
             "cpu", "--quiet")
     for key, value in weights_of(tmp_path / "stepped" / "final.safetensors").items():
@@ -242,8 +242,14 @@ def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, colours):
 
 
 def test_resume_without_a_recipe_needs_the_run_folder(tmp_path, colours):
-    proc = run_cli("train", "--data", colours, "--out", tmp_path / "none", "--resume", check=False)
-    assert proc.returncode != 0 and "none/recipe.yaml does not exist" in proc.stderr
+    from click.testing import CliRunner
+
+    from vggfeat.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["train", "--data", str(colours), "--out",
+                                      str(tmp_path / "none"), "--resume", "--device", "cpu"])
+    assert isinstance(result.exception, RecipeError)
+    assert "none/recipe.yaml does not exist" in str(result.exception)
 
 
 def test_recipe_values_are_checked():
@@ -288,11 +294,12 @@ def test_a_quick_run_with_default_settings_trains(tmp_path):
 
 
 def test_non_finite_weights_are_never_written(tmp_path, colours):
-    proc = run_cli("train", "--data", colours, "--out", tmp_path / "run", "--arch", "A",
-                   "--width-mult", "0.0625", "--fc-dim", "32", "--batch-size", "8", "--lr",
-                   "1e38", "--workers", "0", "--device", "cpu", "--quiet", check=False)
-    assert proc.returncode == 1 and ("not finite" in proc.stderr or "loss is" in proc.stderr)
-    assert "No checkpoint had been written yet" in proc.stderr and "last.pt" not in proc.stderr
+    recipe = Recipe(**{**TINY, "lr": 1e38, "checkpoint_steps": None, "epochs": 1})
+    with pytest.raises(TrainingError) as error:
+        train(recipe, colours, tmp_path / "run", device="cpu", progress=False)
+    message = str(error.value)
+    assert "not finite" in message or "loss is" in message
+    assert "No checkpoint had been written yet" in message and "last.pt" not in message
     assert not list((tmp_path / "run").glob("*.safetensors"))
 
 
