@@ -165,8 +165,8 @@ class _Trainer:
                                    task.sample, seed=recipe.seed, lighting=recipe.lighting)
         self.workers = default_workers() if recipe.workers is None else recipe.workers
         self.log = RunLog(run_dir, metrics=task.metrics, enabled=dist.is_main)
-        # Loss sums of the steps not yet read, on the device, and their image counts (host).
-        # (loss sum, images, unreadable images, global step) of each step not yet read
+        # (loss sum on the device, images, unreadable images, global step) of each step not yet
+        # read on the host
         self.pending: list[tuple[Tensor, int, int, int]] = []
         self.read_at = time.monotonic()
         self.bar: tqdm | None = None
@@ -181,7 +181,7 @@ class _Trainer:
         channels_last = recipe.channels_last if recipe.channels_last is not None else \
             dist.device.type == "cuda"
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if recipe.sync_bn and recipe.batch_norm and dist.world_size > 1:
+        if recipe.sync_bn and dist.world_size > 1:
             if dist.device.type != "cuda":
                 raise RecipeError("sync_bn needs GPUs (NCCL); on CPU processes leave it off")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
