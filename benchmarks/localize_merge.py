@@ -51,6 +51,9 @@ def main() -> None:
     parser.add_argument("--aspect", type=float, default=4 / 3, help="image width / height")
     parser.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True,
                         help="also time the full-width dense forward passes (D, PCR)")
+    parser.add_argument("--device", default="cpu", help="where the forward passes run")
+    parser.add_argument("--amp", choices=["bf16", "fp32"], default="fp32",
+                        help="autocast dtype of the forward passes")
     args = parser.parse_args()
     scales = [int(q) for q in args.scales.split(",")]
     rng = np.random.default_rng(0)
@@ -71,22 +74,37 @@ def main() -> None:
     print(f"greedy merge: {merge_ms:.1f} ms per image (mean of {args.images})")
 
     if args.forward:
+        device = torch.device(args.device)
         torch.manual_seed(0)
-        loc = vggfeat.vgg("D", weights="random", num_classes=4000).eval()
-        cls = vggfeat.vgg("D", weights="random").eval()
-        forward_ms = 0.0
-        with torch.inference_mode():
-            for q in scales:
-                x = torch.randn(2, 3, q, int(q * args.aspect)).contiguous(
-                    memory_format=torch.channels_last)
-                for net, copies in ((loc, args.nets), (cls, 1)):
-                    net = net.to(memory_format=torch.channels_last)
-                    tic = time.perf_counter()
-                    net.score_map(x)
-                    forward_ms += (time.perf_counter() - tic) * 1000 * copies
-        print(f"dense forward (loc D-PCR ×{args.nets} + cls D, image + flip): "
-              f"{forward_ms:.0f} ms per image; the merge is {100 * merge_ms / forward_ms:.2f}% "
-              "of it")
+        nets = [(vggfeat.vgg("D", weights="random", num_classes=4000), args.nets),
+                (vggfeat.vgg("D", weights="random"), 1)]
+        nets = [(net.eval().to(device, memory_format=torch.channels_last), copies)
+                for net, copies in nets]
+        repeats = 1 if device.type == "cpu" else 10
+
+        def forward() -> None:
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                        enabled=args.amp == "bf16"):
+                for q in scales:
+                    x = torch.randn(2, 3, q, int(q * args.aspect), device=device).contiguous(
+                        memory_format=torch.channels_last)
+                    for net, copies in nets:
+                        for _ in range(copies):
+                            net.score_map(x)
+
+        if device.type == "cuda":
+            forward()  # warm-up (cuDNN algorithm choice)
+            torch.cuda.synchronize()
+        tic = time.perf_counter()
+        for _ in range(repeats):
+            forward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        forward_ms = (time.perf_counter() - tic) / repeats * 1000
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+        print(f"dense forward on {name} ({args.amp}; loc D-PCR ×{args.nets} + cls D, image + "
+              f"flip): {forward_ms:.1f} ms per image; the merge is "
+              f"{100 * merge_ms / forward_ms:.1f}% of it")
     print(f"torch {torch.__version__}, numpy {np.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads")
 
