@@ -86,6 +86,22 @@ def test_bad_boxes_are_dropped_and_reported_by_file(tmp_path):
     assert len(table.get("img1").wnids) == 1 and table.bad[0][0].endswith("LOC_val_solution.csv:2")
 
 
+def test_a_training_box_outside_its_image_is_reported_with_the_image(tmp_path):
+    from vggfeat.localize.run import LocImages
+    from vggfeat.localize.train import Localization
+
+    images = vggfeat.data.ImageList(["/data/a.JPEG", "/data/b.JPEG"], [0, 1], WNIDS[:2])
+    boxes = [np.array([[0, 0, 101, 50]], np.float32), np.array([[10, 10, 150, 50]], np.float32)]
+    task = Localization(images, boxes, LocImages([], []), head="pcr")
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)
+    transform = train_transform((224, 224), flip=False)
+    view, target = task.sample(image, 0, transform)  # 1 px over the edge: clipped
+    assert view.shape == (3, 224, 224) and target[0] == 0 and target[3] == pytest.approx(1.0)
+    with pytest.raises(InputError, match=r"/data/b.JPEG: box \(10, 10, 150, 50\) is outside the "
+                                         r"100×100 image"):
+        task.sample(image, 1, transform)
+
+
 def test_loc_csv_reader_and_writer_round_trip(tmp_path):
     path = tmp_path / "LOC_val_solution.csv"
     path.write_text("ImageId,PredictionString\n"

@@ -176,8 +176,16 @@ def _add(table: BoxTable, image: str, wnids: list[str], boxes: list[list[float]]
     table.boxes[image] = ImageBoxes(list(wnids), xyxy, size or (old.size if old else None))
 
 
-def clip_to_image(xyxy: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Boxes clipped to a W×H image (the tolerated overhang of annotations)."""
+def inside_image(xyxy: np.ndarray, width: int, height: int, *, where: str = "") -> np.ndarray:
+    """Boxes clipped to a W×H image (annotations may overhang by :data:`EDGE_TOLERANCE`); a box
+    further outside raises :class:`InputError` naming ``where``."""
+    t = EDGE_TOLERANCE
+    outside = (xyxy[:, 0] < -t) | (xyxy[:, 1] < -t) | (xyxy[:, 2] > width + t) | \
+        (xyxy[:, 3] > height + t)
+    if outside.any():
+        box = ", ".join(f"{v:g}" for v in xyxy[outside][0])
+        raise InputError(f"{where}: box ({box}) is outside the {width}×{height} image; fix or "
+                         "drop it in the box file")
     return np.stack([xyxy[:, 0].clip(0, width), xyxy[:, 1].clip(0, height),
                      xyxy[:, 2].clip(0, width), xyxy[:, 3].clip(0, height)], axis=1)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torchvision.transforms import v2
 
-from ..data.boxes import BoxTable, read_boxes
+from ..data.boxes import BoxTable, inside_image, read_boxes
 from ..data.folders import labelled_folder
 from ..data.sources import ImageList
 from ..errors import InputError, RecipeError
@@ -116,7 +116,10 @@ class Localization(Task):
         return model
 
     def sample(self, image: Tensor, index: int, transform: v2.Compose) -> tuple[Tensor, Tensor]:
-        view, box = BoxAugment(transform)((image, self.train_boxes[index]))
+        height, width = image.shape[-2:]
+        boxes = inside_image(self.train_boxes[index], width, height,
+                             where=self.train_set.paths[index])
+        view, box = BoxAugment(transform)((image, boxes))
         return view, torch.cat([torch.tensor([float(self._labels[index])]), box])
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
