@@ -52,7 +52,6 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
     Everything vggfeat train guarantees holds: torchrun/DDP, bf16, exact resume after a kill,
     metrics.csv, curves.png, TensorBoard, .safetensors exports (which record the box head).
     """
-    from ..extract.run import default_device
     from ..localize.train import Localization, LocRecipe, merged_boxes
     from ..train import train
 
@@ -68,8 +67,8 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
     if task.without_boxes and not quiet:
         click.echo(f"{task.without_boxes} training images have no box and are left out; "
                    f"training on {len(task.train_set)}", err=True)
-    result = train(recipe, task, out or f"runs/{recipe.name}", device=device or default_device(),
-                   resume=resume, max_steps=max_steps, progress=not quiet)
+    result = train(recipe, task, out or f"runs/{recipe.name}", device=device, resume=resume,
+                   max_steps=max_steps, progress=not quiet)
     if result.history and not quiet:
         last = result.history[-1]
         click.echo(f"epoch {last['epoch']}: val localisation error (centre crop, true class) "
@@ -111,7 +110,6 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
     """Localisation error on val images with known boxes: center-crop with the ground-truth
     class (Table 8), or dense with the top-5 classes and greedy merging (Tables 9–10)."""
     from ..data.boxes import read_boxes
-    from ..extract.run import default_device, default_workers
     from ..localize.merge import DEFAULT_THRESHOLD
     from ..localize.predict import Localizer
     from ..localize.run import (
@@ -132,9 +130,9 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
     localizer = Localizer.from_weights(
         list(loc_weights), cls_weights if method == "dense" else None, method=method,
         scales=scales, merge_threshold=merge_threshold or DEFAULT_THRESHOLD,
-        device=device or default_device(), batch_size=batch_size, amp=amp)
+        device=device, batch_size=batch_size, amp=amp)
     result = evaluate_localization(localizer, images, batch_size=batch_size,
-                                   workers=default_workers() if workers is None else workers,
+                                   workers=workers,
                                    progress=not quiet)
     for path, reason in result.failed:
         click.echo(f"skipped {path}: {reason}", err=True)

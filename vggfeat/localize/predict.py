@@ -25,6 +25,7 @@ from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, rescale_views
 from ..errors import ConfigError
 from ..evaluate.methods import flip_averaged_posteriors
+from ..extract.run import default_device
 from ..models.configs import INPUT_SIZE
 from ..models.factory import vgg
 from ..models.runner import DeviceRunner
@@ -77,7 +78,7 @@ class Localizer:
 
     def __init__(self, loc_nets: VGG | list[VGG], cls_net: VGG | None = None, *,
                  method: str = "dense", scales: tuple[int, ...] | None = None, top_k: int = TOP_K,
-                 merge_threshold: float = DEFAULT_THRESHOLD, device: str | torch.device = "cpu",
+                 merge_threshold: float = DEFAULT_THRESHOLD, device: str | torch.device | None = None,
                  batch_size: int = 8, amp: str | None = None, channels_last: bool = True) -> None:
         loc_nets = [loc_nets] if isinstance(loc_nets, VGG) else list(loc_nets)
         if method not in METHODS:
@@ -91,7 +92,7 @@ class Localizer:
             raise ConfigError("dense localisation needs a classification net for the class "
                               "scores (--cls-weights)")
         self.heads: list[BoxHead] = [head_of(m) for m in loc_nets]
-        run = dict(device=device, batch_size=batch_size, amp=amp, channels_last=channels_last)
+        run = dict(device=device or default_device(), batch_size=batch_size, amp=amp, channels_last=channels_last)
         self.locs = [DeviceRunner(m, **run) for m in loc_nets]
         self.cls = DeviceRunner(cls_net, **run) if cls_net is not None else None
         self.method = method
@@ -210,7 +211,7 @@ class Localizer:
 
 def localize(image: str | os.PathLike | Tensor, *, weights: str | os.PathLike | list,
              cls_weights: str = "torchvision", scales: tuple[int, ...] | None = None,
-             top_k: int = TOP_K, device: str = "cpu") -> list[Guess]:
+             top_k: int = TOP_K, device: str | None = None) -> list[Guess]:
     """The top-5 (class, box, score) guesses for one image, in one call.
 
     Args:
@@ -218,6 +219,7 @@ def localize(image: str | os.PathLike | Tensor, *, weights: str | os.PathLike | 
         weights: localisation net weights file(s) (made by ``vggfeat localize train``).
         cls_weights: the classification net (``torchvision``, ``timm`` or a weights file).
         scales: test scales Q (default: the localisation net's training S, else 384).
+        device: where the nets run (default: cuda when available).
 
     Returns:
         Up to ``top_k`` :class:`Guess` es, best first; boxes in pixels of the original image.

@@ -17,6 +17,7 @@ from ..data.images import read_image, to_pil
 from ..data.loader import image_loader
 from ..data.sources import gather_images
 from ..errors import InputError
+from ..extract.run import default_workers
 from ..fileio import atomic_path, write_json_atomic
 from .metric import gt_class_errors, score_guesses
 from .predict import Guess, Localizer
@@ -72,9 +73,13 @@ class LocResult:
 
 
 def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size: int = 8,
-                          workers: int = 2, progress: bool = True) -> LocResult:
-    """Run ``localizer`` on every image and score it (the metric of :mod:`.metric`)."""
+                          workers: int | None = None, progress: bool = True) -> LocResult:
+    """Run ``localizer`` on every image and score it (the metric of :mod:`.metric`).
+
+    ``workers``: image-decoding processes (default: half the cores, at most 8).
+    """
     start = time.monotonic()
+    workers = default_workers() if workers is None else workers
     names = localizer.class_names
     index = {name: k for k, name in enumerate(names)}
     loader = image_loader(images.paths, np.arange(len(images)), localizer.prepare,
