@@ -78,8 +78,9 @@ class Localizer:
 
     def __init__(self, loc_nets: VGG | list[VGG], cls_net: VGG | None = None, *,
                  method: str = "dense", scales: tuple[int, ...] | None = None, top_k: int = TOP_K,
-                 merge_threshold: float = DEFAULT_THRESHOLD, device: str | torch.device | None = None,
-                 batch_size: int = 8, amp: str | None = None, channels_last: bool = True) -> None:
+                 merge_threshold: float = DEFAULT_THRESHOLD,
+                 device: str | torch.device | None = None, batch_size: int = 8,
+                 amp: str | None = None, channels_last: bool = True) -> None:
         loc_nets = [loc_nets] if isinstance(loc_nets, VGG) else list(loc_nets)
         if method not in METHODS:
             raise ConfigError(f"unknown localisation protocol {method!r}; choose "
@@ -92,13 +93,15 @@ class Localizer:
             raise ConfigError("dense localisation needs a classification net for the class "
                               "scores (--cls-weights)")
         self.heads: list[BoxHead] = [head_of(m) for m in loc_nets]
-        run = dict(device=device or default_device(), batch_size=batch_size, amp=amp, channels_last=channels_last)
+        run = dict(device=device or default_device(), batch_size=batch_size, amp=amp,
+                   channels_last=channels_last)
         self.locs = [DeviceRunner(m, **run) for m in loc_nets]
         self.cls = DeviceRunner(cls_net, **run) if cls_net is not None else None
         self.method = method
         self.scales = tuple(scales or default_scales(method, loc_nets[0]))
         if method == "dense" and min(self.scales) < INPUT_SIZE:
-            raise ConfigError(f"dense localisation needs scales ≥ {INPUT_SIZE}, got {self.scales}")
+            raise ConfigError(f"dense localisation needs scales ≥ {INPUT_SIZE}, got "
+                              f"{self.scales}")
         self.top_k, self.merge_threshold = top_k, merge_threshold
         self.class_names = class_names_of(cls_net) if cls_net is not None else \
             list(self.heads[0].class_names)

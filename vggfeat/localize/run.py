@@ -67,8 +67,8 @@ class LocResult:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        return {**{k: round(v, 3) for k, v in self.metrics.items()}, "images": len(self.paths), "failed": len(self.failed),
-                "method": self.method, "scales": list(self.scales),
+        return {**{k: round(v, 3) for k, v in self.metrics.items()}, "images": len(self.paths),
+                "failed": len(self.failed), "method": self.method, "scales": list(self.scales),
                 "seconds": round(self.seconds, 1)}
 
 
@@ -148,7 +148,8 @@ def draw_guesses(image_path: str | os.PathLike, guesses: list[Guess],
     if guesses[1:]:
         image = draw_bounding_boxes(image, torch.tensor([g.box for g in guesses[1:]]),
                                     colors="orange", width=max(1, width // 2),
-                                    labels=[f"{k + 2}: {g.wnid}" for k, g in enumerate(guesses[1:])])
+                                    labels=[f"{k + 2}: {g.wnid}"
+                                            for k, g in enumerate(guesses[1:])])
     if guesses:
         image = draw_bounding_boxes(image, torch.tensor([guesses[0].box]), colors="red",
                                     width=width, labels=[f"1: {guesses[0].wnid}"])
