@@ -495,3 +495,15 @@ def test_shipped_localisation_recipes_record_their_table_rows():
         assert r.table_row.startswith("Table 8" if "256" in name else "Table 9")
     with pytest.raises(vggfeat.errors.RecipeError, match="head must be scr or pcr"):
         LocRecipe(head="boxes")
+
+
+def test_dense_guesses_only_classes_the_pcr_net_boxes(tmp_path):
+    cls_net = tiny_vgg("A", num_classes=2)
+    cls_net.weights_meta["class_names"] = WNIDS[:2]
+    image = torch.randint(0, 255, (3, 240, 256), dtype=torch.uint8)
+    partly = attach_head(tiny_vgg("A", num_classes=8), box_head("pcr", [WNIDS[0], WNIDS[2]]))
+    guesses = Localizer(partly, cls_net, scales=(224,))(image)
+    assert [g.wnid for g in guesses] == [WNIDS[0]]
+    other = attach_head(tiny_vgg("A", num_classes=4), box_head("pcr", [WNIDS[2]]))
+    with pytest.raises(vggfeat.errors.ConfigError, match="none of which the classification net"):
+        Localizer(other, cls_net)

@@ -109,8 +109,14 @@ class Localizer:
         self._columns = []
         for head in self.heads:
             index = {name: k for k, name in enumerate(head.class_names)}
-            self._columns.append(np.array([0 if head.kind == "scr" else index.get(name, -1)
-                                           for name in self.class_names]))
+            columns = np.array([0 if head.kind == "scr" else index.get(name, -1)
+                                for name in self.class_names])
+            if (columns < 0).all():
+                raise ConfigError(f"the PCR localisation net boxes {len(head.class_names)} classes "
+                                  f"({', '.join(head.class_names[:3])} …), none of which the "
+                                  "classification net predicts; use a classifier of the same "
+                                  "classes")
+            self._columns.append(columns)
         self.boxes_merged = 0  # boxes that went into merges so far (benchmarks)
 
     @classmethod
@@ -197,7 +203,7 @@ class Localizer:
                 group_scores.append(probs[:, c].reshape(-1))
             boxes.append(torch.cat(group_boxes) if group_boxes else torch.zeros(0, 4))
             scores.append(torch.cat(group_scores) if group_scores else torch.zeros(0))
-        n = max(len(s) for s in scores)
+        n = max(1, max(len(s) for s in scores))  # a class no PCR net boxes has no boxes
         padded = np.zeros((len(top), n, 4))
         padded_scores = np.zeros((len(top), n))
         valid = np.zeros((len(top), n), bool)
