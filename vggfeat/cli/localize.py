@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from .options import IntList, device_options
-from .train import recipe_from_flags, run_options
+from .train import recipe_from_flags, report_run, run_options
 
 
 def _report_bad_boxes(table, quiet: bool) -> None:
@@ -69,15 +69,8 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
                    f"training on {len(task.train_set)}", err=True)
     result = train(recipe, task, out or f"runs/{recipe.name}", device=device, resume=resume,
                    max_steps=max_steps, progress=not quiet)
-    if result.history and not quiet:
-        last = result.history[-1]
-        click.echo(f"epoch {last['epoch']}: val localisation error (centre crop, true class) "
-                   f"{last['val_loc_error']:.2f}%", err=True)
-    if result.final:
-        click.echo(f"weights: {result.final}", err=True)
-    if result.skipped:
-        click.echo(f"{result.skipped} unreadable training images skipped (see "
-                   f"{result.run_dir}/skipped-rank*.tsv)", err=True)
+    report_run(result, quiet, lambda row: "val localisation error (centre crop, true class) "
+                                          f"{row['val_loc_error']:.2f}%")
 
 
 @localize_group.command("evaluate")

@@ -113,10 +113,16 @@ def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size,
     result = train(recipe, data, out or f"runs/{recipe.name}", device=device,
                    resume=resume, devkit=devkit, labels_csv=labels, max_steps=max_steps,
                    progress=not quiet)
+    report_run(result, quiet, lambda row: f"val top-1 error {row['val_top1_error']:.2f}%, "
+                                          f"top-5 {row['val_top5_error']:.2f}%")
+
+
+def report_run(result, quiet: bool, describe) -> None:
+    """The end of a training run on stderr: ``describe(last history row)``, the exported
+    weights, the images that could not be read."""
     if result.history and not quiet:
         last = result.history[-1]
-        click.echo(f"epoch {last['epoch']}: val top-1 error {last['val_top1_error']:.2f}%, "
-                   f"top-5 {last['val_top5_error']:.2f}%", err=True)
+        click.echo(f"epoch {last['epoch']}: {describe(last)}", err=True)
     if result.final:
         click.echo(f"weights: {result.final}", err=True)
     if result.skipped:
