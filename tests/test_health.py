@@ -40,6 +40,24 @@ def test_atomic_write_keeps_old_file_when_the_writer_fails(tmp_path):
     assert os.listdir(tmp_path) == ["weights.bin"]
 
 
+def test_a_failed_flush_fails_the_write_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import stat
+
+    target = tmp_path / "cache.json"
+    write_json_atomic(target, {"old": 1})
+
+    def fsync(fd):  # what a full disk or an I/O error reports at flush time
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output"):
+        write_json_atomic(target, {"new": 2})
+    assert json.loads(target.read_text()) == {"old": 1}
+    assert os.listdir(tmp_path) == ["cache.json"]
+
+
 def test_leftovers_of_killed_writes_are_found_by_name(tmp_path):
     from vggfeat.fileio import leftovers
 

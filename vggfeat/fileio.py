@@ -31,16 +31,23 @@ def leftovers(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
 
 
 def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's (or a folder's) data and metadata to disk."""
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if os.path.isdir(path) else 0)
+    """Flush a file's (or a folder's) data and metadata to disk.
+
+    A file's failure (EIO, ENOSPC: the data may never reach the disk) is raised; a folder's is
+    ignored, as some platforms and file systems cannot open or flush folders.
+    """
+    folder = os.path.isdir(path)
     try:
-        fd = os.open(path, flags)
-    except OSError:  # some platforms (Windows) cannot open folders; the rename is still atomic
-        return
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+    except OSError:
+        if folder:
+            return
+        raise
     try:
         os.fsync(fd)
-    except OSError:  # file systems without fsync on folders
-        pass
+    except OSError:
+        if not folder:
+            raise
     finally:
         os.close(fd)
 
