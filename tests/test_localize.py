@@ -507,3 +507,22 @@ def test_dense_guesses_only_classes_the_pcr_net_boxes(tmp_path):
     other = attach_head(tiny_vgg("A", num_classes=4), box_head("pcr", [WNIDS[2]]))
     with pytest.raises(vggfeat.errors.ConfigError, match="none of which the classification net"):
         Localizer(other, cls_net)
+
+
+def test_an_interrupted_localisation_run_resumes_to_the_same_weights(pasted, tmp_path, one_thread):
+    from safetensors.torch import load_file
+
+    from vggfeat.localize.train import Localization, LocRecipe
+    from vggfeat.train import train
+
+    task = Localization.from_folders(pasted, [pasted / "bbox", pasted / "LOC_val_solution.csv"],
+                                     head="pcr")
+    assert task.without_boxes == 1 and len(task.train_set) == 48 and len(task.val_set) == 16
+    recipe = LocRecipe(arch="A", width_mult=1 / 16, fc_dim=16, train_scale=224, batch_size=16,
+                       epochs=1, workers=0, val_limit=4, checkpoint_steps=1, head="pcr")
+    whole = train(recipe, task, tmp_path / "whole", device="cpu", progress=False)
+    train(recipe, task, tmp_path / "cut", device="cpu", progress=False, max_steps=2)
+    resumed = train(None, task, tmp_path / "cut", device="cpu", progress=False, resume=True)
+    a, b = load_file(whole.final), load_file(resumed.final)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert load_localizer(resumed.final)[1] == task.head
