@@ -19,6 +19,8 @@ import re
 import torch
 from torch import Tensor
 
+from ..errors import InputError
+
 from .configs import CFGS, FC_DIM, NUM_CLASSES, parse_arch
 from .vgg import VGG
 
@@ -39,7 +41,7 @@ def detect_format(state_dict: dict[str, Tensor]) -> str:
     if "conv1_1.weight" in keys or "fc6.weight" in keys:
         return "caffe"
     sample = ", ".join(sorted(keys)[:6])
-    raise ValueError("not a VGG state dict of a known layout (vggfeat, torchvision, timm, "
+    raise InputError("not a VGG state dict of a known layout (vggfeat, torchvision, timm, "
                      f"caffe); its first keys are: {sample}")
 
 
@@ -63,7 +65,7 @@ def to_vggfeat(state_dict: dict[str, Tensor], model: VGG) -> tuple[dict[str, Ten
             if indexed and fmt in ("torchvision", "timm"):
                 index = int(indexed.group(1))
                 if index >= len(feature_names):
-                    raise ValueError(f"checkpoint key {key!r} has no counterpart in VGG "
+                    raise InputError(f"checkpoint key {key!r} has no counterpart in VGG "
                                      f"{model.spec.name}: is it a checkpoint of another config?")
                 new_key = f"features.{feature_names[index]}.{param}"
             elif module in fc_maps:
@@ -71,7 +73,7 @@ def to_vggfeat(state_dict: dict[str, Tensor], model: VGG) -> tuple[dict[str, Ten
             elif fmt == "caffe" and module in feature_names:
                 new_key = f"features.{module}.{param}"
             else:
-                raise ValueError(f"checkpoint key {key!r} ({fmt} layout) has no counterpart in "
+                raise InputError(f"checkpoint key {key!r} ({fmt} layout) has no counterpart in "
                                  f"VGG {model.spec.name}")
         out[new_key] = value
     return _fit_shapes(out, model, fmt), fmt
@@ -87,7 +89,7 @@ def _fit_shapes(state_dict: dict[str, Tensor], model: VGG, fmt: str) -> dict[str
     missing = sorted(set(target) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(target))
     if missing or unexpected:
-        raise ValueError(f"{fmt} checkpoint does not fit VGG {model.spec.name} "
+        raise InputError(f"{fmt} checkpoint does not fit VGG {model.spec.name} "
                          f"(width {model.config['width_mult']}, fc {model.config['fc_dim']}): "
                          f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     fitted = {}
@@ -95,7 +97,7 @@ def _fit_shapes(state_dict: dict[str, Tensor], model: VGG, fmt: str) -> dict[str
         shape = target[key].shape
         if value.shape != shape:
             if value.numel() != target[key].numel() or not key.startswith("head."):
-                raise ValueError(f"{fmt} checkpoint key {key!r} has shape {tuple(value.shape)}; "
+                raise InputError(f"{fmt} checkpoint key {key!r} has shape {tuple(value.shape)}; "
                                  f"VGG {model.spec.name} needs {tuple(shape)}")
             # A Linear weight (out, C·k·k) is the conv weight (out, C, k, k) flattened in C,H,W order.
             value = value.reshape(shape)
@@ -111,7 +113,7 @@ def fc_shapes(state_dict: dict[str, Tensor]) -> tuple[int, int]:
     out = {fc: state_dict[f"{module}.weight"].shape[0] for module, fc in names.items()
            if f"{module}.weight" in state_dict}
     if "fc6" not in out:
-        raise ValueError(f"the {fmt} state dict has no fc6 weight: not a whole VGG")
+        raise InputError(f"the {fmt} state dict has no fc6 weight: not a whole VGG")
     return out["fc6"], out.get("fc8", 0)
 
 
@@ -124,7 +126,7 @@ def infer_config(state_dict: dict[str, Tensor], *, prefer: str | None = None) ->
     fc_dim, num_classes = fc_shapes(state_dict)
     first = next((v for v in state_dict.values() if v.ndim == 4), None)  # conv1_1 in any layout
     if first is None:
-        raise ValueError("it holds no conv weights")
+        raise InputError("it holds no conv weights")
     candidates = [(c, bn) for c in CFGS for bn in (False, True)]
     if prefer is not None:
         spec = parse_arch(prefer)
@@ -138,7 +140,7 @@ def infer_config(state_dict: dict[str, Tensor], *, prefer: str | None = None) ->
         except ValueError:
             continue
         return dict(model.config)
-    raise ValueError(f"the {detect_format(state_dict)} state dict fits none of the configs "
+    raise InputError(f"the {detect_format(state_dict)} state dict fits none of the configs "
                      f"{', '.join(CFGS)} (with or without batch norm)")
 
 

@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -66,5 +68,5 @@ def get_preprocessing(spec: str | Preprocessing) -> Preprocessing:
     if isinstance(spec, Preprocessing):
         return spec
     if spec not in PRESETS:
-        raise ValueError(f"unknown preprocessing {spec!r}; valid choices: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preprocessing {spec!r}; valid choices: {', '.join(PRESETS)}")
     return PRESETS[spec]

@@ -91,7 +91,7 @@ class VGG(nn.Module):
                  dropout: float = 0.5) -> None:
         super().__init__()
         if width_mult <= 0 or fc_dim <= 0 or num_classes < 0:
-            raise ValueError("width_mult and fc_dim must be positive and num_classes ≥ 0, got "
+            raise ConfigError("width_mult and fc_dim must be positive and num_classes ≥ 0, got "
                              f"{width_mult}, {fc_dim}, {num_classes}")
         self.spec: ArchSpec = parse_arch(arch, batch_norm=batch_norm)
         self.config = {"arch": self.spec.config, "batch_norm": self.spec.batch_norm,
@@ -213,7 +213,7 @@ class VGG(nn.Module):
         ReLU).
         """
         if x.shape[-1] < FC6_KERNEL or x.shape[-2] < FC6_KERNEL:
-            raise ValueError(f"pool5 map {tuple(x.shape[-2:])} is smaller than fc6's 7×7 window: "
+            raise ConfigError(f"pool5 map {tuple(x.shape[-2:])} is smaller than fc6's 7×7 window: "
                              f"the input image must be at least {INPUT_SIZE} px on each side")
         head = self.head[:-1] if pre_logits else self.head
         return head(x)
@@ -222,7 +222,7 @@ class VGG(nn.Module):
         """Crop mode: N×3×224×224 (anything whose pool5 is 7×7) → N×num_classes logits."""
         feats = self.forward_features(x)
         if feats.shape[-2:] != (FC6_KERNEL, FC6_KERNEL):
-            raise ValueError(f"crop mode needs a {INPUT_SIZE}×{INPUT_SIZE} input (pool5 7×7); got "
+            raise ConfigError(f"crop mode needs a {INPUT_SIZE}×{INPUT_SIZE} input (pool5 7×7); got "
                              f"{tuple(x.shape[-2:])}. Use model.score_map(x) for dense evaluation "
                              "of larger images, or crop/resize to 224 first.")
         return self.forward_head(feats)
@@ -245,10 +245,10 @@ class VGG(nn.Module):
         rest of the net is untouched; the new fc8 is on fc7's device and dtype.
         """
         if num_classes < 0:
-            raise ValueError(f"num_classes must be ≥ 0, got {num_classes}")
+            raise ConfigError(f"num_classes must be ≥ 0, got {num_classes}")
         if global_pool is not None:
             if global_pool not in GLOBAL_POOLS:
-                raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
+                raise ConfigError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
         fc7 = self.head.fc7.weight
         self.head.fc8 = _classifier(self.head_hidden_size, num_classes).to(fc7.device, fc7.dtype)
@@ -271,7 +271,7 @@ class VGG(nn.Module):
         norm).
         """
         if output_fmt != "NCHW":
-            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+            raise ConfigError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
         take = _take_indices(len(self._stage_ends), indices)
         ends = {self._stage_ends[i] for i in take}
         last = max(ends) if stop_early else len(self.features) - 1
@@ -292,7 +292,7 @@ class VGG(nn.Module):
         """
         wanted = [self.check_layer(name) for name in layers]
         if not wanted:
-            raise ValueError("forward_layers needs at least one layer name")
+            raise ConfigError("forward_layers needs at least one layer name")
         positions = {name: self._taps["fc8" if name == "prob" else name] for name in wanted}
         head_start = len(self.features)
         if max(positions.values()) >= head_start:
@@ -324,21 +324,21 @@ def _take_indices(n: int, indices: int | Sequence[int] | None) -> list[int]:
         indices = n
     if isinstance(indices, int):
         if not 0 < indices <= n:
-            raise ValueError(f"indices={indices}: there are {n} intermediates; ask for 1 to {n}")
+            raise ConfigError(f"indices={indices}: there are {n} intermediates; ask for 1 to {n}")
         return list(range(n - indices, n))
     take = [i + n if i < 0 else i for i in indices]
     bad = [i for i, t in zip(indices, take) if not 0 <= t < n]
     if bad or not take:
-        raise ValueError(f"indices {list(indices)} out of range: there are {n} intermediates "
+        raise ConfigError(f"indices {list(indices)} out of range: there are {n} intermediates "
                          f"(0…{n - 1}, or negative from the end)")
     return take
 
 
 def check_dense_input(x: Tensor) -> None:
     if x.dim() != 4 or x.shape[1] != 3:
-        raise ValueError(f"expected an N×3×H×W image batch, got shape {tuple(x.shape)}")
+        raise ConfigError(f"expected an N×3×H×W image batch, got shape {tuple(x.shape)}")
     if min(x.shape[-2:]) < INPUT_SIZE:
-        raise ValueError(f"dense mode needs images of at least {INPUT_SIZE} px on each side, got "
+        raise ConfigError(f"dense mode needs images of at least {INPUT_SIZE} px on each side, got "
                          f"{tuple(x.shape[-2:])}; rescale so the smallest side is Q ≥ {INPUT_SIZE}")
 
 

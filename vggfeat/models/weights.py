@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import WeightsError
+from ..errors import ConfigError, WeightsError
 from ..fileio import atomic_path
 from .configs import ArchSpec
 from .preprocessing import IMAGENET, Preprocessing
@@ -172,7 +172,7 @@ def save_weights(model, path: str | os.PathLike, *, meta: dict | None = None) ->
 
     path = Path(path)
     if path.suffix != ".safetensors":
-        raise ValueError(f"vggfeat weight files are .safetensors; got {path}")
+        raise ConfigError(f"vggfeat weight files are .safetensors; got {path}")
     metadata = {"format": FORMAT_TAG, "config": json.dumps(model.config),
                 "preprocessing": model.preprocessing.to_json(),
                 "meta": json.dumps({**model.weights_meta, **(meta or {})})}

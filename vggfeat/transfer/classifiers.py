@@ -16,6 +16,8 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
+from ..errors import ConfigError
+
 CLASSIFIERS = ("svm", "logreg")
 # Descriptors are L2-normalised, so useful C values are large-ish; grids are log-spaced.
 C_GRIDS = {"svm": tuple(10.0 ** np.arange(-2, 3)), "logreg": tuple(10.0 ** np.arange(-1, 5))}
@@ -26,7 +28,7 @@ def make_classifier(kind: str, C: float, *, seed: int = 0) -> ClassifierMixin:
         return LinearSVC(C=C, max_iter=5000, random_state=seed)
     if kind == "logreg":
         return LogisticRegression(C=C, max_iter=2000)
-    raise ValueError(f"classifier must be one of {CLASSIFIERS}, got {kind!r}")
+    raise ConfigError(f"classifier must be one of {CLASSIFIERS}, got {kind!r}")
 
 
 def choose_C(kind: str, grid: tuple[float, ...], fit: tuple[np.ndarray, np.ndarray],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import balanced_accuracy_score
 
+from ..errors import ConfigError, InputError
+
 AP_METRICS = ("11point", "area")
 
 
@@ -18,13 +20,13 @@ def voc_ap(labels: np.ndarray, scores: np.ndarray, *, metric: str = "11point") -
             or ``area`` (VOC2010 on: area under the monotone precision envelope).
     """
     if metric not in AP_METRICS:
-        raise ValueError(f"metric must be one of {AP_METRICS}, got {metric!r}")
+        raise ConfigError(f"metric must be one of {AP_METRICS}, got {metric!r}")
     labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
     keep = labels != 0
     labels, scores = labels[keep], scores[keep]
     n_pos = int((labels > 0).sum())
     if n_pos == 0:
-        raise ValueError("no positive example: average precision is undefined")
+        raise InputError("no positive example: average precision is undefined")
     order = np.argsort(-scores, kind="stable")
     tp = np.cumsum(labels[order] > 0)
     fp = np.cumsum(labels[order] < 0)

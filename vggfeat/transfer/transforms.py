@@ -17,6 +17,7 @@ from sklearn.base import (
 )
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..errors import ConfigError
 from ..extract.descriptor import AGGREGATES
 
 
@@ -33,10 +34,10 @@ class ScaleAggregator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEst
 
     def fit(self, X, y=None):
         if self.aggregate not in AGGREGATES:
-            raise ValueError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
+            raise ConfigError(f"aggregate must be one of {AGGREGATES}, got {self.aggregate!r}")
         X = validate_data(self, X, dtype=[np.float32, np.float64])
         if not isinstance(self.n_scales, int) or self.n_scales < 1 or X.shape[1] % self.n_scales:
-            raise ValueError(f"n_scales={self.n_scales!r} must be a positive integer dividing the "
+            raise ConfigError(f"n_scales={self.n_scales!r} must be a positive integer dividing the "
                              f"{X.shape[1]} features into equal per-scale blocks")
         self._n_features_out = X.shape[1] // (self.n_scales if self.aggregate == "mean" else 1)
         return self
@@ -57,7 +58,7 @@ class PowerNormalizer(OneToOneFeatureMixin, TransformerMixin, BaseEstimator):
 
     def fit(self, X, y=None):
         if not self.alpha > 0:
-            raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
+            raise ConfigError(f"alpha must be > 0, got {self.alpha!r}")
         validate_data(self, X, dtype=[np.float32, np.float64])
         return self
 
