@@ -127,10 +127,16 @@ class Localizer:
         cls_net = vgg(weights=cls_weights) if cls_weights is not None else None
         return cls([load_localizer(p)[0] for p in paths], cls_net, **kwargs)
 
-    def prepare(self, image: Tensor) -> tuple[list[Tensor], tuple[int, int]]:
-        """uint8 3×H×W → (one view per scale, (H, W)); what the data loader workers do."""
+    def prepare(self, image: Tensor) -> list[Tensor]:
+        """uint8 3×H×W → one view per scale, then the original size as a tensor (H, W): what
+        the data loader workers do (a list of tensors, as the loader pins them)."""
         crop = INPUT_SIZE if self.method == "center-crop" else None
-        return rescale_views(image, self.scales, crop=crop), tuple(image.shape[-2:])
+        return [*rescale_views(image, self.scales, crop=crop), torch.tensor(image.shape[-2:])]
+
+    @staticmethod
+    def unpack(prepared: list[Tensor]) -> tuple[list[Tensor], tuple[int, int]]:
+        """(views, (H, W)) of a :meth:`prepare` result."""
+        return prepared[:-1], tuple(prepared[-1].tolist())
 
     def __call__(self, image: str | os.PathLike | Tensor, *, class_index: int | None = None
                  ) -> list[Guess]:
@@ -138,7 +144,7 @@ class Localizer:
         ``center-crop``, the one guess for ``class_index``."""
         if not isinstance(image, Tensor):
             image = read_image(image)
-        views, size = self.prepare(image)
+        views, size = self.unpack(self.prepare(image))
         if self.method == "dense":
             return self.dense(views, size)
         if class_index is None:

@@ -89,7 +89,7 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
     with tqdm(total=len(images), unit="img", disable=not progress,
               desc=f"localize {localizer.method}") as bar:
         for batch in loader:
-            good = [(i, item) for i, item, _ in batch if item is not None]
+            good = [(i, localizer.unpack(item)) for i, item, _ in batch if item is not None]
             failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
             if localizer.method == "dense":
                 for i, (views, size) in good:
