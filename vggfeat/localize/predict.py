@@ -117,7 +117,6 @@ class Localizer:
                                   "classification net predicts; use a classifier of the same "
                                   "classes")
             self._columns.append(columns)
-        self.boxes_merged = 0  # boxes that went into merges so far (benchmarks)
 
     @classmethod
     def from_weights(cls, weights: str | os.PathLike | list, cls_weights: str | None = None,
@@ -215,7 +214,6 @@ class Localizer:
         valid = np.zeros((len(top), n), bool)
         for g, (b, s) in enumerate(zip(boxes, scores)):
             padded[g, :len(s)], padded_scores[g, :len(s)], valid[g, :len(s)] = b, s, True
-        self.boxes_merged += int(valid.sum())
         best, rating = best_boxes(padded, padded_scores, threshold=self.merge_threshold,
                                   valid=valid)
         guesses = [Guess(c, self.class_names[c], tuple(float(v) for v in best[g]),
