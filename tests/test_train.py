@@ -371,3 +371,8 @@ def test_unreadable_training_images_are_skipped_and_counted(tmp_path, colours):
                    device="cpu", progress=False)
     assert result.skipped == 1 and result.final is not None
     assert "red/0.jpg" in (tmp_path / "run" / "skipped-rank0.tsv").read_text()
+    for jpeg in (data / "train").rglob("*.jpg"):  # nothing readable: stop, do not "train"
+        jpeg.write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(TrainingError, match="no training image of epoch 1 could be read"):
+        train(Recipe(**{**TINY, "epochs": 1}), data, tmp_path / "none", device="cpu",
+              progress=False)

@@ -360,6 +360,9 @@ class _Trainer:
         """Validate, step the lr schedule, log, export the best weights, checkpoint."""
         state, task = self.state, self.task
         self._read_losses()
+        if state.epoch_images == 0:
+            raise TrainingError(f"no training image of epoch {state.epoch + 1} could be read; "
+                                f"the reasons are in {self.run_dir}/skipped-rank*.tsv")
         seconds = time.monotonic() - self.epoch_started
         metrics = self._validate()
         self.scheduler.step(metrics[task.metrics[0]])
