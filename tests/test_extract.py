@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -19,6 +24,7 @@ import vggfeat
 from vggfeat.cache import CacheError
 from vggfeat.data import read_image
 from vggfeat.data.images import resize_short_side
+from vggfeat.data.sources import gather_images
 from vggfeat.extract import DescriptorSpec, ExtractError, extract
 
 
@@ -88,7 +94,11 @@ def test_cache_layout_and_loading(tmp_path, image_folder):
     with h5py.File(out.output) as f:
         assert f["features"].dtype == np.float16
         assert f["features"].chunks == (9, 32)  # whole rows, at most ~1 MiB
-        assert set(f) == {"features", "paths", "labels", "class_names", "input_sizes", "failed"}
+        assert set(f) == {"features", "paths", "labels", "class_names", "input_sizes", "failed",
+                          "file_size", "file_mtime_ns", "file_sha256"}
+        row = [p.decode() for p in f["paths"][:]].index(str(strip))
+        assert f["file_size"][row] == strip.stat().st_size
+        assert bytes(f["file_sha256"][row]) == hashlib.sha256(strip.read_bytes()).digest()
         for key in ("arch", "layer", "weights", "weights_sha256", "scales", "pool", "flip",
                     "aggregate", "l2", "preprocessing", "vggfeat_version", "torch_version"):
             assert key in f.attrs, key
@@ -105,23 +115,272 @@ def test_cache_layout_and_loading(tmp_path, image_folder):
     lazy.file.close()
 
 
-def test_rerun_rules(tmp_path, image_folder):
-    model = tiny_vgg("A")
-    spec = DescriptorSpec(scales=(224,))
-    first = extract([image_folder], tmp_path / "f.h5", spec=spec, model=model, workers=0,
-                    progress=False)
-    again = extract([image_folder], tmp_path / "f.h5", spec=spec, model=model, workers=0,
-                    progress=False)
-    assert again.up_to_date and again.computed == 0
-    other = DescriptorSpec(scales=(256,))
+def run(images, out, model, spec=DescriptorSpec(scales=(224,)), **kwargs):
+    return extract(images, out, spec=spec, model=model, **{"workers": 0, "progress": False,
+                                                           **kwargs})
+
+
+def fresh_row(model, path, tmp_path, spec=DescriptorSpec(scales=(224,))):
+    out = run([path], tmp_path / f"fresh-{time.monotonic_ns()}.h5", model, spec)
+    return vggfeat.load_features(out.output).data[0]
+
+
+def row_of(out, path):
+    data = vggfeat.load_features(out)
+    return data.data[data.paths.index(str(path))]
+
+
+def test_rerun_updates_added_changed_and_removed_files(tmp_path, image_folder):
+    model, out = tiny_vgg("A"), tmp_path / "f.h5"
+    first = run([image_folder], out, model)
+    assert (first.computed, first.reused) == (8, 0)
+    again = run([image_folder], out, model)
+    assert again.up_to_date and again.computed == 0 and again.reused == 8
     with pytest.raises(CacheError, match=r"scales: \[224\] → \[256\].*--overwrite"):
-        extract([image_folder], first.output, spec=other, model=model, workers=0, progress=False)
-    write_image(image_folder / "cat" / "new.jpg")
-    with pytest.raises(CacheError, match="never appended to"):
-        extract([image_folder], first.output, spec=spec, model=model, workers=0, progress=False)
-    replaced = extract([image_folder], first.output, spec=other, model=model, workers=0,
-                       progress=False, overwrite=True)
-    assert replaced.num_images == 9 and vggfeat.load_features(first.output).attrs["scales"] == [256]
+        run([image_folder], out, model, DescriptorSpec(scales=(256,)))
+    new = write_image(image_folder / "cat" / "new.jpg", seed=70)
+    changed = write_image(image_folder / "dog" / "0.jpg", size=(250, 330), seed=71)
+    (image_folder / "cat" / "2.jpg").unlink()
+    updated = run([image_folder], out, model)
+    assert (updated.computed, updated.reused, updated.removed) == (2, 6, 1)
+    data = vggfeat.load_features(out)
+    assert data.paths == gather_images([image_folder]).paths and data.data.shape[0] == 8
+    for path in (new, changed):
+        np.testing.assert_allclose(row_of(out, path), fresh_row(model, path, tmp_path),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def same_size_replacement(path, seed):
+    """New content of the same size and mtime (BMP files of one size have one length)."""
+    before = path.stat()
+    write_image(path, size=(240, 320), seed=seed)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert path.stat().st_size == before.st_size
+
+
+def test_verify_compares_content_hashes(tmp_path):
+    folder = tmp_path / "bmp"
+    paths = [write_image(folder / f"{i}.bmp", seed=i) for i in range(3)]
+    model, out = tiny_vgg("A"), tmp_path / "f.h5"
+    run([folder], out, model)
+    same_size_replacement(paths[1], seed=40)
+    assert run([folder], out, model).up_to_date  # size and mtime alone cannot see it
+    verified = run([folder], out, model, verify=True)
+    assert (verified.computed, verified.reused) == (1, 2)
+    np.testing.assert_allclose(row_of(out, paths[1]), fresh_row(model, paths[1], tmp_path),
+                               rtol=1e-5, atol=1e-6)
+    os.utime(paths[0])  # touched, same content: --verify reuses it
+    touched = run([folder], out, model, verify=True)
+    assert touched.computed == 0 and not touched.up_to_date  # identities refreshed in the file
+    assert run([folder], out, model).up_to_date
+
+
+def stop_partway(folder, out, model):
+    """A run that stops (as a kill would) after publishing some shards."""
+    bad = folder / "dog" / "zz-empty.jpg"
+    bad.write_bytes(b"")
+    with pytest.raises(ExtractError):
+        run([folder], out, model, strict=True, batch_size=2, shard_images=2)
+    bad.unlink()
+    return [p.decode() for s in out.parent.glob(out.name + ".parts/shard-*.h5")
+            for p in h5py.File(s)["paths"][:]]
+
+
+def test_an_image_replaced_after_a_crash_is_recomputed(tmp_path, image_folder):
+    model, out = tiny_vgg("A"), tmp_path / "f.h5"
+    done = stop_partway(image_folder, out, model)
+    replaced = Path(done[0])
+    write_image(replaced, size=(270, 280), seed=80)
+    result = run([image_folder], out, model)
+    assert result.computed == 8 - len(done) + 1
+    np.testing.assert_allclose(row_of(out, replaced), fresh_row(model, replaced, tmp_path),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_overwrite_recomputes_everything(tmp_path, image_folder):
+    model, out = tiny_vgg("A"), tmp_path / "f.h5"
+    done = stop_partway(image_folder, out, model)
+    assert done
+    replaced = Path(done[0])
+    same_size_replacement(replaced, seed=81) if replaced.suffix == ".bmp" else write_image(
+        replaced, size=(240, 320), seed=81)
+    result = run([image_folder], out, model, overwrite=True)
+    assert result.computed == 8 and result.reused == 0
+    np.testing.assert_allclose(row_of(out, replaced), fresh_row(model, replaced, tmp_path),
+                               rtol=1e-5, atol=1e-6)
+    assert run([image_folder], out, model, overwrite=True).computed == 8
+
+
+def test_failures_are_retried_when_fixed_or_asked(tmp_path, image_folder, monkeypatch):
+    model, out = tiny_vgg("A"), tmp_path / "f.h5"
+    listed = tmp_path / "list.txt"
+    missing = image_folder / "cat" / "later.jpg"
+    listed.write_text("\n".join(gather_images([image_folder]).paths + [str(missing)]))
+    monkeypatch.setenv("VGGFEAT_MAX_PIXELS", "70000")  # 4 of the 8 images are larger
+    first = run([listed], out, model)
+    assert first.num_failed == 5 and {r.split(":")[0] for _, r in first.failed} == {
+        "decompression bomb", "file not found"}
+    monkeypatch.delenv("VGGFEAT_MAX_PIXELS")
+    write_image(missing, seed=5)  # restored: retried because the file changed
+    rerun = run([listed], out, model)
+    assert (rerun.computed, rerun.num_failed) == (1, 4)
+    retried = run([listed], out, model, retry_failed=True)
+    assert (retried.computed, retried.num_failed, retried.num_images) == (4, 0, 9)
+
+
+def test_summary_counts_and_output_suffix(tmp_path, image_folder, tiny_weights):
+    out = tmp_path / "f.h5"
+    model = vggfeat.vgg(weights=str(tiny_weights))  # what the command line builds
+    run([image_folder], out, model)
+    write_image(image_folder / "dog" / "new.png", seed=60)
+    (image_folder / "dog" / "broken.jpg").write_bytes(b"not an image")
+    proc = run_cli("extract", image_folder, "-o", out, "--weights", tiny_weights, "--scales",
+                   "224", "--workers", "0")
+    assert "8 reused, 2 computed, 0 removed, 1 failed" in proc.stderr
+    assert "--retry-failed" in proc.stderr
+    with pytest.raises(CacheError, match="feat.npy must be named .h5 or .hdf5"):
+        run([image_folder], tmp_path / "feat.npy", model)
+    assert not (tmp_path / "feat.npy").exists()
+
+
+def start_extract(out, args):
+    return subprocess.Popen([sys.executable, "-m", "vggfeat", "extract", "-o", str(out),
+                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for_shards(parts, count, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while len(list(parts.glob("shard-*.h5"))) < count:
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_one_writer_per_output_and_stale_locks_are_taken_over(tmp_path, tiny_weights):
+    folder = tmp_path / "many"
+    for i in range(12):
+        write_image(folder / f"{i:03d}.jpg", size=(300, 400), seed=i)
+    args = [folder, "--weights", tiny_weights, "--scales", "256,320", "--workers", "0",
+            "--batch-size", "2", "--shard-size", "2", "--quiet"]
+    out = tmp_path / "f.h5"
+    first = start_extract(out, args)
+    wait_for_shards(tmp_path / "f.h5.parts", 1, first)
+    first.send_signal(signal.SIGSTOP)  # still running, however slow the second one starts
+    model, spec = vggfeat.vgg(weights=str(tiny_weights)), DescriptorSpec(scales=(256, 320))
+    for overwrite in (False, True):
+        with pytest.raises(CacheError, match=f"being written by process {first.pid} on "
+                                             f"{socket.gethostname()}"):
+            run([folder], out, model, spec, overwrite=overwrite)
+    first.send_signal(signal.SIGKILL)  # leaves its lock file behind, naming a dead process
+    first.wait()
+    assert (tmp_path / "f.h5.lock").exists() and not out.exists()
+    resumed = run([folder], out, model, spec)
+    assert 0 < resumed.reused and resumed.reused + resumed.computed == 12
+    assert len(vggfeat.load_features(out).paths) == 12 and not (tmp_path / "f.h5.lock").exists()
+
+
+SIGTERM_RUN = """
+import os, signal, sys
+import vggfeat
+from vggfeat.extract import DescriptorNet, DescriptorSpec, extract
+calls = 0
+forward = DescriptorNet.__call__
+def counting(self, items):
+    global calls
+    calls += 1
+    if calls == 3:  # a scheduler's SIGTERM, with 4 images computed and none published yet
+        os.kill(os.getpid(), signal.SIGTERM)
+    return forward(self, items)
+DescriptorNet.__call__ = counting
+extract([sys.argv[1]], sys.argv[2], spec=DescriptorSpec(scales=(224,)), weights=sys.argv[3],
+        workers=0, progress=False, batch_size=2, shard_images=1000, shard_seconds=1e9)
+"""
+
+
+def test_sigterm_publishes_what_was_computed(tmp_path, image_folder, tiny_weights):
+    script = tmp_path / "run.py"
+    script.write_text(SIGTERM_RUN)
+    out = tmp_path / "f.h5"
+    proc = subprocess.run([sys.executable, str(script), str(image_folder), str(out),
+                           str(tiny_weights)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    shards = list((tmp_path / "f.h5.parts").glob("shard-*.h5"))
+    assert sum(len(h5py.File(s)["paths"]) for s in shards) == 4
+    resumed = run([image_folder], out, vggfeat.vgg(weights=str(tiny_weights)))
+    assert (resumed.reused, resumed.computed) == (4, 4)
+
+
+def test_symlink_loops_and_undecodable_names(tmp_path):
+    root = tmp_path / "imgs"
+    write_image(root / "a" / "1.jpg")
+    write_image(root / "b" / "2.jpg", seed=1)
+    os.symlink("..", root / "a" / "up")
+    os.symlink("../a", root / "b" / "again")
+    images = gather_images([root])
+    assert images.paths == [str(root / "a" / "1.jpg"), str(root / "b" / "2.jpg")]
+    assert len(images.skipped) == 2 and all("already scanned" in r for _, r in images.skipped)
+    bad_name = os.fsencode(root / "a") + b"/caf\xe9.jpg"
+    with open(bad_name, "wb") as f:
+        f.write((root / "a" / "1.jpg").read_bytes())
+    out = extract([root], tmp_path / "f.h5", spec=DescriptorSpec(scales=(224,)),
+                  model=tiny_vgg("A"), workers=0, progress=False)
+    assert out.num_images == 2
+    reasons = dict(vggfeat.load_features(out.output).failed)
+    assert "not valid UTF-8" in reasons[str(root / "a") + "/caf\\xe9.jpg"]
+
+
+def make_read_only(path):
+    """Read-only even for root (immutable attribute), undone by the returned function."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        return lambda: path.chmod(mode)
+    if subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode:
+        pytest.skip("cannot make a file read-only here (no chattr)")
+    return lambda: subprocess.run(["chattr", "-i", str(path)], check=True)
+
+
+def test_disk_full_read_only_and_leftovers_give_clear_errors(tmp_path, image_folder,
+                                                             monkeypatch):
+    model, out = tiny_vgg("A"), tmp_path / "f.h5"
+    real_open = open
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".shard-" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, mode, *args, **kwargs)
+
+    import vggfeat.fileio
+    monkeypatch.setattr(vggfeat.fileio, "open", full_disk, raising=False)
+    with pytest.raises(CacheError, match="No space left on device.*free some space"):
+        run([image_folder], out, model)
+    monkeypatch.undo()
+    import vggfeat.cache.store as store
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(1, 1, 1))
+    with pytest.raises(CacheError, match=r"needs about .* GiB.*free some space"):
+        run([image_folder], out, model)
+    monkeypatch.undo()
+    assert list((tmp_path / "f.h5.parts").glob("shard-*.h5"))  # computed rows were kept
+    # what a merge or a shard write killed by SIGKILL leaves behind
+    (tmp_path / ".f.h5.0badf00d.tmp").write_bytes(b"partial")
+    (tmp_path / "f.h5.parts" / ".shard-r000-x.h5.12345678.tmp").write_bytes(b"partial")
+    assert run([image_folder], out, model).computed == 0
+    assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "f.h5.parts").exists()
+    write_image(image_folder / "cat" / "new.jpg", seed=90)
+    undo = make_read_only(out)
+    try:
+        with pytest.raises(CacheError, match="f.h5 is read-only"):
+            run([image_folder], out, model)
+    finally:
+        undo()
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    undo = make_read_only(folder)
+    try:
+        with pytest.raises(CacheError, match="cannot write in .*locked"):
+            run([image_folder], folder / "f.h5", model)
+    finally:
+        undo()
 
 
 def test_strict_stops_and_keeps_work(tmp_path, image_folder):

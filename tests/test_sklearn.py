@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import Normalizer
 from sklearn.svm import LinearSVC
 from sklearn.utils.estimator_checks import parametrize_with_checks
+from conftest import write_image
 
 import vggfeat
 from vggfeat.cache import CacheError
@@ -74,8 +78,67 @@ def test_pipeline_grid_search_and_cache(tmp_path, image_folder, tiny_weights):
         os.remove(p)
     again = features(tiny_weights, cache=cache).fit_transform(paths)
     np.testing.assert_array_equal(first, again)
-    with pytest.raises(CacheError, match="layer: 'fc7' → 'fc6'"):
-        features(tiny_weights, cache=cache, layer="fc6").fit_transform(paths)
+
+
+def test_one_cache_serves_a_grid_search_over_layers(tmp_path, image_folder, tiny_weights):
+    images = gather_images([image_folder])
+    paths, y = np.array(images.paths), np.array(images.labels)
+    cache = tmp_path / "cache.h5"
+    pipe = make_pipeline(features(tiny_weights, cache=cache), Normalizer(), LinearSVC())
+    GridSearchCV(pipe, {"vggfeatures__layer": ["fc6", "fc7"]}, cv=2).fit(paths, y)
+    for layer in ("fc6", "fc7"):
+        est = features(tiny_weights, layer=layer, cache=cache).fit(None)
+        stored = vggfeat.load_features(cache, group=est.cache_group_)
+        assert stored.attrs["layer"] == layer and sorted(stored.paths) == sorted(images.paths)
+        np.testing.assert_allclose(est.transform(paths),
+                                   features(tiny_weights, layer=layer).fit_transform(paths),
+                                   atol=1e-6)
+    with pytest.raises(CacheError, match="several settings"):
+        vggfeat.load_features(cache)
+    with pytest.raises(CacheError, match="not a VGGFeatures cache"):
+        features(tiny_weights, cache=vggfeat.extract(
+            [image_folder], tmp_path / "plain.h5", spec=DescriptorSpec(scales=(224,)),
+            model=vggfeat.vgg(weights=str(tiny_weights)), workers=0, progress=False).output
+                 ).fit_transform(paths)
+
+
+def test_cache_recomputes_changed_files_and_retries_fixed_ones(tmp_path, image_folder,
+                                                               tiny_weights):
+    paths = gather_images([image_folder]).paths
+    Path(paths[2]).write_bytes(b"not a jpeg")
+    cache = tmp_path / "c.h5"
+    X = features(tiny_weights, on_error="nan", cache=cache).fit_transform(paths)
+    assert np.isnan(X[2]).all()
+    write_image(Path(paths[2]), seed=90)  # fixed: retried because the file changed
+    write_image(Path(paths[5]), size=(250, 260), seed=91)  # replaced: its row is recomputed
+    X = features(tiny_weights, cache=cache).fit_transform(paths)
+    np.testing.assert_allclose(X, features(tiny_weights).fit_transform(paths), atol=1e-6)
+    assert len(vggfeat.load_features(cache).paths) == 8
+
+
+CONCURRENT_USER = """
+import sys
+from vggfeat.sklearn import VGGFeatures
+paths = sys.argv[3:]
+VGGFeatures(weights=sys.argv[1], scales=(224,), cache=sys.argv[2], workers=0).fit_transform(paths)
+"""
+
+
+def test_cache_is_safe_under_concurrent_use(tmp_path, image_folder, tiny_weights):
+    paths = gather_images([image_folder]).paths
+    script = tmp_path / "user.py"
+    script.write_text(CONCURRENT_USER)
+    cache = tmp_path / "shared.h5"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    users = [subprocess.Popen([sys.executable, str(script), str(tiny_weights), str(cache), *half],
+                              env=env, stderr=subprocess.PIPE, text=True)
+             for half in (paths[:5], paths[4:])]
+    for user in users:
+        assert user.wait(timeout=300) == 0, user.stderr.read()
+    stored = vggfeat.load_features(cache)
+    assert sorted(stored.paths) == sorted(paths)  # no update lost, no row twice
+    np.testing.assert_allclose(features(tiny_weights, cache=cache).fit_transform(paths),
+                               features(tiny_weights).fit_transform(paths), atol=1e-6)
 
 
 def test_unreadable_images_raise_or_give_nan(tmp_path, image_folder, tiny_weights):

@@ -10,31 +10,48 @@
     clf.fit(train_paths, train_labels)
 
 With ``cache=`` an HDF5 file, descriptors are looked up by path and only the images not yet in
-the cache are computed (crash-safe and resumable, like ``vggfeat extract``); the cache then grows
-by those rows.  The cache is a regular vggfeat feature file, so ``vggfeat.load_features`` and
-``vggfeat transfer`` read it too.
+the cache, or changed since (size or mtime; rows of deleted files are still served), are computed (crash-safe and resumable, like
+``vggfeat extract``); the cache then grows by those rows.  The file holds one group per
+descriptor setting, so one cache serves a grid search over layers or scales; several processes
+may use it at once (writers take turns).  ``vggfeat.load_features(cache, group=...)`` reads it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
+import h5py
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .cache.lock import OutputLock
 from .cache.store import (
-    CacheError,
-    append_file,
+    MISSING,
+    FileIds,
+    Index,
+    Rows,
+    check_suffix,
+    descriptor_groups,
+    glob_escape,
+    io_error,
     load_features,
-    settings_difference,
+    parts_dir,
+    read_index,
+    write_group,
 )
+from .cache.update import plan_update
+from .errors import CacheError, ConfigError, InputError
+from .fileio import atomic_path
 from .data.images import MAX_ASPECT
 from .data.sources import ImageList
-from .extract.descriptor import DENSE_SCALES, DescriptorSpec
-from .extract.run import DESCRIPTOR_SETTINGS, descriptor_settings, extract
+from .extract.descriptor import DescriptorSpec
+from .extract.run import descriptor_settings, extract
 from .models.factory import vgg
 from .transfer.transforms import PowerNormalizer, ScaleAggregator
 
@@ -51,8 +68,11 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     ``flip``, ``l2``, ``crop``, ``max_aspect``), plus:
 
     Args:
-        cache: an HDF5 file of descriptors keyed by image path; None computes every time.
+        cache: an HDF5 file of descriptors keyed by image path and file identity, one group per
+            descriptor setting (``cache_group_``); None computes every time.
         on_error: ``raise`` (name the unreadable images) or ``nan`` (give them NaN rows).
+        retry_failed: try again, on every call, the images the cache records as unreadable
+            (by default only those whose file changed since).
         batch_size, device, workers, amp, dtype, progress: as for ``vggfeat extract``.
 
     ``fit`` builds the net (``model_``); it learns nothing from the data.  The input is a
@@ -60,11 +80,11 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, arch: str | None = None, weights: str | None = "torchvision", *,
-                 layer: str = "fc7", scales: tuple[int, ...] = DENSE_SCALES, pool: str = "avg",
-                 aggregate: str = "mean", flip: bool = True, l2: bool = True,
+                 layer: str = "fc7", scales: tuple[int, ...] | None = None, pool: str = "avg",
+                 aggregate: str = "mean", flip: bool | None = None, l2: bool = True,
                  crop: int | None = None, max_aspect: float = MAX_ASPECT,
                  cache: str | os.PathLike | None = None, on_error: str = "raise",
-                 batch_size: int = 8, device: str | None = None, workers: int | None = 0,
+                 retry_failed: bool = False, batch_size: int = 8, device: str | None = None, workers: int | None = 0,
                  amp: str | None = None, dtype: str = "float32", progress: bool = False) -> None:
         self.arch = arch
         self.weights = weights
@@ -78,6 +98,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         self.max_aspect = max_aspect
         self.cache = cache
         self.on_error = on_error
+        self.retry_failed = retry_failed
         self.batch_size = batch_size
         self.device = device
         self.workers = workers
@@ -87,13 +108,16 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
 
     def fit(self, X=None, y=None):
         if self.on_error not in ON_ERROR:
-            raise ValueError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
-        self.spec_ = DescriptorSpec(layer=self.layer, scales=tuple(self.scales), pool=self.pool,
+            raise ConfigError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        self.spec_ = DescriptorSpec(layer=self.layer, scales=self.scales, pool=self.pool,
                                     aggregate=self.aggregate, flip=self.flip, l2=self.l2,
                                     crop=self.crop, max_aspect=self.max_aspect)
         self.model_ = vgg(self.arch, weights=self.weights, progress=self.progress).eval()
         self.model_.check_layer(self.layer)
         self._n_features_out = self.spec_.dim(self.model_.layer_channels(self.layer))
+        settings = self._settings()
+        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+        self.cache_group_ = f"{self.layer.replace(':', '_')}-{digest[:12]}"
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -103,7 +127,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         bad = [p for p in dict.fromkeys(paths) if p in failed]
         if bad and self.on_error == "raise":
             listed = "; ".join(f"{p}: {failed[p]}" for p in bad[:5])
-            raise ValueError(f"{len(bad)} image(s) could not be read ({listed}); fix or remove "
+            raise InputError(f"{len(bad)} image(s) could not be read ({listed}); fix or remove "
                              "them, or use on_error='nan'")
         out = np.full((len(paths), self._n_features_out), np.nan, dtype=np.float32)
         for i, p in enumerate(paths):
@@ -145,27 +169,94 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
 
     def _cached(self, paths: list[str]) -> tuple[dict, dict]:
         cache = Path(self.cache)
-        settings = self._settings()
-        rows, failed = {}, {}
-        if cache.exists():
-            bunch = load_features(cache)
-            stored = {k: bunch.attrs.get(k) for k in DESCRIPTOR_SETTINGS}
-            if stored != settings:
-                raise CacheError(f"cache {cache} holds descriptors computed differently ("
-                                 + "; ".join(settings_difference(stored, settings))
-                                 + "); use another cache file for these settings")
-            rows, failed = _rows(bunch)
-        missing = [p for p in dict.fromkeys(paths) if p not in rows and p not in failed]
-        if missing:
-            # Named after its inputs, so a killed call resumes when called again on the same data.
-            pending = cache.with_name(f"{cache.name}.pending-{ImageList(missing).fingerprint()[:12]}"
-                                      ".h5")
-            new_rows, new_failed = self._extract(missing, pending)
-            append_file(cache, pending, attrs=settings)
-            pending.unlink()
-            rows.update(new_rows)
-            failed.update(new_failed)
+        check_suffix(cache, "cache")
+        unique = list(dict.fromkeys(paths))
+        rows, failed, todo = self._lookup(cache, unique)
+        if todo:
+            # One writer at a time; a process that waited finds what the other one computed.
+            with OutputLock(cache, wait=True):
+                rows, failed, todo = self._lookup(cache, unique)
+                if todo:
+                    new_rows, new_failed = self._add(cache, todo)
+                    rows.update(new_rows)
+                    failed.update(new_failed)
         return rows, failed
+
+    def _index(self, cache: Path) -> Index | None:
+        if not cache.exists():
+            return None
+        with h5py.File(cache, "r") as f:
+            groups = descriptor_groups(f)
+        if groups == ["/"]:
+            raise CacheError(f"{cache} is a feature file written by vggfeat extract (or an "
+                             "older vggfeat), not a VGGFeatures cache: choose another cache file")
+        return read_index(cache, self.cache_group_) if self.cache_group_ in groups else None
+
+    def _lookup(self, cache: Path, paths: list[str]) -> tuple[dict, dict, list[str]]:
+        """Rows and failures the cache holds for unchanged files, and the paths to compute."""
+        index = self._index(cache)
+        if index is None:
+            return {}, {}, paths
+        plan = plan_update(paths, [index], retry_failed=self.retry_failed)
+        # A deleted image cannot have changed: its row is still served (images may be removed
+        # once their descriptors are cached).
+        gone = [i for i in plan.compute if plan.ids.size[i] == MISSING]
+        stored = {p: e for e, p in enumerate(index.paths[:index.n_rows])} if gone else {}
+        for i in gone:
+            if paths[i] in stored:
+                plan.source[i], plan.entry[i] = 0, stored[paths[i]]
+        found = np.flatnonzero(plan.source >= 0)
+        good = found[plan.entry[found] < index.n_rows]
+        order = np.argsort(plan.entry[good])
+        with h5py.File(cache, "r") as f:
+            data = f[self.cache_group_]["features"][np.sort(plan.entry[good])] if len(good) else []
+        rows = {paths[i]: data[k] for k, i in zip(range(len(good)), good[order])}
+        failed = {paths[i]: index.reasons[plan.entry[i] - index.n_rows]
+                  for i in np.setdiff1d(found, good)}
+        return rows, failed, [paths[i] for i in plan.compute]
+
+    def _add(self, cache: Path, todo: list[str]) -> tuple[dict, dict]:
+        """Compute ``todo`` and write the cache with them (atomically; other groups kept)."""
+        # Named after its inputs, so a killed call resumes when called again on the same data.
+        pending = cache.with_name(f".{cache.name}.{self.cache_group_}-"
+                                  f"{ImageList(todo).fingerprint()[:12]}.h5")
+        for leftover in cache.parent.glob(f".{glob_escape(cache.name)}.*.h5"):
+            if leftover != pending:  # of killed calls: we hold the lock, no one writes them
+                leftover.unlink(missing_ok=True)
+                shutil.rmtree(parts_dir(leftover), ignore_errors=True)
+        new_rows, new_failed = self._extract(todo, pending)
+        old, new = self._index(cache), read_index(pending)
+        sources = [old, new] if old else [new]
+        replaced = set(new.paths)
+        keep = [np.array([e for e, p in enumerate(s.paths) if s is new or p not in replaced],
+                         np.int64) for s in sources]
+        row_parts = [(k, e[e < s.n_rows]) for k, (s, e) in enumerate(zip(sources, keep))]
+        fail_parts = [(k, e[e >= s.n_rows]) for k, (s, e) in enumerate(zip(sources, keep))]
+        rows = Rows([s.file for s in sources],
+                    np.concatenate([np.full(len(e), k) for k, e in row_parts]),
+                    np.concatenate([e for _, e in row_parts]), [s.group for s in sources])
+        try:
+            with atomic_path(cache) as tmp, h5py.File(tmp, "w") as dst:
+                if cache.exists():
+                    with h5py.File(cache, "r") as src:
+                        for name in descriptor_groups(src):
+                            if name != self.cache_group_:
+                                src.copy(src[name], dst, name=name)
+                write_group(
+                    dst.create_group(self.cache_group_), rows,
+                    paths=[sources[k].paths[e] for k, es in row_parts for e in es],
+                    ids=FileIds.concat([sources[k].ids.take(e) for k, e in row_parts]),
+                    labels=None, class_names=None,
+                    failed_paths=[sources[k].paths[e] for k, es in fail_parts for e in es],
+                    failed_reasons=[sources[k].reasons[e - sources[k].n_rows]
+                                    for k, es in fail_parts for e in es],
+                    failed_ids=FileIds.concat([sources[k].ids.take(e) for k, e in fail_parts]),
+                    attrs=self._settings(), dim=self._n_features_out,
+                    n_scales=len(self.spec_.scales), dtype=self.dtype)
+        except OSError as err:
+            raise io_error(err, "write the cache") from err
+        pending.unlink()
+        return new_rows, new_failed
 
 
 def _rows(bunch) -> tuple[dict, dict]:

@@ -1,28 +1,33 @@
 """The HDF5 feature cache: crash-safe shards while a run is going, one file when it is done.
 
-While a run is in progress, results go to ``OUT.h5.parts/``: a ``manifest.json`` holding the
-settings and the input fingerprint, and shard files, each written under a temporary name and
-published by an atomic rename, so a shard is either complete or absent whatever kills the
-process.  A re-run reads the shards, skips what they cover and computes the rest.  When every
-image is covered, the shards are merged in input order into ``OUT.h5`` (again via a temporary
-file and a rename) and the parts folder is removed.
+While a run is in progress, new results go to ``OUT.h5.parts/``: a ``manifest.json`` holding the
+descriptor settings, and shard files, each built in memory and published by an atomic rename, so
+a shard is either complete or absent whatever kills the process.  Every row (and every recorded
+failure) carries the identity of the file it was computed from: path, size, mtime and SHA-256 of
+the content.  A rerun reuses the rows whose file is unchanged, computes the rest, and joins them
+in input order into ``OUT.h5`` (again via a temporary file and a rename), streaming in blocks so
+memory stays bounded whatever the number of rows.
 
-Layout of the finished file (see docs/extract.md):
+Layout of a finished file (see docs/extract.md); shards have the same layout without labels:
 
 * ``features``      N×D float32/float16, chunked by whole rows (~1 MiB chunks)
 * ``paths``         N UTF-8 strings, the images in input order
+* ``file_size``, ``file_mtime_ns`` N int64, ``file_sha256`` N×32 uint8: what each row was computed from
 * ``labels``        N int64, and ``class_names`` K strings, when the input has classes
 * ``input_sizes``   N×S×2 int32, the network input (H, W) actually used at each scale
-* ``failed/paths``, ``failed/reasons``  the files that could not be used, and why
+* ``failed/paths``, ``failed/reasons`` and ``failed/file_*``: the files that could not be used, and why
 * attributes: the settings (arch, layer, weights and their hash, scales, …) and versions
 """
 
 from __future__ import annotations
 
-import json
+import errno
+import hashlib
+import io
 import os
 import shutil
-import uuid
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,11 +35,15 @@ import h5py
 import numpy as np
 from sklearn.utils import Bunch
 
-from ..errors import CacheError
+from ..errors import CacheError, InputError
+from ..fileio import atomic_path, write_bytes_atomic
 
 CHUNK_BYTES = 1 << 20
+BLOCK_BYTES = 64 << 20  # rows copied per step of a merge: what a merge holds in memory
 STR = h5py.string_dtype("utf-8")
 MANIFEST = "manifest.json"
+SUFFIXES = (".h5", ".hdf5")
+MISSING = -1  # file_size of a file that did not exist
 
 
 def parts_dir(output: Path) -> Path:
@@ -47,134 +56,334 @@ def row_chunks(n_rows: int, dim: int, dtype) -> tuple[int, int]:
     return min(rows, n_rows), dim
 
 
-# -- manifest --------------------------------------------------------------------------------------
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary name beside ``path``, then rename: whole or absent."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+def check_suffix(path: Path, what: str = "output") -> None:
+    if path.suffix.lower() not in SUFFIXES:
+        raise CacheError(f"{what} {path} must be named .h5 or .hdf5: vggfeat writes HDF5 files "
+                         f"(e.g. {path.with_suffix('.h5').name})")
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+def io_error(err: OSError, action: str) -> CacheError:
+    """A clear message for an OS error while writing a cache (disk full, read-only, …)."""
+    advice = {
+        errno.ENOSPC: "the disk is full: free some space (or choose another folder) and run "
+                      "again; rows already published are kept",
+        errno.EDQUOT: "the disk quota is exceeded: free some space and run again",
+        errno.EROFS: "the file system is read-only: choose an output on a writable one",
+        errno.EACCES: "permission denied: choose a folder you can write to, or fix its "
+                      "permissions",
+        errno.EPERM: "the operation is not permitted (an immutable or protected file?): choose "
+                     "another output",
+    }.get(err.errno, "run again once the cause is fixed")
+    target = f" {err.filename}" if err.filename else ""
+    return CacheError(f"cannot {action}{target}: {err.strerror or err}; {advice}")
 
 
-def read_manifest(parts: Path) -> dict | None:
+def check_writable(output: Path) -> None:
+    """Refuse early, before any work, an output that could not be written at the end."""
+    folder = output.parent
     try:
-        return json.loads((parts / MANIFEST).read_text())
-    except FileNotFoundError:
-        return None
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise io_error(err, "create the output folder") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CacheError(f"cannot write in {folder} (permission denied or read-only file "
+                         "system): choose an output in a folder you can write to")
+    if output.exists() and not os.access(output, os.W_OK):
+        raise CacheError(f"{output} is read-only: make it writable (chmod u+w) to update it, or "
+                         "choose another output")
 
 
-def settings_difference(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+def remove_leftovers(output: Path) -> int:
+    """Delete temporary files of killed writes (only while holding the output's lock)."""
+    parts = parts_dir(output)
+    found = list(output.parent.glob(f".{glob_escape(output.name)}.*.tmp"))
+    if parts.is_dir():
+        found += list(parts.glob(".*.tmp")) + list(parts.glob("*.h5.tmp"))
+    for path in found:
+        path.unlink(missing_ok=True)
+    return len(found)
 
 
-# -- shards ----------------------------------------------------------------------------------------
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def check_free_space(folder: Path, needed: int, action: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise CacheError(f"cannot {action}: it needs about {needed / 2**30:.2f} GiB and "
+                         f"{folder} has {free / 2**30:.2f} GiB free; free some space (or choose "
+                         "another folder) and run again; computed rows are kept")
+
+
+# -- file identities -------------------------------------------------------------------------------
 
 @dataclass
-class Shard:
-    path: Path
-    index: np.ndarray  # input indices of the good rows, increasing
-    failed_index: np.ndarray
-    failed_reasons: list[str]
+class FileIds:
+    """What each row was computed from: size (−1: missing), mtime in ns, SHA-256 (0: unknown)."""
+
+    size: np.ndarray
+    mtime_ns: np.ndarray
+    sha256: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int = 0) -> FileIds:
+        return cls(np.full(n, MISSING, np.int64), np.zeros(n, np.int64), np.zeros((n, 32), np.uint8))
+
+    @classmethod
+    def concat(cls, parts: list[FileIds]) -> FileIds:
+        if not parts:
+            return cls.empty()
+        return cls(*(np.concatenate([getattr(p, k) for p in parts])
+                     for k in ("size", "mtime_ns", "sha256")))
+
+    def __len__(self) -> int:
+        return len(self.size)
+
+    def take(self, index) -> FileIds:
+        return FileIds(self.size[index], self.mtime_ns[index], self.sha256[index])
 
 
-def write_shard(parts: Path, *, rank: int, index: np.ndarray, features: np.ndarray,
-                input_sizes: np.ndarray, failed_index: np.ndarray, failed_reasons: list[str],
-                dtype: str) -> Path:
-    """Publish one shard atomically: it appears complete under its final name, or not at all."""
-    first = int(min(index.min(initial=1 << 62), failed_index.min(initial=1 << 62)))
-    final = parts / f"shard-r{rank:03d}-{first:010d}-{uuid.uuid4().hex[:8]}.h5"
-    tmp = final.with_suffix(".h5.tmp")
-    with h5py.File(tmp, "w") as f:
-        f["index"] = index.astype(np.int64)
-        f.create_dataset("features", data=features.astype(dtype), dtype=dtype)
-        f["input_sizes"] = input_sizes.astype(np.int32)
-        f["failed_index"] = failed_index.astype(np.int64)
-        f.create_dataset("failed_reasons", data=failed_reasons, dtype=STR)
-    with open(tmp, "rb") as fh:  # the data must be on disk before the name says it is
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    return final
+def stat_files(paths: list[str]) -> FileIds:
+    """Size and mtime of each file now (size −1 for a missing one); no content is read."""
+    ids = FileIds.empty(len(paths))
+    for i, path in enumerate(paths):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        ids.size[i], ids.mtime_ns[i] = st.st_size, st.st_mtime_ns
+    return ids
 
 
-def read_shards(parts: Path) -> list[Shard]:
-    """All published shards; temporary files of interrupted writes are ignored."""
-    shards = []
-    for path in sorted(parts.glob("shard-*.h5")):
-        with h5py.File(path, "r") as f:
-            shards.append(Shard(path, f["index"][:], f["failed_index"][:],
-                                [r.decode() if isinstance(r, bytes) else r
-                                 for r in f["failed_reasons"][:]]))
-    return shards
+def file_identity(path: str) -> tuple[int, int, bytes]:
+    """(size, mtime_ns, SHA-256) of one file, stat taken before reading so a file replaced
+    meanwhile looks changed next time rather than current."""
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns, sha256_file(path)
+    except OSError:
+        return MISSING, 0, bytes(32)
 
 
-def covered(shards: list[Shard]) -> np.ndarray:
-    """Sorted input indices already done (computed or recorded as failed)."""
-    parts = [s.index for s in shards] + [s.failed_index for s in shards]
-    done = np.concatenate(parts) if parts else np.empty(0, np.int64)
-    if len(np.unique(done)) != len(done):
-        raise CacheError("shards overlap: an image was computed twice; the parts folder was "
-                         "written by two different runs at once. Remove it and run again.")
-    return np.sort(done)
+def sha256_file(path: str) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.digest()
 
 
-# -- merge -----------------------------------------------------------------------------------------
-
-def merge(parts: Path, output: Path, *, paths: list[str], labels: list[int] | None,
-          class_names: list[str] | None, attrs: dict, dim: int, n_scales: int, dtype: str) -> Path:
-    """Join the shards into ``output`` in input order; atomic; removes ``parts`` afterwards."""
-    shards = read_shards(parts)
-    done = covered(shards)
-    if len(done) != len(paths) or (len(done) and done[-1] != len(paths) - 1):
-        raise CacheError(f"cannot finish {output}: {len(paths) - len(done)} of {len(paths)} images "
-                         "are not computed yet; run the same command again to complete it")
-    good = np.sort(np.concatenate([s.index for s in shards])) if shards else np.empty(0, np.int64)
-    failed = sorted((int(i), r) for s in shards for i, r in zip(s.failed_index, s.failed_reasons))
-    tmp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with h5py.File(tmp, "w") as f:
-        feats = f.create_dataset("features", shape=(len(good), dim), dtype=dtype,
-                                 chunks=row_chunks(len(good), dim, dtype) if len(good) else None)
-        sizes = f.create_dataset("input_sizes", shape=(len(good), n_scales, 2), dtype=np.int32)
-        for shard in shards:
-            if not len(shard.index):
-                continue
-            rows = np.searchsorted(good, shard.index)
-            with h5py.File(shard.path, "r") as src:
-                values, shard_sizes = src["features"][:], src["input_sizes"][:]
-            # Rows of a shard are consecutive in the output unless other ranks' rows interleave.
-            for run in np.split(np.arange(len(rows)), np.flatnonzero(np.diff(rows) != 1) + 1):
-                lo, hi = rows[run[0]], rows[run[-1]] + 1
-                feats[lo:hi] = values[run]
-                sizes[lo:hi] = shard_sizes[run]
-        f.create_dataset("paths", data=[paths[i] for i in good], dtype=STR)
-        if labels is not None:
-            f["labels"] = np.asarray([labels[i] for i in good], dtype=np.int64)
-            f.create_dataset("class_names", data=class_names, dtype=STR)
-        group = f.create_group("failed")
-        group.create_dataset("paths", data=[paths[i] for i, _ in failed], dtype=STR)
-        group.create_dataset("reasons", data=[r for _, r in failed], dtype=STR)
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        f.attrs["num_images"] = len(good)
-        f.attrs["num_failed"] = len(failed)
-    os.replace(tmp, output)
-    shutil.rmtree(parts, ignore_errors=True)
-    return output
+def hash_files(paths: list[str], threads: int = 4) -> np.ndarray:
+    """N×32 SHA-256 of the files' contents (zeros for unreadable files); hashlib frees the GIL."""
+    def one(path):
+        try:
+            return sha256_file(path)
+        except OSError:
+            return bytes(32)
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        digests = list(pool.map(one, paths, chunksize=64))
+    return np.frombuffer(b"".join(digests), np.uint8).reshape(len(paths), 32).copy()
 
 
-# -- reading ---------------------------------------------------------------------------------------
+# -- what a file or shard holds --------------------------------------------------------------------
+
+@dataclass
+class Index:
+    """The entries of a feature file or shard: its rows first, then its recorded failures."""
+
+    file: Path
+    paths: list[str]
+    n_rows: int
+    ids: FileIds
+    reasons: list[str]  # one per failure
+    group: str = "/"
+
 
 def _strings(dataset) -> list[str]:
     return [s.decode() if isinstance(s, bytes) else s for s in dataset[:]]
 
 
-def read_attrs(path: str | os.PathLike) -> dict:
+def _ids(group, n: int) -> FileIds:
+    if "file_size" not in group:  # written before files had identities: nothing can be reused
+        return FileIds(np.full(n, -2, np.int64), np.zeros(n, np.int64), np.zeros((n, 32), np.uint8))
+    return FileIds(group["file_size"][:], group["file_mtime_ns"][:], group["file_sha256"][:])
+
+
+def read_index(path: Path, group: str = "/") -> Index:
     with h5py.File(path, "r") as f:
-        return {k: _plain(v) for k, v in f.attrs.items()}
+        g = f[group]
+        paths, failed = _strings(g["paths"]), _strings(g["failed/paths"])
+        return Index(path, paths + failed, len(paths),
+                     FileIds.concat([_ids(g, len(paths)), _ids(g["failed"], len(failed))]),
+                     _strings(g["failed/reasons"]), group)
+
+
+def _write_ids(group, ids: FileIds) -> None:
+    group["file_size"] = ids.size.astype(np.int64)
+    group["file_mtime_ns"] = ids.mtime_ns.astype(np.int64)
+    group.create_dataset("file_sha256", data=ids.sha256.reshape(-1, 32).astype(np.uint8),
+                         shape=(len(ids), 32), dtype=np.uint8)
+
+
+def _write_failed(group, paths: list[str], reasons: list[str], ids: FileIds) -> None:
+    failed = group.create_group("failed")
+    failed.create_dataset("paths", data=paths, shape=(len(paths),), dtype=STR)
+    failed.create_dataset("reasons", data=reasons, shape=(len(reasons),), dtype=STR)
+    _write_ids(failed, ids)
+
+
+# -- shards ----------------------------------------------------------------------------------------
+
+def write_shard(parts: Path, name: str, *, paths: list[str], ids: FileIds, features: np.ndarray,
+                input_sizes: np.ndarray, failed_paths: list[str], failed_reasons: list[str],
+                failed_ids: FileIds, dtype: str) -> Path:
+    """Publish one shard atomically: it appears complete under its final name, or not at all.
+
+    The HDF5 file is built in memory and written with plain file I/O, so a full disk is an
+    ordinary, reportable error and never leaves a half-written HDF5 file behind.
+    """
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as f:
+        f.create_dataset("features", data=features.astype(dtype), dtype=dtype)
+        f["input_sizes"] = input_sizes.astype(np.int32)
+        f.create_dataset("paths", data=paths, shape=(len(paths),), dtype=STR)
+        _write_ids(f, ids)
+        _write_failed(f, failed_paths, failed_reasons, failed_ids)
+    final = parts / name
+    try:
+        write_bytes_atomic(final, buffer.getvalue())
+    except OSError as err:
+        raise io_error(err, "publish results to") from err
+    return final
+
+
+def list_shards(parts: Path) -> list[Path]:
+    """Published shards, oldest first; temporary files of interrupted writes are never listed."""
+    return sorted(parts.glob("shard-*.h5"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+# -- writing a feature file ------------------------------------------------------------------------
+
+@dataclass
+class Rows:
+    """Where each output row comes from: ``sources[source[i]]``, row ``row[i]``."""
+
+    sources: list[Path]
+    source: np.ndarray  # int, one per output row
+    row: np.ndarray     # int64, one per output row
+    groups: list[str] | None = None  # the group of each source ("/" when None)
+
+
+def estimated_bytes(n_rows: int, dim: int, n_scales: int, dtype: str) -> int:
+    return n_rows * (dim * np.dtype(dtype).itemsize + n_scales * 8 + 48 + 160) + (8 << 20)
+
+
+def write_features(output: Path, rows: Rows, *, paths: list[str], ids: FileIds,
+                   labels: np.ndarray | None, class_names: list[str] | None,
+                   failed_paths: list[str], failed_reasons: list[str], failed_ids: FileIds,
+                   attrs: dict, dim: int, n_scales: int, dtype: str) -> Path:
+    """Write ``output`` atomically from rows of other feature files and shards.
+
+    Rows are copied in blocks of about :data:`BLOCK_BYTES`, so memory does not grow with the
+    number of rows; the per-row paths and identities are held in memory (~200 bytes a row).
+    """
+    check_free_space(output.parent, estimated_bytes(len(paths), dim, n_scales, dtype),
+                     f"write {output}")
+    try:
+        with atomic_path(output) as tmp, h5py.File(tmp, "w") as f:
+            write_group(f, rows, paths=paths, ids=ids, labels=labels, class_names=class_names,
+                        failed_paths=failed_paths, failed_reasons=failed_reasons,
+                        failed_ids=failed_ids, attrs=attrs, dim=dim, n_scales=n_scales,
+                        dtype=dtype)
+    except OSError as err:
+        raise io_error(err, "write") from err
+    return output
+
+
+def write_group(group, rows: Rows, *, paths, ids, labels, class_names, failed_paths,
+                failed_reasons, failed_ids, attrs, dim, n_scales, dtype) -> None:
+    n = len(paths)
+    feats = group.create_dataset("features", shape=(n, dim), dtype=dtype,
+                                 chunks=row_chunks(n, dim, dtype) if n else None)
+    sizes = group.create_dataset("input_sizes", shape=(n, n_scales, 2), dtype=np.int32)
+    copy_rows(rows, feats, sizes, block=max(1, BLOCK_BYTES // (dim * np.dtype(dtype).itemsize)))
+    group.create_dataset("paths", data=paths, shape=(n,), dtype=STR)
+    _write_ids(group, ids)
+    if labels is not None:
+        group["labels"] = np.asarray(labels, dtype=np.int64)
+        group.create_dataset("class_names", data=class_names, dtype=STR)
+    _write_failed(group, failed_paths, failed_reasons, failed_ids)
+    for key, value in attrs.items():
+        group.attrs[key] = value
+    group.attrs["num_images"] = n
+    group.attrs["num_failed"] = len(failed_paths)
+
+
+def copy_rows(rows: Rows, feats, sizes, *, block: int) -> None:
+    """Fill ``feats``/``sizes`` block by block, reading each source in runs of consecutive rows."""
+    handles: OrderedDict[int, h5py.File] = OrderedDict()  # a few open sources at a time
+
+    def source(k: int):
+        if k in handles:
+            handles.move_to_end(k)
+        else:
+            handles[k] = h5py.File(rows.sources[k], "r")
+            if len(handles) > 32:
+                handles.popitem(last=False)[1].close()
+        g = handles[k][rows.groups[k] if rows.groups else "/"]
+        return g["features"], g["input_sizes"]
+
+    try:
+        for lo in range(0, len(rows.row), block):
+            hi = min(lo + block, len(rows.row))
+            out = np.empty((hi - lo, feats.shape[1]), feats.dtype)
+            out_sizes = np.empty((hi - lo, *sizes.shape[1:]), np.int32)
+            for k in np.unique(rows.source[lo:hi]):
+                at = np.flatnonzero(rows.source[lo:hi] == k)
+                src_rows = rows.row[lo:hi][at]
+                src_feats, src_sizes = source(int(k))
+                breaks = np.flatnonzero((np.diff(src_rows) != 1) | (np.diff(at) != 1)) + 1
+                for run in np.split(np.arange(len(at)), breaks):
+                    a, b = src_rows[run[0]], src_rows[run[-1]] + 1
+                    out[at[run[0]]:at[run[-1]] + 1] = src_feats[a:b]
+                    out_sizes[at[run[0]]:at[run[-1]] + 1] = src_sizes[a:b]
+            feats[lo:hi] = out
+            sizes[lo:hi] = out_sizes
+    finally:
+        for f in handles.values():
+            f.close()
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def descriptor_groups(f: h5py.File) -> list[str]:
+    """Groups holding a feature layout ("/" for a plain file; one per descriptor in a cache)."""
+    if "features" in f:
+        return ["/"]
+    return sorted(name for name, g in f.items() if isinstance(g, h5py.Group) and "features" in g)
+
+
+def _group(f: h5py.File, path: Path, group: str | None):
+    if group is not None:
+        if group not in f or "features" not in f[group]:
+            raise CacheError(f"{path} has no descriptor group {group!r}; it has "
+                             f"{descriptor_groups(f)}")
+        return f[group]
+    groups = descriptor_groups(f)
+    if len(groups) == 1:
+        return f[groups[0]]
+    if not groups:
+        raise CacheError(f"{path} is not a vggfeat feature file (no 'features'/'paths')")
+    described = "; ".join(f"{g} (layer {f[g].attrs.get('layer')}, scales "
+                          f"{_plain(f[g].attrs.get('scales'))})" for g in groups)
+    raise CacheError(f"{path} holds descriptors of several settings: {described}; choose one "
+                     "with group=NAME")
+
+
+def read_attrs(path: str | os.PathLike, *, group: str | None = None) -> dict:
+    with h5py.File(path, "r") as f:
+        return {k: _plain(v) for k, v in _group(f, Path(path), group).attrs.items()}
 
 
 def _plain(value):
@@ -185,7 +394,8 @@ def _plain(value):
     return value
 
 
-def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bool = False):
+def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bool = False,
+                  group: str | None = None):
     """Read a vggfeat feature file.
 
     Returns a scikit-learn ``Bunch`` with ``data`` (N×D), ``target`` (N labels or None),
@@ -193,58 +403,30 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
     ``attrs`` (settings) and ``input_sizes``; or ``(X, y)`` with ``return_X_y=True``.
 
     With ``lazy=True``, ``data`` is the open ``h5py.Dataset`` (slice it to read rows) and the
-    Bunch's ``file`` must be closed by the caller (``bunch.file.close()``).
+    Bunch's ``file`` must be closed by the caller (``bunch.file.close()``).  A
+    :class:`vggfeat.sklearn.VGGFeatures` cache holds one group per descriptor setting: ``group``
+    chooses one (needed only when there are several).
     """
     path = Path(path)
     if not path.is_file():
         parts = parts_dir(path)
         hint = (f"; {parts} holds an unfinished run: run the same extract command again to finish "
                 "it") if parts.is_dir() else ""
-        raise FileNotFoundError(f"feature file {path} does not exist{hint}")
+        raise InputError(f"feature file {path} does not exist{hint}")
     f = h5py.File(path, "r")
     try:
-        if "features" not in f or "paths" not in f:
-            raise CacheError(f"{path} is not a vggfeat feature file (no 'features'/'paths')")
-        data = f["features"] if lazy else f["features"][:]
-        target = f["labels"][:] if "labels" in f else None
+        g = _group(f, path, group)
+        data = g["features"] if lazy else g["features"][:]
+        target = g["labels"][:] if "labels" in g else None
         if return_X_y:
             return data, target
-        failed = list(zip(_strings(f["failed/paths"]), _strings(f["failed/reasons"])))
+        failed = list(zip(_strings(g["failed/paths"]), _strings(g["failed/reasons"])))
         return Bunch(data=data, target=target,
-                     target_names=_strings(f["class_names"]) if "class_names" in f else None,
-                     paths=_strings(f["paths"]), failed=failed,
-                     input_sizes=f["input_sizes"][:],
-                     attrs={k: _plain(v) for k, v in f.attrs.items()},
+                     target_names=_strings(g["class_names"]) if "class_names" in g else None,
+                     paths=_strings(g["paths"]), failed=failed,
+                     input_sizes=g["input_sizes"][:],
+                     attrs={k: _plain(v) for k, v in g.attrs.items()},
                      file=f if lazy else None)
     finally:
         if not lazy:
             f.close()
-
-
-# -- growing a path-keyed cache --------------------------------------------------------------------
-
-def append_file(cache: Path, new: Path, *, attrs: dict) -> Path:
-    """Write ``cache`` + the rows of the feature file ``new`` as the new ``cache`` (atomically).
-
-    Used by caches keyed by image path (:class:`vggfeat.sklearn.VGGFeatures`), which grow with
-    every call; ``attrs`` replaces the file's settings (without per-input keys).
-    """
-    sources = [p for p in (cache, new) if p.exists()]
-    parts = [load_features(p) for p in sources]
-    tmp = cache.with_name(f".{cache.name}.{uuid.uuid4().hex[:8]}.tmp")
-    features = np.concatenate([b.data for b in parts])
-    with h5py.File(tmp, "w") as f:
-        f.create_dataset("features", data=features,
-                         chunks=row_chunks(len(features), features.shape[1], features.dtype)
-                         if len(features) else None)
-        f["input_sizes"] = np.concatenate([b.input_sizes for b in parts])
-        f.create_dataset("paths", data=[p for b in parts for p in b.paths], dtype=STR)
-        group = f.create_group("failed")
-        group.create_dataset("paths", data=[p for b in parts for p, _ in b.failed], dtype=STR)
-        group.create_dataset("reasons", data=[r for b in parts for _, r in b.failed], dtype=STR)
-        for key, value in attrs.items():
-            f.attrs[key] = value
-        f.attrs["num_images"] = len(features)
-        f.attrs["num_failed"] = sum(len(b.failed) for b in parts)
-    os.replace(tmp, cache)
-    return cache

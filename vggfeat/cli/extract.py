@@ -11,14 +11,15 @@ from ..extract.descriptor import (
     POOLS,
     DescriptorSpec,
 )
-from ..extract.run import DTYPES, extract
+from ..extract.run import DTYPES, ExtractOptions, extract
 from .options import IntList, device_options, model_options
 
 
 @click.command("extract")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
-              help="HDF5 file to write (an unfinished run lives in OUTPUT.parts/)")
+              help="HDF5 file (.h5/.hdf5) to write or update (an unfinished run lives in "
+                   "OUTPUT.parts/)")
 @click.option("--layer", default="fc7", show_default=True,
               help="layer to read: conv1_1 … conv5_4, pool1 … pool5, fc6, fc7, fc8, prob; "
                    "NAME:pre for the value before the ReLU")
@@ -44,35 +45,46 @@ from .options import IntList, device_options, model_options
               help="autocast the network (GPU)")
 @click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
               help="images per published shard: at most this much work is redone after a kill")
-@click.option("--overwrite", is_flag=True, help="replace an existing output made differently")
+@click.option("--overwrite", is_flag=True,
+              help="recompute everything (also replaces an output made with other settings)")
+@click.option("--verify", is_flag=True,
+              help="count a file as changed when its content hash differs, not its size or mtime")
+@click.option("--retry-failed", is_flag=True,
+              help="try again the images recorded as failed, unchanged ones included")
 @click.option("--strict", is_flag=True, help="fail on the first bad image instead of skipping it")
 @click.option("--quiet", is_flag=True, help="no progress output")
 def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate, flip, l2, dtype,
                     crop, max_aspect, batch_size, workers, device, amp, shard_size, overwrite,
-                    strict, quiet) -> None:
+                    verify, retry_failed, strict, quiet) -> None:
     """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists).
 
     Each image is rescaled to every Q in --scales, the net runs densely, the layer's map is
     globally pooled, averaged with the flipped image, combined over scales and L2-normalised
-    (the paper's Appendix B).  Killed runs resume when the same command is run again.
+    (the paper's Appendix B).  Killed runs resume when the same command is run again, and a
+    rerun on a finished OUTPUT updates it: rows of unchanged files are reused, new and changed
+    files are computed, removed files are dropped.
     """
-    spec = DescriptorSpec(
-        layer=layer, scales=scales or (CROP_SCALES if crop else DENSE_SCALES), pool=pool,
-        aggregate=aggregate, flip=(crop is None) if flip is None else flip, l2=l2, crop=crop,
-        max_aspect=max_aspect)
-    result = extract(list(paths), output, spec=spec, arch=arch, weights=weights,
-                     batch_size=batch_size, workers=workers, device=device, dtype=dtype, amp=amp,
-                     overwrite=overwrite, strict=strict, progress=not quiet,
-                     shard_images=shard_size)
+    spec = DescriptorSpec(layer=layer, scales=scales, pool=pool, aggregate=aggregate, flip=flip,
+                          l2=l2, crop=crop, max_aspect=max_aspect)
+    options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
+                             overwrite=overwrite, verify=verify, retry_failed=retry_failed,
+                             strict=strict, progress=not quiet, shard_images=shard_size)
+    result = extract(list(paths), output, spec=spec, arch=arch, weights=weights, dtype=dtype,
+                     options=options)
+    counts = (f"{result.reused} reused, {result.computed} computed, {result.removed} removed, "
+              f"{result.num_failed} failed")
     if result.up_to_date:
-        click.echo(f"{output} is complete and up to date with these settings: nothing to do "
-                   "(--overwrite recomputes it)", err=True)
-        return
-    if not quiet or result.num_failed:
+        click.echo(f"{output} is up to date ({counts}): nothing to do (--overwrite recomputes "
+                   "everything)", err=True)
+    elif not quiet or result.num_failed:
         rate = result.computed / result.seconds if result.seconds else 0.0
-        click.echo(f"{result.num_images} images → {output} ({result.computed} computed now, "
-                   f"{rate:.2f} img/s); {result.num_failed} failed", err=True)
+        click.echo(f"{result.num_images} images → {output}: {counts} ({rate:.2f} img/s)",
+                   err=True)
         for path, reason in result.failed[:20]:
             click.echo(f"  skipped {path}: {reason}", err=True)
         if result.num_failed > 20:
             click.echo(f"  … {result.num_failed - 20} more in {output}:/failed", err=True)
+    if result.num_failed:
+        click.echo(f"  failures are recorded in {output}; fix those files and rerun with "
+                   "--retry-failed to try them again (changed files are retried anyway)",
+                   err=True)

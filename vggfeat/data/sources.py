@@ -23,6 +23,7 @@ class ImageList:
     labels: list[int] | None = None
     class_names: list[str] | None = None
     sources: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) not used
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,10 +53,11 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
     if not inputs:
         raise InputError("no input given: pass image folders, image files or a file list")
     entries: list[tuple[str, str | None]] = []
+    skipped: list[tuple[str, str]] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            entries.extend(_scan_folder(path))
+            entries.extend(_scan_folder(path, skipped))
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             entries.extend(_read_list(path))
         elif path.is_file():
@@ -63,9 +65,13 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
         else:
             raise InputError(f"input {item} does not exist; pass image folders, image files or "
                              "a .txt/.csv list of paths")
+    usable = [(p, c) for p, c in entries if _utf8(p)]
+    skipped += [(printable(p), NOT_UTF8) for p, _ in entries if not _utf8(p)]
+    entries = usable
     if not entries:
+        also = f"; skipped {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise InputError(f"no image files found in {', '.join(map(str, inputs))} (looked for "
-                         f"{', '.join(sorted(IMAGE_EXTENSIONS))})")
+                         f"{', '.join(sorted(IMAGE_EXTENSIONS))}){also}")
     seen: set[str] = set()
     duplicates = [p for p, _ in entries if p in seen or seen.add(p)]
     if duplicates:
@@ -76,15 +82,43 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
     if all(c is not None for c in names):
         class_names = sorted(set(names))
         index = {c: i for i, c in enumerate(class_names)}
-        return ImageList(paths, [index[c] for c in names], class_names, [str(i) for i in inputs])
-    return ImageList(paths, sources=[str(i) for i in inputs])
+        return ImageList(paths, [index[c] for c in names], class_names, [str(i) for i in inputs],
+                         skipped)
+    return ImageList(paths, sources=[str(i) for i in inputs], skipped=skipped)
 
 
-def _scan_folder(root: Path) -> list[tuple[str, str | None]]:
-    files = sorted(
-        (Path(dirpath) / name for dirpath, _, names in os.walk(root, followlinks=True)
-         for name in names if is_image_file(name)),
-        key=lambda p: p.relative_to(root).parts)
+NOT_UTF8 = ("the file name is not valid UTF-8, so it cannot be stored; rename it (e.g. with "
+            "convmv) to include it")
+
+
+def _utf8(path: str) -> bool:
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(path: str) -> str:
+    """A path whose name has undecodable bytes, with those bytes shown as \\xNN escapes."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _scan_folder(root: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
+    """Image files under ``root``; symbolic links are followed, but each real folder is scanned
+    once, so a link back up the tree (a loop) or a second link to a folder adds nothing."""
+    files, seen = [], {}
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):
+        dirnames.sort()  # which of two links to one folder is followed must not vary
+        st = os.stat(dirpath)
+        first = seen.setdefault((st.st_dev, st.st_ino), dirpath)
+        if first != dirpath:
+            dirnames.clear()
+            skipped.append((printable(dirpath), f"a symbolic link to {printable(first)}, which "
+                            "is already scanned (a loop or a second link): not followed"))
+            continue
+        files += [Path(dirpath) / name for name in names if is_image_file(name)]
+    files.sort(key=lambda p: p.relative_to(root).parts)
     labelled = bool(files) and all(len(f.relative_to(root).parts) > 1 for f in files)
     return [(os.path.abspath(f), f.relative_to(root).parts[0] if labelled else None) for f in files]
 
@@ -92,7 +126,7 @@ def _scan_folder(root: Path) -> list[tuple[str, str | None]]:
 def _read_list(list_file: Path) -> list[tuple[str, str | None]]:
     base = list_file.parent
     entries: list[tuple[str, str | None]] = []
-    with open(list_file, newline="", encoding="utf-8") as f:
+    with open(list_file, newline="", encoding="utf-8", errors="surrogateescape") as f:
         if list_file.suffix.lower() == ".csv":
             reader = csv.DictReader(f)
             if not reader.fieldnames or "path" not in reader.fieldnames:

@@ -1,10 +1,12 @@
-"""``vggfeat extract``: descriptors for a list of images into a resumable HDF5 cache.
+"""``vggfeat extract``: descriptors for a list of images into an HDF5 file kept up to date.
 
 Decoding and rescaling run in DataLoader workers, overlapped with the network.  Results are
 published in shards (see :mod:`vggfeat.cache.store`), so a run killed at any moment, SIGKILL
-included, resumes where it stopped when the same command is run again.  Under ``torchrun`` the
-images not yet done are split between the ranks in contiguous blocks, with no padding; rank 0
-joins the shards into the one output file.
+included, resumes where it stopped when the same command is run again.  A rerun on a finished
+output reuses the rows of unchanged files, computes new and changed ones and drops removed ones
+(:mod:`vggfeat.cache.update`).  One process (or one ``torchrun`` job) writes an output at a time.
+Under ``torchrun`` rank 0 decides what to compute, the images are split between the ranks in
+contiguous blocks with no padding, and rank 0 joins the shards into the one output file.
 """
 
 from __future__ import annotations
@@ -12,197 +14,166 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import threading
 import time
-from dataclasses import dataclass, field
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from .. import __version__
+from ..cache.lock import OutputLock
 from ..cache.store import (
-    CacheError,
-    covered,
-    load_features,
-    merge,
+    MANIFEST,
+    FileIds,
+    Index,
+    check_suffix,
+    check_writable,
+    file_identity,
+    io_error,
+    list_shards,
     parts_dir,
     read_attrs,
-    read_manifest,
-    read_shards,
-    settings_difference,
-    write_json_atomic,
+    read_index,
+    remove_leftovers,
+    write_features,
     write_shard,
 )
-from ..data.loader import image_loader
+from ..cache.update import Plan, plan_update
+from ..data.loader import PreparedImages, image_loader
 from ..data.sources import ImageList, gather_images
 from ..distributed import Distributed
-from ..errors import ExtractError
+from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
+from ..fileio import write_json_atomic
 from ..models.factory import vgg
 from ..models.vgg import VGG
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
 
 DTYPES = ("float32", "float16")
-# Settings that must agree for descriptors to be comparable (and, with the inputs, for a run to
-# continue another's work or to count as up to date).
+# Settings that must agree for descriptors to be comparable, and so for rows to be reused.
 DESCRIPTOR_SETTINGS = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
                        "scales", "pool", "aggregate", "flip", "l2", "crop", "max_aspect", "dtype")
-COMPARED = DESCRIPTOR_SETTINGS + ("input_fingerprint", "num_inputs")
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    """How :func:`extract` runs and updates its output; none of these change the descriptors.
+
+    Running:
+        batch_size: images per forward pass (flips double it).
+        workers: DataLoader worker processes for decoding (default: half the cores, ≤ 8).
+        device: ``cpu``, ``cuda``, ``cuda:1`` … (default: cuda when available).
+        amp: ``bf16``/``fp16`` autocast for the network (GPU).
+        progress: show a progress bar.
+        shard_images, shard_seconds: publish results at least this often (what a kill can cost).
+        download: allow fetching hub weights missing from the local cache.
+
+    Updating an existing output:
+        overwrite: recompute everything, whatever the output and an unfinished run hold; also
+            replaces an output made with other settings.
+        verify: a file counts as changed when its content hash differs (default: its size or
+            mtime), so rows are reused after a copy or a ``touch`` and never for edited content.
+        retry_failed: try again the images recorded as failed (unchanged files included).
+        strict: stop at the first unreadable image instead of recording it.
+    """
+
+    batch_size: int = 8
+    workers: int | None = None
+    device: str | None = None
+    amp: str | None = None
+    progress: bool = True
+    shard_images: int = 256
+    shard_seconds: float = 60.0
+    download: bool = True
+    overwrite: bool = False
+    verify: bool = False
+    retry_failed: bool = False
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.shard_images < 1:
+            raise ConfigError(f"shard_images must be ≥ 1, got {self.shard_images}")
 
 
 @dataclass
 class ExtractResult:
+    """What a run did: rows in the output, and how many were reused, computed, removed."""
+
     output: Path
-    num_images: int
-    num_failed: int
-    computed: int  # images computed by this invocation (all ranks)
+    num_images: int  # rows in the output
+    num_failed: int  # failures recorded in the output
+    computed: int    # images computed by this invocation (all ranks)
     seconds: float
     failed: list[tuple[str, str]] = field(default_factory=list)
     up_to_date: bool = False
-
-
-class _ShardBuffer:
-    """Rows waiting to be published; flushed by count or by age so little is ever at risk."""
-
-    def __init__(self, parts: Path, rank: int, dim: int, n_scales: int, dtype: str,
-                 max_images: int, max_seconds: float) -> None:
-        self.parts, self.rank, self.dim, self.n_scales, self.dtype = parts, rank, dim, n_scales, dtype
-        self.max_images, self.max_seconds = max_images, max_seconds
-        self._reset()
-
-    def _reset(self) -> None:
-        self.index, self.rows, self.sizes, self.failed, self.reasons = [], [], [], [], []
-        self.started = time.monotonic()
-
-    def add(self, index: list[int], rows: np.ndarray, sizes: np.ndarray) -> None:
-        self.index.extend(index)
-        self.rows.append(rows)
-        self.sizes.append(sizes)
-
-    def add_failure(self, index: int, reason: str) -> None:
-        self.failed.append(index)
-        self.reasons.append(reason)
-
-    def maybe_flush(self) -> None:
-        pending = len(self.index) + len(self.failed)
-        if pending >= self.max_images or (pending and time.monotonic() - self.started
-                                          >= self.max_seconds):
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.index and not self.failed:
-            return
-        order = np.argsort(self.index)
-        write_shard(self.parts, rank=self.rank, index=np.asarray(self.index, np.int64)[order],
-                    features=(np.concatenate(self.rows) if self.rows
-                              else np.empty((0, self.dim)))[order],
-                    input_sizes=(np.concatenate(self.sizes) if self.sizes
-                                 else np.empty((0, self.n_scales, 2)))[order],
-                    failed_index=np.asarray(self.failed, np.int64), failed_reasons=self.reasons,
-                    dtype=self.dtype)
-        self._reset()
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
+    reused: int = 0   # inputs whose row (or recorded failure) was reused
+    removed: int = 0  # entries dropped because their file is no longer an input
 
 
 def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLike, *,
-            spec: DescriptorSpec = DescriptorSpec(), model: VGG | None = None, arch: str | None = None,
-            weights: str | None = "torchvision", batch_size: int = 8, workers: int | None = None,
-            device: str | None = None, dtype: str = "float32", amp: str | None = None,
-            overwrite: bool = False, strict: bool = False, progress: bool = True,
-            shard_images: int = 256, shard_seconds: float = 60.0,
-            download: bool = True) -> ExtractResult:
-    """Compute ``spec`` descriptors of every input image and store them in ``output`` (HDF5).
+            spec: DescriptorSpec = DescriptorSpec(), model: VGG | None = None,
+            arch: str | None = None, weights: str | None = "torchvision", dtype: str = "float32",
+            options: ExtractOptions | None = None, **option_values) -> ExtractResult:
+    """Compute ``spec`` descriptors of every input image into ``output`` (HDF5), or update it.
+
+    A rerun with the same settings brings ``output`` up to date with the current inputs: rows of
+    unchanged files are reused, new and changed files are computed, rows of removed files are
+    dropped.  Different descriptor settings are refused (``overwrite`` replaces the file).
 
     Args:
         inputs: folders, image files, ``.txt``/``.csv`` lists, or an :class:`ImageList`.
-        output: the ``.h5`` file to write; an unfinished run keeps its work in ``OUTPUT.parts/``.
+        output: the ``.h5``/``.hdf5`` file; an unfinished run keeps its work in ``OUTPUT.parts/``.
         spec: the descriptor (layer, scales, pooling, flip, aggregation, L2, crop).
         model, arch, weights: the net, or how to build it (:func:`vggfeat.vgg`).
-        batch_size: images per forward pass (flips double it).
-        workers: DataLoader worker processes for decoding (default: half the cores, ≤ 8).
-        device: ``cpu``, ``cuda``, ``cuda:1`` … (default: cuda when available).
         dtype: stored precision, ``float32`` or ``float16``.
-        amp: ``bf16``/``fp16`` autocast for the network (GPU).
-        overwrite: replace an existing output or unfinished run made with other settings.
-        strict: stop at the first unreadable image instead of recording it.
-        shard_images, shard_seconds: publish results at least this often (crash-safety grain).
+        options: an :class:`ExtractOptions`; ``option_values`` override its fields, e.g.
+            ``extract(images, "f.h5", workers=0, verify=True)``.
     """
+    opts = replace(options or ExtractOptions(), **option_values)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     start = time.monotonic()
-    images = inputs if isinstance(inputs, ImageList) else gather_images(list(inputs))
     output = Path(output)
-    parts = parts_dir(output)
-    dist = Distributed.from_env(device or default_device())
+    check_suffix(output)
+    images = inputs if isinstance(inputs, ImageList) else gather_images(list(inputs))
+    dist = Distributed.from_env(opts.device or default_device())
     if model is None:
-        model = vgg(arch, weights=weights, download=download, progress=progress and dist.is_main)
-    net = DescriptorNet(model, spec, device=dist.device, batch_size=batch_size, amp=amp)
-    settings = _settings(model, spec, images, dtype)
-
-    if dist.is_main:
-        up_to_date = _prepare_output(output, parts, settings, overwrite)
-    else:
-        up_to_date = False
-    if dist.broadcast_flag(up_to_date):
-        attrs = read_attrs(output)
-        return ExtractResult(output, attrs["num_images"], attrs["num_failed"], 0,
-                             time.monotonic() - start, up_to_date=True)
-    dist.barrier()
-    done = covered(read_shards(parts))
-    remaining = np.setdiff1d(np.arange(len(images)), done)
-    mine = np.array_split(remaining, dist.world_size)[dist.rank]
-    dist.barrier()  # every rank has listed the shards before any rank adds one
-
-    buffer = _ShardBuffer(parts, dist.rank, net.dim, len(spec.scales), dtype, shard_images,
-                          shard_seconds)
-    loader = image_loader(images.paths, mine, partial(prepare, spec=spec), batch_size=batch_size,
-                          workers=default_workers() if workers is None else workers,
-                          pin_memory=dist.device.type == "cuda")
-    bar = tqdm(total=len(mine), unit="img", disable=not (progress and dist.is_main),
-               desc=f"extract {spec.layer}" + (f" rank 0/{dist.world_size}" if dist.world_size > 1
-                                                else ""), dynamic_ncols=True)
-    failures = 0
+        model = vgg(arch, weights=weights, download=opts.download,
+                    progress=opts.progress and dist.is_main)
+    net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size, amp=opts.amp)
+    settings = descriptor_settings(model, spec, dtype)
+    lock = OutputLock(output)
     try:
-        for batch in loader:
-            good = [(index, views) for index, views, _ in batch if views is not None]
-            for index, _, reason in batch:
-                if reason is not None:
-                    failures += 1
-                    if strict:
-                        raise ExtractError(f"{images.paths[index]}: {reason} (--strict stops at "
-                                           "the first bad image; without it, bad images are "
-                                           "recorded and skipped)")
-                    buffer.add_failure(index, reason)
-            if good:
-                rows = net([views for _, views in good]).numpy()
-                sizes = np.array([[v.shape[-2:] for v in views] for _, views in good])
-                buffer.add([index for index, _ in good], rows, sizes)
-            buffer.maybe_flush()
-            bar.update(len(batch))
-            bar.set_postfix(failed=failures, refresh=False)
+        plan = _main_decides(dist, lambda: _open(output, images, settings, opts, lock))
+        todo = dist.broadcast_object(None if plan is None else plan.compute)
+        if todo is None:
+            attrs = read_attrs(output)
+            return ExtractResult(output, attrs["num_images"], attrs["num_failed"], 0,
+                                 time.monotonic() - start, up_to_date=True,
+                                 reused=attrs["num_images"] + attrs["num_failed"])
+        known = set(list_shards(parts_dir(output))) if dist.is_main else set()
+        _compute(net, images, np.array_split(todo, dist.world_size)[dist.rank], output, dist,
+                 opts, dtype)
+        dist.barrier()  # every shard is published before rank 0 joins them
+        _main_decides(dist, lambda: _finish(plan, known, output, images, settings, model, net,
+                                            dtype))
     finally:
-        buffer.flush()  # whatever was computed is kept, even when stopping on an error
-        bar.close()
-    dist.barrier()
-    if dist.is_main:
-        merge(parts, output, paths=images.paths, labels=images.labels,
-              class_names=images.class_names, attrs=_file_attrs(settings, model, spec),
-              dim=net.dim, n_scales=len(spec.scales), dtype=dtype)
-    dist.barrier()
+        lock.release()
     attrs = read_attrs(output)
-    failed = load_features(output).failed if attrs["num_failed"] else []
-    return ExtractResult(output, attrs["num_images"], attrs["num_failed"], len(remaining),
-                         time.monotonic() - start, failed)
+    failed = _failures(output) if attrs["num_failed"] else []
+    return ExtractResult(output, attrs["num_images"], attrs["num_failed"], len(todo),
+                         time.monotonic() - start, failed,
+                         reused=plan.reused if plan is not None else 0,
+                         removed=plan.removed if plan is not None else 0)
 
 
 def descriptor_settings(model: VGG, spec: DescriptorSpec, dtype: str) -> dict:
@@ -214,45 +185,253 @@ def descriptor_settings(model: VGG, spec: DescriptorSpec, dtype: str) -> dict:
             "preprocessing": model.preprocessing.to_json(), **spec.to_attrs(), "dtype": dtype}
 
 
-def _settings(model: VGG, spec: DescriptorSpec, images: ImageList, dtype: str) -> dict:
-    return {**descriptor_settings(model, spec, dtype), "input_fingerprint": images.fingerprint(),
-            "num_inputs": len(images)}
+def settings_difference(old: dict, new: dict) -> list[str]:
+    return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in DESCRIPTOR_SETTINGS
+            if old.get(k) != new.get(k)]
 
 
-def _file_attrs(settings: dict, model: VGG, spec: DescriptorSpec) -> dict:
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_workers() -> int:
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
+
+
+# -- the steps of a run ----------------------------------------------------------------------------
+
+def _main_decides(dist: Distributed, decide):
+    """Run ``decide()`` on rank 0; a user error there is raised on every rank (none hangs)."""
+    value, error = None, None
+    if dist.is_main:
+        try:
+            value = decide()
+        except VGGFeatError as err:
+            error = err
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise error
+    return value
+
+
+def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
+          lock: OutputLock) -> Plan | None:
+    """Lock ``output``, check it against ``settings`` and plan the update; None: up to date."""
+    check_writable(output)
+    lock.acquire()
+    remove_leftovers(output)
+    parts = parts_dir(output)
+    if opts.overwrite:
+        shutil.rmtree(parts, ignore_errors=True)
+    manifest = _read_manifest(parts)
+    if manifest is not None and manifest != settings:
+        raise CacheError(f"{parts} holds an unfinished run with different settings ("
+                         + "; ".join(settings_difference(manifest, settings))
+                         + "): use --overwrite to discard it, or rerun with its settings")
+    old = None
+    if output.exists() and not opts.overwrite:
+        existing = _stored_settings(output)
+        if existing == settings:
+            old = read_index(output)
+        elif manifest is None:  # (an unfinished --overwrite with these settings goes on)
+            raise CacheError(f"{output} was written with different settings ("
+                             + "; ".join(settings_difference(existing, settings)) + "): use "
+                             "--overwrite to replace it, or choose another output")
+    shards = [read_index(s) for s in reversed(list_shards(parts))] if parts.is_dir() else []
+    plan = plan_update(images.paths, shards + ([old] if old else []), output=old,
+                       verify=opts.verify, retry_failed=opts.retry_failed)
+    plan.extra_failed = list(images.skipped)
+    if not shards and _same_file(plan, old, images):
+        shutil.rmtree(parts, ignore_errors=True)
+        return None
+    if len(plan.compute) and manifest is None:
+        try:
+            parts.mkdir(exist_ok=True)
+            write_json_atomic(parts / MANIFEST, settings)
+        except OSError as err:
+            raise io_error(err, "start the run in") from err
+    return plan
+
+
+def _read_manifest(parts: Path) -> dict | None:
+    try:
+        return {k: v for k, v in json.loads((parts / MANIFEST).read_text()).items()
+                if k in DESCRIPTOR_SETTINGS}
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _stored_settings(output: Path) -> dict:
+    try:
+        attrs = read_attrs(output)
+    except (OSError, VGGFeatError) as err:
+        raise CacheError(f"{output} exists but is not a readable vggfeat feature file ({err}); "
+                         "use --overwrite to replace it") from err
+    return {k: attrs.get(k) for k in DESCRIPTOR_SETTINGS}
+
+
+def _same_file(plan: Plan, old: Index | None, images: ImageList) -> bool:
+    """True when writing ``plan`` would give ``old`` again: nothing to do."""
+    if old is None or len(plan.compute) or plan.removed:
+        return False
+    rows, rows_at, failed_paths, reasons, failed_ids = plan.output()
+    if not np.array_equal(rows.row, np.arange(old.n_rows)) or reasons != old.reasons:
+        return False
+    ids = FileIds.concat([plan.ids.take(rows_at), failed_ids])
+    if (old.paths != [images.paths[i] for i in rows_at] + failed_paths
+            or any(not np.array_equal(getattr(ids, k), getattr(old.ids, k))
+                   for k in ("size", "mtime_ns", "sha256"))):
+        return False
+    with h5py.File(old.file, "r") as f:
+        labels = f["labels"][:].tolist() if "labels" in f else None
+        names = [n.decode() for n in f["class_names"][:]] if "class_names" in f else None
+    wanted = None if images.labels is None else [images.labels[i] for i in rows_at]
+    return labels == wanted and names == images.class_names
+
+
+class _IdentifiedImages(PreparedImages):
+    """Items also carry the file's (size, mtime_ns, sha256), taken before it is decoded."""
+
+    def __getitem__(self, i: int):
+        identity = file_identity(self.paths[int(self.indices[i])])
+        return (*super().__getitem__(i), identity)
+
+
+def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Path,
+             dist: Distributed, opts: ExtractOptions, dtype: str) -> None:
+    """Compute this rank's share, publishing shards as it goes; SIGTERM and errors flush."""
+    spec = net.spec
+    buffer = _ShardBuffer(parts_dir(output), dist.rank, images.paths, net.dim, len(spec.scales),
+                          dtype, opts.shard_images, opts.shard_seconds)
+    loader = image_loader(images.paths, mine, partial(prepare, spec=spec),
+                          batch_size=opts.batch_size,
+                          workers=default_workers() if opts.workers is None else opts.workers,
+                          pin_memory=dist.device.type == "cuda", items=_IdentifiedImages)
+    bar = tqdm(total=len(mine), unit="img", disable=not (opts.progress and dist.is_main),
+               desc=f"extract {spec.layer}" + (f" rank 0/{dist.world_size}" if dist.world_size > 1
+                                                else ""), dynamic_ncols=True)
+    failures = 0
+    try:
+        with _sigterm_unwinds():
+            for batch in loader:
+                good = [item for item in batch if item[1] is not None]
+                for index, _, reason, identity in batch:
+                    if reason is not None:
+                        failures += 1
+                        if opts.strict:
+                            raise ExtractError(f"{images.paths[index]}: {reason} (--strict stops "
+                                               "at the first bad image; without it, bad images "
+                                               "are recorded and skipped)")
+                        buffer.add_failure(index, reason, identity)
+                if good:
+                    rows = net([views for _, views, _, _ in good]).numpy()
+                    sizes = np.array([[v.shape[-2:] for v in views] for _, views, _, _ in good])
+                    buffer.add([(index, identity) for index, _, _, identity in good], rows, sizes)
+                buffer.maybe_flush()
+                bar.update(len(batch))
+                bar.set_postfix(failed=failures, refresh=False)
+    finally:
+        buffer.flush()  # whatever was computed is kept, even when stopping on an error
+        bar.close()
+
+
+@contextmanager
+def _sigterm_unwinds():
+    """SIGTERM (what torchrun and job schedulers send) unwinds like Ctrl-C, so rows not yet
+    published are flushed before the process ends, with exit status 143."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class _ShardBuffer:
+    """Rows waiting to be published; flushed by count or by age so little is ever at risk."""
+
+    def __init__(self, parts: Path, rank: int, paths: list[str], dim: int, n_scales: int,
+                 dtype: str, max_images: int, max_seconds: float) -> None:
+        self.parts, self.rank, self.paths, self.dtype = parts, rank, paths, dtype
+        self.dim, self.n_scales = dim, n_scales
+        self.max_images, self.max_seconds = max_images, max_seconds
+        self._reset()
+
+    def _reset(self) -> None:
+        self.good, self.rows, self.sizes, self.failed = [], [], [], []
+        self.started = time.monotonic()
+
+    def add(self, items: list[tuple[int, tuple]], rows: np.ndarray, sizes: np.ndarray) -> None:
+        self.good.extend(items)
+        self.rows.append(rows)
+        self.sizes.append(sizes)
+
+    def add_failure(self, index: int, reason: str, identity: tuple) -> None:
+        self.failed.append((index, identity, reason))
+
+    def maybe_flush(self) -> None:
+        pending = len(self.good) + len(self.failed)
+        if pending >= self.max_images or (pending and time.monotonic() - self.started
+                                          >= self.max_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.good and not self.failed:
+            return
+        first = min(i for i, *_ in self.good + self.failed)
+        write_shard(self.parts, f"shard-r{self.rank:03d}-{first:010d}-{uuid.uuid4().hex[:8]}.h5",
+                    paths=[self.paths[i] for i, _ in self.good], ids=_ids([x for _, x in self.good]),
+                    features=(np.concatenate(self.rows) if self.rows
+                              else np.empty((0, self.dim))),
+                    input_sizes=(np.concatenate(self.sizes) if self.sizes
+                                 else np.empty((0, self.n_scales, 2))),
+                    failed_paths=[self.paths[i] for i, _, _ in self.failed],
+                    failed_reasons=[r for _, _, r in self.failed],
+                    failed_ids=_ids([x for _, x, _ in self.failed]), dtype=self.dtype)
+        self._reset()
+
+
+def _ids(identities: list[tuple[int, int, bytes]]) -> FileIds:
+    ids = FileIds.empty(len(identities))
+    for i, (size, mtime_ns, sha) in enumerate(identities):
+        ids.size[i], ids.mtime_ns[i] = size, mtime_ns
+        ids.sha256[i] = np.frombuffer(sha, np.uint8)
+    return ids
+
+
+def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, settings: dict,
+            model: VGG, net: DescriptorNet, dtype: str) -> None:
+    """Join reused and new rows into ``output`` in input order, then drop the parts folder."""
+    parts = parts_dir(output)
+    plan.attach([read_index(s) for s in list_shards(parts) if s not in known])
+    missing = len(plan.compute)
+    if missing:
+        raise CacheError(f"cannot finish {output}: {missing} of {len(images)} images are not "
+                         "computed yet; run the same command again to complete it")
+    rows, rows_at, failed_paths, reasons, failed_ids = plan.output()
+    write_features(output, rows, paths=[images.paths[i] for i in rows_at],
+                   ids=plan.ids.take(rows_at),
+                   labels=None if images.labels is None else np.asarray(images.labels)[rows_at],
+                   class_names=images.class_names, failed_paths=failed_paths,
+                   failed_reasons=reasons, failed_ids=failed_ids,
+                   attrs=_file_attrs(settings, model), dim=net.dim,
+                   n_scales=len(net.spec.scales), dtype=dtype)
+    shutil.rmtree(parts, ignore_errors=True)
+
+
+def _file_attrs(settings: dict, model: VGG) -> dict:
     return {**settings, "weights_source": model.weights_meta.get("source", "random"),
             "vggfeat_version": __version__, "torch_version": str(torch.__version__),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": True}
 
 
-def _comparable(attrs: dict) -> dict:
-    return {k: attrs.get(k) for k in COMPARED}
-
-
-def _prepare_output(output: Path, parts: Path, settings: dict, overwrite: bool) -> bool:
-    """Check an existing output and unfinished run against ``settings``; True if up to date."""
-    wanted = _comparable(settings)
-    if output.exists() and not overwrite:
-        try:
-            existing = _comparable(read_attrs(output))
-        except OSError as err:
-            raise CacheError(f"{output} exists but is not a readable HDF5 file ({err}); "
-                             "use --overwrite to replace it") from err
-        if existing == wanted:
-            return True
-        raise CacheError(f"{output} exists and was written with different settings or inputs ("
-                         + "; ".join(settings_difference(existing, wanted)) + "). It is never "
-                         "appended to: use --overwrite to replace it, or choose another output")
-    manifest = read_manifest(parts)
-    if manifest is not None and _comparable(manifest) != wanted:
-        if not overwrite:
-            raise CacheError(f"{parts} holds an unfinished run with different settings or inputs ("
-                             + "; ".join(settings_difference(_comparable(manifest), wanted))
-                             + "): use --overwrite to discard it, or rerun with its settings")
-        manifest = None
-    if manifest is None:
-        shutil.rmtree(parts, ignore_errors=True)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        parts.mkdir(parents=True)
-        write_json_atomic(parts / "manifest.json", settings)
-    return False
+def _failures(output: Path) -> list[tuple[str, str]]:
+    with h5py.File(output, "r") as f:
+        return list(zip((p.decode() for p in f["failed/paths"][:]),
+                        (r.decode() for r in f["failed/reasons"][:])))

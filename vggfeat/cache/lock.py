@@ -1,0 +1,131 @@
+"""One writer per output: a lock file beside it that names its holder (PID and host).
+
+The lock is an ``flock`` on ``OUT.lock``, so the kernel releases it when the holder dies, however
+it dies: a lock file left behind by a dead process is simply taken over.  The file's content (PID,
+host, start time) is only there to name the holder in the error a second writer gets.  Where the
+file system has no ``flock`` (some network mounts), the PID is checked instead when the holder ran
+on this host.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from ..errors import CacheError
+
+
+def lock_path(target: Path) -> Path:
+    return target.with_name(target.name + ".lock")
+
+
+class OutputLock:
+    """Exclusive right to write ``target`` (and its ``.parts`` folder and temporary files).
+
+    ``wait=False`` raises :class:`CacheError` at once when another process holds the lock;
+    ``wait=True`` blocks until it is released (for caches shared by concurrent workers).
+    Use as a context manager; :attr:`took_over` says whether a dead holder's lock was taken.
+    """
+
+    def __init__(self, target: str | os.PathLike, *, wait: bool = False) -> None:
+        self.target = Path(target)
+        self.path = lock_path(self.target)
+        self.wait = wait
+        self.took_over = False
+        self._fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                holder = self._read(fd)
+                if not self._flock(fd, holder):
+                    raise CacheError(
+                        f"{self.target} is being written by {describe(holder)} (lock file "
+                        f"{self.path}); wait for it to finish, or stop it and run again")
+                # The holder may have unlinked the file between our open and our flock: then we
+                # locked an orphan and must start over on the new file.
+                if os.fstat(fd).st_ino != _inode(self.path):
+                    os.close(fd)
+                    continue
+            except BaseException:
+                os.close(fd)
+                raise
+            break
+        self._fd = fd
+        self.took_over = bool(holder) and holder.get("pid") != os.getpid()
+        record = {"pid": os.getpid(), "host": socket.gethostname(),
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(record).encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked, so no one locks an orphan
+        finally:
+            os.close(self._fd)  # releases the flock
+            self._fd = None
+
+    def _flock(self, fd: int, holder: dict) -> bool:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if self.wait else fcntl.LOCK_NB))
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as err:
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        # No flock here: trust the recorded PID when it ran on this host.
+        while holder and holder.get("host") == socket.gethostname() and _alive(holder.get("pid")):
+            if not self.wait:
+                return False
+            time.sleep(1.0)
+            holder = self._read(fd)
+        return True
+
+    @staticmethod
+    def _read(fd: int) -> dict:
+        try:
+            return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+        except ValueError:
+            return {}
+
+
+def describe(holder: dict) -> str:
+    if not holder:
+        return "another process"
+    return (f"process {holder.get('pid')} on {holder.get('host')} (started "
+            f"{holder.get('started', '?')})")
+
+
+def _inode(path: Path) -> int | None:
+    try:
+        return path.stat().st_ino
+    except FileNotFoundError:
+        return None
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,109 @@
+"""Bringing a feature file up to date: which rows to reuse, which images to compute, what is gone.
+
+An entry (a row, or a recorded failure) of the existing output or of a published shard is reused
+for an input when its path is the same and its file is unchanged: same size and mtime, or, with
+``verify``, the same SHA-256 of the content.  Everything else is computed.  Entries of files that
+are no longer among the inputs are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .store import MISSING, FileIds, Index, Rows, hash_files, stat_files
+
+
+@dataclass
+class Plan:
+    """For input i: ``sources[source[i]]`` entry ``entry[i]`` (``source[i] == -1``: compute it)."""
+
+    paths: list[str]
+    sources: list[Index]
+    source: np.ndarray
+    entry: np.ndarray
+    ids: FileIds          # identity recorded with each input's row
+    removed: int = 0      # entries of the old output whose file is no longer an input
+    reused: int = 0       # inputs whose row or failure was reused
+    extra_failed: list[tuple[str, str]] = field(default_factory=list)  # found but unusable
+
+    @property
+    def compute(self) -> np.ndarray:
+        return np.flatnonzero(self.source < 0)
+
+    def attach(self, computed: list[Index]) -> None:
+        """Take the rows computed since planning for the inputs that needed them."""
+        pos = {p: i for i, p in enumerate(self.paths)}
+        for index in computed:
+            k = len(self.sources)
+            self.sources.append(index)
+            for e, path in enumerate(index.paths):
+                i = pos.get(path, -1)
+                if i >= 0 and self.source[i] < 0:
+                    self.source[i], self.entry[i] = k, e
+                    self.ids.size[i] = index.ids.size[e]
+                    self.ids.mtime_ns[i] = index.ids.mtime_ns[e]
+                    self.ids.sha256[i] = index.ids.sha256[e]
+
+    def is_row(self) -> np.ndarray:
+        """Per input: True if it has a descriptor row (False: a recorded failure)."""
+        n_rows = np.array([s.n_rows for s in self.sources] + [0], np.int64)
+        return (self.source >= 0) & (self.entry < n_rows[self.source])
+
+    def output(self) -> tuple[Rows, np.ndarray, list[str], list[str], FileIds]:
+        """(rows to copy, inputs with a row, failed paths, their reasons and identities) of the
+        finished file, in input order."""
+        if (self.source < 0).any():
+            raise RuntimeError("output() before every input has an entry")
+        good = self.is_row()
+        rows_at = np.flatnonzero(good)
+        rows = Rows([s.file for s in self.sources], self.source[rows_at], self.entry[rows_at],
+                    [s.group for s in self.sources])
+        bad = np.flatnonzero(~good)
+        reasons = [self.sources[self.source[i]].reasons[self.entry[i] - self.sources[
+            self.source[i]].n_rows] for i in bad]
+        failed_paths = [self.paths[i] for i in bad] + [p for p, _ in self.extra_failed]
+        reasons += [r for _, r in self.extra_failed]
+        failed_ids = FileIds.concat([self.ids.take(bad), FileIds.empty(len(self.extra_failed))])
+        return rows, rows_at, failed_paths, reasons, failed_ids
+
+
+def plan_update(paths: list[str], sources: list[Index], *, output: Index | None = None,
+                verify: bool = False, retry_failed: bool = False, hash_threads: int = 4) -> Plan:
+    """Match every input with a reusable entry of ``sources`` (earlier sources win).
+
+    ``output`` (one of ``sources``, or None) is the existing finished file: its entries whose
+    file is no longer an input count as removed.
+    """
+    n = len(paths)
+    pos = {p: i for i, p in enumerate(paths)}
+    located = [np.fromiter((pos.get(p, -1) for p in s.paths), np.int64, len(s.paths))
+               for s in sources]
+    now = stat_files(paths)
+    if verify:
+        known = np.unique(np.concatenate([at[at >= 0] for at in located] or [np.empty(0, int)]))
+        now.sha256[known] = hash_files([paths[i] for i in known], hash_threads)
+    source, entry = np.full(n, -1, np.int64), np.full(n, -1, np.int64)
+    for k, (index, at) in enumerate(zip(sources, located)):
+        e = np.flatnonzero(at >= 0)
+        i = at[e]
+        stored = index.ids.take(e)
+        if verify:
+            same = (stored.sha256 == now.sha256[i]).all(axis=1) & (
+                stored.sha256.any(axis=1) | ((stored.size == MISSING) & (now.size[i] == MISSING)))
+        else:
+            same = (stored.size == now.size[i]) & (stored.mtime_ns == now.mtime_ns[i])
+        if retry_failed:
+            same &= e < index.n_rows
+        take = same & (source[i] < 0)
+        i, e = i[take], e[take]
+        first = np.unique(i, return_index=True)[1]  # one entry per input even if listed twice
+        source[i[first]], entry[i[first]] = k, e[first]
+        if not verify:
+            now.sha256[i[first]] = index.ids.sha256[e[first]]
+    removed = 0
+    if output is not None:
+        removed = int(np.count_nonzero(located[sources.index(output)] < 0))
+    return Plan(list(paths), list(sources), source, entry, now, removed,
+                int(np.count_nonzero(source >= 0)))
