@@ -226,7 +226,7 @@ class _Trainer:
                 images = self.step(loader)
                 step_seconds.append(time.monotonic() - tic)
                 self.bar.update()
-                self.bar.set_postfix(img_s=f"{images / max(step_seconds[-1], 1e-9):.0f}",
+                self.bar.set_postfix(img_s=f"{images / max(step_seconds[-1], 1e-9):.3g}",
                                      refresh=False)
                 if len(self.pending) >= LOSS_READ_STEPS:
                     self._read_losses()
