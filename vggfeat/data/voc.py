@@ -61,19 +61,13 @@ def read_voc(root: str | os.PathLike, year: str, image_set: str) -> MultiLabelSe
                 "evaluation server" if year == "2012" and image_set == "test" else "")
         raise InputError(f"{list_file} does not exist; the {image_set} set of VOC{year} is missing "
                          f"from this copy.{hint}")
-    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    ids = _listed_ids(list_file)
     labels = np.full((len(ids), len(VOC_CLASSES)), NEGATIVE, dtype=np.int8)
     index = {c: k for k, c in enumerate(VOC_CLASSES)}
     paths = []
     for i, image_id in enumerate(ids):
-        xml = base / "Annotations" / f"{image_id}.xml"
-        try:
-            tree = ET.parse(xml).getroot()
-        except (OSError, ET.ParseError) as err:
-            raise InputError(f"{xml}: cannot read the annotation of image {image_id} listed in "
-                             f"{list_file} ({err})") from err
-        filename = tree.findtext("filename") or f"{image_id}.jpg"
-        paths.append(os.path.abspath(base / "JPEGImages" / filename))
+        xml, tree, path = _annotation(base, image_id, list_file)
+        paths.append(path)
         for obj in tree.iter("object"):
             name = (obj.findtext("name") or "").strip()
             if name not in index:
@@ -117,17 +111,9 @@ def read_voc_actions(root: str | os.PathLike, image_set: str) -> PersonActions:
                 if image_set == "test" else "")
         raise InputError(f"{list_file} does not exist; the {image_set} set of the VOC2012 action "
                          f"task is missing from this copy.{hint}")
-    image_ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
     paths, ids, boxes, labels = [], [], [], []
-    for image_id in dict.fromkeys(image_ids):  # files may list an image once per person
-        xml = base / "Annotations" / f"{image_id}.xml"
-        try:
-            tree = ET.parse(xml).getroot()
-        except (OSError, ET.ParseError) as err:
-            raise InputError(f"{xml}: cannot read the annotation of image {image_id} listed in "
-                             f"{list_file} ({err})") from err
-        path = os.path.abspath(base / "JPEGImages" / (tree.findtext("filename") or
-                                                       f"{image_id}.jpg"))
+    for image_id in dict.fromkeys(_listed_ids(list_file)):  # an image may be listed per person
+        xml, tree, path = _annotation(base, image_id, list_file)
         people = 0
         for k, obj in enumerate(tree.iter("object"), start=1):
             actions = obj.find("actions")
@@ -144,6 +130,23 @@ def read_voc_actions(root: str | os.PathLike, image_set: str) -> PersonActions:
                              "in its annotation has <actions>")
     return PersonActions(paths, ids, np.asarray(boxes, np.int64).reshape(-1, 4),
                          np.asarray(labels, np.int8).reshape(-1, len(VOC_ACTIONS)))
+
+
+def _listed_ids(list_file: Path) -> list[str]:
+    """The image ids of an ImageSets file: the first word of each line."""
+    return [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+
+
+def _annotation(base: Path, image_id: str, list_file: Path) -> tuple[Path, ET.Element, str]:
+    """(XML path, its root element, the absolute image path) of a listed image."""
+    xml = base / "Annotations" / f"{image_id}.xml"
+    try:
+        tree = ET.parse(xml).getroot()
+    except (OSError, ET.ParseError) as err:
+        raise InputError(f"{xml}: cannot read the annotation of image {image_id} listed in "
+                         f"{list_file} ({err})") from err
+    filename = tree.findtext("filename") or f"{image_id}.jpg"
+    return xml, tree, os.path.abspath(base / "JPEGImages" / filename)
 
 
 def _pixel_box(obj: ET.Element, xml: Path) -> list[int]:
