@@ -24,7 +24,7 @@ COMMANDS = {
                  "Top-1/top-5 error on ImageNet val with the paper's test methods."),
     "scoremap": ("evaluate", "scoremap_command", "Draw the dense class score map of an image."),
     "transfer": ("transfer", "transfer_command",
-                 "Linear classifiers on descriptors, scored as the paper did (VOC, Caltech)."),
+                 "Linear classifiers on descriptors, scored as the paper did (Tables 11, 12)."),
     "train": ("train", "train_command",
               "Train a VGG with the paper's recipe, or fine-tune one on your class folders."),
     "localize": ("localize", "localize_group",
