@@ -115,8 +115,7 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
 
     table = read_boxes(boxes_path)
     _report_bad_boxes(table, quiet)
-    images = images_with_boxes(Path(data) / "val" if (Path(data) / "val").is_dir() else data,
-                               table)
+    images = images_with_boxes(Path(data) / "val", table)
     if images.without_boxes and not quiet:
         click.echo(f"{len(images.without_boxes)} image(s) without boxes left out, e.g. "
                    f"{images.without_boxes[0]}", err=True)

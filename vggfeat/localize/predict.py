@@ -123,8 +123,9 @@ class Localizer:
                      **kwargs) -> Localizer:
         """From weights files: localisation net(s) and, for ``dense``, a classification net."""
         paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
+        loc_nets = [load_localizer(p)[0] for p in paths]
         cls_net = vgg(weights=cls_weights) if cls_weights is not None else None
-        return cls([load_localizer(p)[0] for p in paths], cls_net, **kwargs)
+        return cls(loc_nets, cls_net, **kwargs)
 
     def prepare(self, image: Tensor) -> list[Tensor]:
         """uint8 3×H×W → one view per scale, then the original size as a tensor (H, W): what
