@@ -526,3 +526,22 @@ def test_an_interrupted_localisation_run_resumes_to_the_same_weights(pasted, tmp
     a, b = load_file(whole.final), load_file(resumed.final)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert load_localizer(resumed.final)[1] == task.head
+
+
+@pytest.mark.parametrize("finetune", ["fc", "all"])
+def test_finetune_fc_freezes_the_conv_layers_of_the_classifier(tmp_path, finetune):
+    from vggfeat.localize.run import LocImages
+    from vggfeat.localize.train import Localization, LocRecipe
+
+    classifier = vggfeat.save_weights(tiny_vgg("A", num_classes=2), tmp_path / "cls.safetensors",
+                                      meta={"class_names": WNIDS[:2]})
+    task = Localization(vggfeat.data.ImageList(["a.jpg"], [0], WNIDS[:2]),
+                        [np.zeros((1, 4), np.float32)], LocImages([], []), head="pcr")
+    recipe = LocRecipe(arch="A", width_mult=1 / 16, fc_dim=32, weights=str(classifier),
+                       finetune=finetune)
+    with pytest.warns(Warning):
+        model = task.build_model(recipe)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    fc = {n for n, _ in model.named_parameters() if n.startswith("head.")}
+    assert trainable == (fc if finetune == "fc" else {n for n, _ in model.named_parameters()})
+    assert model.num_classes == 8 and model.weights_meta["localization"]["head"] == "pcr"
