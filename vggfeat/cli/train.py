@@ -44,7 +44,8 @@ def run_options(f):
         click.option("--compile/--no-compile", "compile_", default=None,
                      help="torch.compile the net"),
         click.option("--checkpoint-minutes", type=float, default=None,
-                     help="write checkpoints/last.pt at least this often [default: 30]"),
+                     help="write checkpoints/last.pt about this often (and at every "
+                          "epoch's end) [default: 30]"),
         click.option("--resume", is_flag=True,
                      help="continue the run in --out from its last checkpoint, with its own "
                           "recipe unless --recipe is given (flags still override)"),
