@@ -85,30 +85,33 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
     loader = image_loader(images.paths, np.arange(len(images)), localizer.prepare,
                           batch_size=batch_size, workers=workers,
                           pin_memory=localizer.locs[0].device.type == "cuda")
+    if localizer.method == "center-crop":
+        unknown = [(p, t.wnids[0]) for p, t in zip(images.paths, images.truths)
+                   if t.wnids[0] not in index]
+        if unknown:
+            raise InputError(f"{unknown[0][0]}: its class {unknown[0][1]} is not among the "
+                             f"{len(names)} classes of the localisation net ({len(unknown)} "
+                             "such images)")
     kept, guesses, failed = [], [], []
     with tqdm(total=len(images), unit="img", disable=not progress,
               desc=f"localize {localizer.method}") as bar:
         for batch in loader:
             good = [(i, localizer.unpack(item)) for i, item, _ in batch if item is not None]
             failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
+            bar.update(len(batch) - len(good))
             if localizer.method == "dense":
                 for i, (views, size) in good:
                     guesses.append(localizer.dense(views, size))
+                    bar.update()  # one image at a time: the bar moves per image
             elif good:
-                classes = []
-                for i, _ in good:
-                    wnid = images.truths[i].wnids[0]
-                    if wnid not in index:
-                        raise InputError(f"{images.paths[i]}: its class {wnid} is not among the "
-                                         f"{len(names)} classes of the localisation net")
-                    classes.append(index[wnid])
+                classes = [index[images.truths[i].wnids[0]] for i, _ in good]
                 boxes = localizer.center_crop([item[0] for _, item in good],
                                               [item[1] for _, item in good],
                                               torch.tensor(classes))
                 guesses += [[Guess(c, names[c], tuple(b.tolist()), 1.0)]
                             for c, b in zip(classes, boxes)]
+                bar.update(len(good))
             kept += [i for i, _ in good]
-            bar.update(len(batch))
     truths = [images.truths[i] for i in kept]
     if not kept:
         raise InputError("no image could be read; see the reasons above")
