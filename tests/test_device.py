@@ -149,6 +149,20 @@ def test_multi_crop_sends_each_image_to_the_device_once_and_matches_cpu_crops():
     torch.testing.assert_close(posteriors, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_descriptors_come_back_to_the_host_in_one_copy_per_batch():
+    from vggfeat.extract.descriptor import DescriptorNet, DescriptorSpec
+
+    spec = DescriptorSpec(layer="fc7", scales=(224, 256))
+    net = DescriptorNet(tiny_vgg("A"), spec, batch_size=4)
+    items = [[torch.randint(0, 256, (3, q, q + 32 * (i % 2)), dtype=torch.uint8)
+              for q in spec.scales] for i in range(3)]  # 2 shapes per scale: 4 chunks
+    with HostTraffic() as traffic:
+        out = net(items)
+    assert traffic.calls.count("cpu") == 1
+    for i, item in enumerate(items):  # batching does not change a descriptor
+        torch.testing.assert_close(out[i], net([item])[0], rtol=1e-5, atol=1e-6)
+
+
 def test_dense_evaluation_turns_cudnn_benchmark_off_and_restores_it():
     model = tiny_vgg("A")
     seen = []

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.images import MAX_ASPECT, rescale_views
+from ..data.loader import stack_rows
 from ..errors import ConfigError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner
@@ -111,12 +112,17 @@ class DescriptorNet(DeviceRunner):
     @torch.inference_mode()
     def __call__(self, items: list[list[Tensor]]) -> Tensor:
         """``items[i][s]`` is image i at scale s (uint8 3×H×W) → float32 N×dim descriptors (CPU)."""
-        per_scale = torch.empty(len(items), len(self.spec.scales), self.channels)
+        parts = []  # (images, scale, their pooled outputs on the device)
         for s in range(len(self.spec.scales)):
             views = [item[s] for item in items]
             for chunk in self.same_shape_chunks(views):
-                batch = torch.stack([views[i] for i in chunk])
-                per_scale[chunk, s] = self.pooled(batch).float().cpu()
+                parts.append((chunk, s, self.pooled(stack_rows([views[i] for i in chunk]))))
+        pooled = torch.cat([p.float() for *_, p in parts]).cpu()  # one copy to the host
+        per_scale = torch.empty(len(items), len(self.spec.scales), self.channels)
+        start = 0
+        for chunk, s, _ in parts:
+            per_scale[chunk, s] = pooled[start:start + len(chunk)]
+            start += len(chunk)
         if self.spec.aggregate == "mean":
             out = per_scale.mean(dim=1)
         else:
