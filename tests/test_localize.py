@@ -467,6 +467,7 @@ def test_cli_evaluate_dense_and_center_crop_then_score_the_submission(pasted, tr
     groups = rows[1].split(",")[1].split()
     assert len(groups) == 10 and groups[0] in WNIDS  # 2 classes: 2 guesses of 5 fields
     assert len(list((tmp_path / "pictures").glob("*.png"))) == 16
+    assert not list(tmp_path.glob("*.partial.jsonl"))  # the journal goes once the outputs exist
     invoke("localize", "score", tmp_path / "pred.csv", "--boxes", pasted / "LOC_val_solution.csv",
            "--json", tmp_path / "score.json")
     score = json.loads((tmp_path / "score.json").read_text())
@@ -545,3 +546,27 @@ def test_finetune_fc_freezes_the_conv_layers_of_the_classifier(tmp_path, finetun
     fc = {n for n, _ in model.named_parameters() if n.startswith("head.")}
     assert trainable == (fc if finetune == "fc" else {n for n, _ in model.named_parameters()})
     assert model.num_classes == 8 and model.weights_meta["localization"]["head"] == "pcr"
+
+
+def test_a_killed_evaluation_goes_on_from_its_journal(pasted, tmp_path, one_thread):
+    from vggfeat.localize.run import evaluate_localization, images_with_boxes
+
+    images = images_with_boxes(pasted / "val", read_boxes(pasted / "LOC_val_solution.csv"))
+    model = load_localizer(constant_box_net(tmp_path))[0]
+    journal = tmp_path / "run.partial.jsonl"
+    whole = evaluate_localization(Localizer(model, method="center-crop"), images, workers=0,
+                                  progress=False, journal=journal)
+    lines = journal.read_text().splitlines()
+    assert len(lines) == 17  # the settings, then one line per image
+    # As if killed after 5 images, halfway through writing the 6th line.
+    journal.write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])
+    localizer = Localizer(model, method="center-crop")
+    ran = []
+    crop = localizer.center_crop
+    localizer.center_crop = lambda views, *a: ran.append(len(views)) or crop(views, *a)
+    again = evaluate_localization(localizer, images, workers=0, progress=False, journal=journal)
+    assert sum(ran) == 11 and again.paths == whole.paths and again.metrics == whole.metrics
+    assert [g[0].box for g in again.guesses] == pytest.approx([g[0].box for g in whole.guesses])
+    with pytest.raises(InputError, match="other settings"):
+        evaluate_localization(Localizer(model, method="center-crop", scales=(288,)), images,
+                              workers=0, progress=False, journal=journal)

@@ -123,9 +123,12 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
         list(loc_weights), cls_weights if method == "dense" else None, method=method,
         scales=scales, merge_threshold=merge_threshold or DEFAULT_THRESHOLD,
         device=device, batch_size=batch_size, amp=amp)
-    result = evaluate_localization(localizer, images, batch_size=batch_size,
-                                   workers=workers,
-                                   progress=not quiet)
+    # Finished images are kept beside the output as the run goes: run the same command again
+    # after a kill and it goes on where it stopped.
+    output = predictions or json_out
+    journal = Path(f"{output}.partial.jsonl") if output else None
+    result = evaluate_localization(localizer, images, batch_size=batch_size, workers=workers,
+                                   progress=not quiet, journal=journal)
     for path, reason in result.failed:
         click.echo(f"skipped {path}: {reason}", err=True)
     weights = {"weights": list(loc_weights),
@@ -136,6 +139,8 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
         write_predictions(result, predictions)
     if pictures:
         draw_all(result, images, pictures)
+    if journal is not None:
+        journal.unlink()
     errors = ", ".join(f"{k} {v:.2f}%" for k, v in result.metrics.items())
     click.echo(f"{method} Q={','.join(map(str, result.scales))} on {len(result.paths)} images: "
                f"{errors}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,18 +75,24 @@ class LocResult:
 
 
 def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size: int = 8,
-                          workers: int | None = None, progress: bool = True) -> LocResult:
+                          workers: int | None = None, progress: bool = True,
+                          journal: str | os.PathLike | None = None) -> LocResult:
     """Run ``localizer`` on every image and score it (the metric of :mod:`.metric`).
 
-    ``workers``: image-decoding processes (default: half the cores, at most 8).
+    Args:
+        workers: image-decoding processes (default: half the cores, at most 8).
+        journal: a JSON-lines file that keeps each finished image's guesses as the run goes.
+            A run killed and started again with the same journal (and settings) runs only the
+            images it lacks.
     """
     start = time.monotonic()
     workers = default_workers() if workers is None else workers
     names = localizer.class_names
     index = {name: k for k, name in enumerate(names)}
-    loader = image_loader(images.paths, np.arange(len(images)), localizer.prepare,
-                          batch_size=batch_size, workers=workers,
-                          pin_memory=localizer.locs[0].device.type == "cuda")
+    done = _read_journal(journal, localizer) if journal is not None else {}
+    todo = np.array([i for i, p in enumerate(images.paths) if p not in done], dtype=np.int64)
+    loader = image_loader(images.paths, todo, localizer.prepare, batch_size=batch_size,
+                          workers=workers, pin_memory=localizer.locs[0].device.type == "cuda")
     if localizer.method == "center-crop":
         unknown = [(p, t.wnids[0]) for p, t in zip(images.paths, images.truths)
                    if t.wnids[0] not in index]
@@ -92,26 +100,35 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
             raise InputError(f"{unknown[0][0]}: its class {unknown[0][1]} is not among the "
                              f"{len(names)} classes of the localisation net ({len(unknown)} "
                              "such images)")
-    kept, guesses, failed = [], [], []
-    with tqdm(total=len(images), unit="img", disable=not progress,
-              desc=f"localize {localizer.method}") as bar:
+    found: dict[int, list[Guess]] = {i: done[p] for i, p in enumerate(images.paths) if p in done}
+    failed = []
+    with tqdm(total=len(images), initial=len(found), unit="img", disable=not progress,
+              desc=f"localize {localizer.method}") as bar, \
+            (open(journal, "a", encoding="utf-8") if journal is not None else nullcontext()) as log:
         for batch in loader:
             good = [(i, localizer.unpack(item)) for i, item, _ in batch if item is not None]
             failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
             bar.update(len(batch) - len(good))
             if localizer.method == "dense":
                 for i, (views, size) in good:
-                    guesses.append(localizer.dense(views, size))
+                    found[i] = localizer.dense(views, size)
                     bar.update()  # one image at a time: the bar moves per image
             elif good:
                 classes = [index[images.truths[i].wnids[0]] for i, _ in good]
                 boxes = localizer.center_crop([item[0] for _, item in good],
                                               [item[1] for _, item in good],
                                               torch.tensor(classes))
-                guesses += [[Guess(c, names[c], tuple(b.tolist()), 1.0)]
-                            for c, b in zip(classes, boxes)]
+                for (i, _), c, b in zip(good, classes, boxes):
+                    found[i] = [Guess(c, names[c], tuple(b.tolist()), 1.0)]
                 bar.update(len(good))
-            kept += [i for i, _ in good]
+            if log is not None and good:
+                log.writelines(json.dumps({"path": images.paths[i], "guesses": [
+                    [g.class_index, g.wnid, *g.box, g.score] for g in found[i]]}) + "\n"
+                    for i, _ in good)
+                log.flush()
+                os.fsync(log.fileno())
+    kept = sorted(found)
+    guesses = [found[i] for i in kept]
     truths = [images.truths[i] for i in kept]
     if not kept:
         raise InputError("no image could be read; see the reasons above")
@@ -126,6 +143,41 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
         metrics = {"gt_class_loc_error": 100.0 * float(wrong.mean())}
     return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
                      metrics, failed, time.monotonic() - start)
+
+
+def _read_journal(journal: str | os.PathLike, localizer: Localizer) -> dict[str, list[Guess]]:
+    """The guesses a journal holds, by image path; starts the journal with the run's settings.
+
+    A journal of other settings is refused; a line cut short by a kill is ignored.
+    """
+    journal = Path(journal)
+    settings = {"method": localizer.method, "scales": list(localizer.scales),
+                "classes": len(localizer.class_names), "top_k": localizer.top_k,
+                "merge_threshold": localizer.merge_threshold,
+                "weights": [r.model.weights_meta.get("sha256") for r in
+                            [*localizer.locs, *([localizer.cls] if localizer.cls else [])]]}
+    if not journal.exists() or journal.stat().st_size == 0:
+        journal.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+        return {}
+    with open(journal, "rb+") as f:  # a line cut short must not swallow the next one
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) != b"\n":
+            f.write(b"\n")
+    done: dict[str, list[Guess]] = {}
+    with open(journal, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a killed run
+            if n == 0:
+                if entry.get("settings") != settings:
+                    raise InputError(f"{journal} holds a run with other settings "
+                                     f"({entry.get('settings')}); delete it to start afresh")
+                continue
+            done[entry["path"]] = [Guess(int(c), w, (x0, y0, x1, y1), s)
+                                   for c, w, x0, y0, x1, y1, s in entry["guesses"]]
+    return done
 
 
 def write_predictions(result: LocResult, path: str | os.PathLike) -> Path:
