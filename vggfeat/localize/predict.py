@@ -99,9 +99,11 @@ class Localizer:
         self.cls = DeviceRunner(cls_net, **run) if cls_net is not None else None
         self.method = method
         self.scales = tuple(scales or default_scales(method, loc_nets[0]))
-        if method == "dense" and min(self.scales) < INPUT_SIZE:
-            raise ConfigError(f"dense localisation needs scales ≥ {INPUT_SIZE}, got "
-                              f"{self.scales}")
+        if min(self.scales) < INPUT_SIZE:
+            raise ConfigError(f"localisation needs scales Q ≥ {INPUT_SIZE} (the net's window), "
+                              f"got {self.scales}")
+        if method == "center-crop" and len(self.scales) > 1:
+            raise ConfigError(f"the center-crop protocol uses one scale, got {self.scales}")
         self.top_k, self.merge_threshold = top_k, merge_threshold
         self.class_names = class_names_of(cls_net) if cls_net is not None else \
             list(self.heads[0].class_names)
