@@ -15,6 +15,7 @@ from torchvision.utils import draw_bounding_boxes
 from tqdm.auto import tqdm
 
 from ..data.boxes import BoxTable, ImageBoxes, write_loc_csv
+from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, to_pil
 from ..data.loader import image_loader
 from ..data.sources import gather_images
@@ -197,17 +198,23 @@ def draw_guesses(image_path: str | os.PathLike, guesses: list[Guess],
     guesses (orange), labelled by class and rank."""
     image = read_image(image_path)
     width = max(2, min(image.shape[-2:]) // 150)
+    wnids, names = imagenet_classes()
+    name = dict(zip(wnids, (n.split(",")[0] for n in names)))
+
+    def label(wnid: str) -> str:
+        return f"{wnid} {name[wnid]}" if wnid in name else wnid
+
     if truth is not None and len(truth.wnids):
         image = draw_bounding_boxes(image, torch.as_tensor(truth.xyxy), colors="lime",
-                                    width=width, labels=[f"true {w}" for w in truth.wnids])
+                                    width=width, labels=[f"true {label(w)}" for w in truth.wnids])
     if guesses[1:]:
         image = draw_bounding_boxes(image, torch.tensor([g.box for g in guesses[1:]]),
                                     colors="orange", width=max(1, width // 2),
-                                    labels=[f"{k + 2}: {g.wnid}"
+                                    labels=[f"{k + 2}: {label(g.wnid)}"
                                             for k, g in enumerate(guesses[1:])])
     if guesses:
         image = draw_bounding_boxes(image, torch.tensor([guesses[0].box]), colors="red",
-                                    width=width, labels=[f"1: {guesses[0].wnid}"])
+                                    width=width, labels=[f"1: {label(guesses[0].wnid)}"])
     output = Path(output)
     with atomic_path(output) as tmp:
         to_pil(image).save(tmp, format="PNG")
