@@ -256,12 +256,17 @@ def wait_for_shards(parts, count, proc, timeout=120):
         time.sleep(0.02)
 
 
-def test_one_writer_per_output_and_stale_locks_are_taken_over(tmp_path, tiny_weights):
+def slow_run(tmp_path, tiny_weights, count):
+    """A folder of ``count`` images, and CLI arguments publishing a shard every 2 images."""
     folder = tmp_path / "many"
-    for i in range(12):
+    for i in range(count):
         write_image(folder / f"{i:03d}.jpg", size=(300, 400), seed=i)
-    args = [folder, "--weights", tiny_weights, "--scales", "256,320", "--workers", "0",
-            "--batch-size", "2", "--shard-size", "2", "--quiet"]
+    return folder, [folder, "--weights", tiny_weights, "--scales", "256,320", "--workers", "0",
+                    "--batch-size", "2", "--shard-size", "2", "--quiet"]
+
+
+def test_one_writer_per_output_and_stale_locks_are_taken_over(tmp_path, tiny_weights):
+    folder, args = slow_run(tmp_path, tiny_weights, 12)
     out = tmp_path / "f.h5"
     first = start_extract(out, args)
     wait_for_shards(tmp_path / "f.h5.parts", 1, first)
@@ -414,20 +419,11 @@ def test_cli_end_to_end(tmp_path, image_folder, tiny_weights):
 
 
 def test_sigkill_and_rerun_gives_the_uninterrupted_result(tmp_path, tiny_weights):
-    folder = tmp_path / "many"
-    for i in range(40):
-        write_image(folder / f"{i:03d}.jpg", size=(300, 400), seed=i)
-    args = [folder, "--weights", tiny_weights, "--scales", "256,320", "--workers", "0",
-            "--batch-size", "2", "--shard-size", "2", "--quiet"]
+    _, args = slow_run(tmp_path, tiny_weights, 40)
     killed_out = tmp_path / "killed.h5"
-    proc = subprocess.Popen([sys.executable, "-m", "vggfeat", "extract", "-o", str(killed_out),
-                             *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = start_extract(killed_out, args)
     parts = tmp_path / "killed.h5.parts"
-    deadline = time.monotonic() + 120
-    while len(list(parts.glob("shard-*.h5"))) < 3:
-        assert proc.poll() is None, proc.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    wait_for_shards(parts, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not killed_out.exists(), "the run finished before it was killed: give it more work"

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import CacheError
+from .store import io_error
 
 
 def lock_path(target: Path) -> Path:
@@ -29,14 +30,13 @@ class OutputLock:
 
     ``wait=False`` raises :class:`CacheError` at once when another process holds the lock;
     ``wait=True`` blocks until it is released (for caches shared by concurrent workers).
-    Use as a context manager; :attr:`took_over` says whether a dead holder's lock was taken.
+    Use as a context manager.
     """
 
     def __init__(self, target: str | os.PathLike, *, wait: bool = False) -> None:
         self.target = Path(target)
         self.path = lock_path(self.target)
         self.wait = wait
-        self.took_over = False
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
@@ -48,7 +48,10 @@ class OutputLock:
 
     def acquire(self) -> None:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise io_error(err, "create the lock file") from err
             try:
                 holder = self._read(fd)
                 if not self._flock(fd, holder):
@@ -65,7 +68,6 @@ class OutputLock:
                 raise
             break
         self._fd = fd
-        self.took_over = bool(holder) and holder.get("pid") != os.getpid()
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         os.ftruncate(fd, 0)
