@@ -148,6 +148,10 @@ def test_rerun_updates_added_changed_and_removed_files(tmp_path, image_folder):
     for path in (new, changed):
         np.testing.assert_allclose(row_of(out, path), fresh_row(model, path, tmp_path),
                                    rtol=1e-5, atol=1e-6)
+    new.unlink()
+    dropped = run([image_folder], out, model)
+    assert (dropped.computed, dropped.removed, dropped.num_images) == (0, 1, 7)
+    assert str(new) not in vggfeat.load_features(out).paths
 
 
 def same_size_replacement(path, seed):

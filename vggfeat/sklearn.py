@@ -10,10 +10,10 @@
     clf.fit(train_paths, train_labels)
 
 With ``cache=`` an HDF5 file, descriptors are looked up by path and only the images not yet in
-the cache, or changed since (size or mtime; rows of deleted files are still served), are computed (crash-safe and resumable, like
-``vggfeat extract``); the cache then grows by those rows.  The file holds one group per
-descriptor setting, so one cache serves a grid search over layers or scales; several processes
-may use it at once (writers take turns).  ``vggfeat.load_features(cache, group=...)`` reads it.
+the cache, or changed since (size or mtime; rows of deleted files are still served), are
+computed (crash-safe and resumable, like ``vggfeat extract``); the cache then grows by those
+rows.  The file holds one group per descriptor setting, so one cache serves a grid search over
+layers or scales; several processes may use it at once (writers take turns).  ``vggfeat.load_features(cache, group=...)`` reads it.
 """
 
 from __future__ import annotations
@@ -84,8 +84,9 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
                  aggregate: str = "mean", flip: bool | None = None, l2: bool = True,
                  crop: int | None = None, max_aspect: float = MAX_ASPECT,
                  cache: str | os.PathLike | None = None, on_error: str = "raise",
-                 retry_failed: bool = False, batch_size: int = 8, device: str | None = None, workers: int | None = 0,
-                 amp: str | None = None, dtype: str = "float32", progress: bool = False) -> None:
+                 retry_failed: bool = False, batch_size: int = 8, device: str | None = None,
+                 workers: int | None = 0, amp: str | None = None, dtype: str = "float32",
+                 progress: bool = False) -> None:
         self.arch = arch
         self.weights = weights
         self.layer = layer

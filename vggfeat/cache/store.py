@@ -12,10 +12,10 @@ Layout of a finished file (see docs/extract.md); shards have the same layout wit
 
 * ``features``      N×D float32/float16, chunked by whole rows (~1 MiB chunks)
 * ``paths``         N UTF-8 strings, the images in input order
-* ``file_size``, ``file_mtime_ns`` N int64, ``file_sha256`` N×32 uint8: what each row was computed from
+* ``file_size``, ``file_mtime_ns`` N int64, ``file_sha256`` N×32 uint8: the file each row is of
 * ``labels``        N int64, and ``class_names`` K strings, when the input has classes
 * ``input_sizes``   N×S×2 int32, the network input (H, W) actually used at each scale
-* ``failed/paths``, ``failed/reasons`` and ``failed/file_*``: the files that could not be used, and why
+* ``failed/paths``, ``failed/reasons``, ``failed/file_*``: the files that could not be used, and why
 * attributes: the settings (arch, layer, weights and their hash, scales, …) and versions
 """
 
@@ -128,7 +128,8 @@ class FileIds:
 
     @classmethod
     def empty(cls, n: int = 0) -> FileIds:
-        return cls(np.full(n, MISSING, np.int64), np.zeros(n, np.int64), np.zeros((n, 32), np.uint8))
+        return cls(np.full(n, MISSING, np.int64), np.zeros(n, np.int64),
+                   np.zeros((n, 32), np.uint8))
 
     @classmethod
     def concat(cls, parts: list[FileIds]) -> FileIds:

@@ -300,6 +300,8 @@ class _IdentifiedImages(PreparedImages):
 def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Path,
              dist: Distributed, opts: ExtractOptions, dtype: str) -> None:
     """Compute this rank's share, publishing shards as it goes; SIGTERM and errors flush."""
+    if not len(mine):  # (an update that only drops rows; or more ranks than images)
+        return
     spec = net.spec
     buffer = _ShardBuffer(parts_dir(output), dist.rank, images.paths, net.dim, len(spec.scales),
                           dtype, opts.shard_images, opts.shard_seconds)
@@ -386,7 +388,8 @@ class _ShardBuffer:
             return
         first = min(i for i, *_ in self.good + self.failed)
         write_shard(self.parts, f"shard-r{self.rank:03d}-{first:010d}-{uuid.uuid4().hex[:8]}.h5",
-                    paths=[self.paths[i] for i, _ in self.good], ids=_ids([x for _, x in self.good]),
+                    paths=[self.paths[i] for i, _ in self.good],
+                    ids=_ids([x for _, x in self.good]),
                     features=(np.concatenate(self.rows) if self.rows
                               else np.empty((0, self.dim))),
                     input_sizes=(np.concatenate(self.sizes) if self.sizes
