@@ -195,8 +195,11 @@ def test_an_image_replaced_after_a_crash_is_recomputed(tmp_path, image_folder):
     done = stop_partway(image_folder, out, model)
     replaced = Path(done[0])
     write_image(replaced, size=(270, 280), seed=80)
+    shard = next((tmp_path / "f.h5.parts").glob("shard-*.h5"))  # as two writers would leave
+    shutil.copy(shard, shard.with_name("shard-r001-" + shard.name[11:]))
     result = run([image_folder], out, model)
     assert result.computed == 8 - len(done) + 1
+    assert sorted(vggfeat.load_features(out).paths) == sorted(gather_images([image_folder]).paths)
     np.testing.assert_allclose(row_of(out, replaced), fresh_row(model, replaced, tmp_path),
                                rtol=1e-5, atol=1e-6)
 
