@@ -295,15 +295,17 @@ SIGTERM_RUN = """
 import os, signal, sys
 import vggfeat
 from vggfeat.extract import DescriptorNet, DescriptorSpec, extract
-calls = 0
-forward = DescriptorNet.__call__
-def counting(self, items):
-    global calls
+calls = handed = 0
+rows = DescriptorNet.rows
+def counting(self, results):
+    global calls, handed
     calls += 1
-    if calls == 3:  # a scheduler's SIGTERM, with 4 images computed and none published yet
+    if calls == 2:  # a scheduler's SIGTERM, with rows computed and none published yet
+        print(handed, flush=True)
         os.kill(os.getpid(), signal.SIGTERM)
-    return forward(self, items)
-DescriptorNet.__call__ = counting
+    handed += len(results)
+    return rows(self, results)
+DescriptorNet.rows = counting
 extract([sys.argv[1]], sys.argv[2], spec=DescriptorSpec(scales=(224,)), weights=sys.argv[3],
         workers=0, progress=False, batch_size=2, shard_images=1000, shard_seconds=1e9)
 """
@@ -316,10 +318,11 @@ def test_sigterm_publishes_what_was_computed(tmp_path, image_folder, tiny_weight
     proc = subprocess.run([sys.executable, str(script), str(image_folder), str(out),
                            str(tiny_weights)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    handed = int(proc.stdout)  # rows computed before the signal
     shards = list((tmp_path / "f.h5.parts").glob("shard-*.h5"))
-    assert sum(len(h5py.File(s)["paths"]) for s in shards) == 4
+    assert 0 < handed < 8 and sum(len(h5py.File(s)["paths"]) for s in shards) == handed
     resumed = run([image_folder], out, vggfeat.vgg(weights=str(tiny_weights)))
-    assert (resumed.reused, resumed.computed) == (4, 4)
+    assert (resumed.reused, resumed.computed) == (handed, 8 - handed)
 
 
 def test_symlink_loops_and_undecodable_names(tmp_path):

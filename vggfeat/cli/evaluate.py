@@ -61,6 +61,10 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
                           progress=not quiet)
         for path, reason in result.failed:
             click.echo(f"skipped {path}: {reason}", err=True)
+        if not quiet:
+            rate = len(result.labels) / result.seconds if result.seconds else 0.0
+            click.echo(f"{len(result.labels)} images, {len(result.failed)} failed ({rate:.2f} "
+                       f"img/s, images per forward: {result.images_per_forward:.1f})", err=True)
     if posteriors_out:
         save_posteriors(result, posteriors_out)
     if json_out:

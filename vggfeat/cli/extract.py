@@ -78,8 +78,8 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
                    "everything)", err=True)
     elif not quiet or result.num_failed:
         rate = result.computed / result.seconds if result.seconds else 0.0
-        click.echo(f"{result.num_images} images → {output}: {counts} ({rate:.2f} img/s)",
-                   err=True)
+        click.echo(f"{result.num_images} images → {output}: {counts} ({rate:.2f} img/s, "
+                   f"images per forward: {result.images_per_forward:.1f})", err=True)
         for path, reason in result.failed[:20]:
             click.echo(f"  skipped {path}: {reason}", err=True)
         if result.num_failed > 20:

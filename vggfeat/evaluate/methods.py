@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.loader import stack_rows
 from ..errors import ConfigError, InputError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner, cudnn_benchmark
@@ -40,51 +39,49 @@ def crop_grid(height: int, width: int, *, size: int = INPUT_SIZE, n: int = GRID)
 class Evaluator(DeviceRunner):
     """Posteriors N×K for batches of per-scale uint8 views (as :func:`rescale_views` makes them).
 
-    Crops are cut on the device from the normalised image, and the posteriors of a batch come
-    back to the host in one copy.
+    Same-shape images run through the net together (see :class:`DeviceRunner`); crops are cut
+    on the device from the normalised image, and the posteriors of a batch come back to the
+    host in one copy.
     """
 
     def __init__(self, model: VGG, method: str, *, device: str | torch.device = "cpu",
                  batch_size: int = 8, amp: str | None = None,
-                 channels_last: bool = True) -> None:
+                 channels_last: bool = True, window: int | None = None) -> None:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
         super().__init__(model, device=device, batch_size=batch_size, amp=amp,
-                         channels_last=channels_last)
+                         channels_last=channels_last, window=window)
         self.method = method
         self.crops_run = 0  # crops evaluated so far, for reporting and tests
 
-    @torch.inference_mode()
-    def __call__(self, items: list[list[Tensor]]) -> Tensor:
-        parts: list[tuple[list[int], Tensor]] = []  # (rows, their posteriors on the device)
-        n_scales = len(items[0])
-        for s in range(n_scales):
-            views = [item[s] for item in items]
-            if self.method in ("dense", "dense+multi-crop"):
-                parts += self.dense(views)
-            if self.method in ("multi-crop", "dense+multi-crop"):
-                parts += [([i], self.multi_crop(v)[None]) for i, v in enumerate(views)]
-            if self.method == "center-crop":
-                parts.append((list(range(len(views))),
-                              self.crops(self.network_input(stack_rows(views)))))
-        total = torch.zeros(len(items), self.model.num_classes)
-        total.index_add_(0, torch.tensor([i for rows, _ in parts for i in rows]),
-                         torch.cat([p for _, p in parts]).cpu())
-        per_scale = 2 if self.method == "dense+multi-crop" else 1
-        return total / (n_scales * per_scale)
+    def forward_views(self, scale: int, batch: Tensor) -> Tensor:
+        """Posteriors N×K on the device of N same-shape images at one scale (for
+        ``dense+multi-crop``: the sum of both methods' posteriors)."""
+        out = 0
+        if self.method in ("dense", "dense+multi-crop"):
+            out = out + self.dense(batch)
+        if self.method in ("multi-crop", "dense+multi-crop"):
+            out = out + torch.stack([self.multi_crop(view) for view in batch])
+        if self.method == "center-crop":
+            out = self.crops(self.network_input(batch))
+        return out
 
-    def dense(self, views: list[Tensor]) -> list[tuple[list[int], Tensor]]:
-        """Flip-averaged softmax of the spatially averaged score map, per same-shape chunk of
-        ``views``: (indices, chunk×K posteriors on the device)."""
-        out = []
+    def rows(self, results: list[list[Tensor]]) -> Tensor:
+        """Per-image lists of per-scale posteriors → N×K posteriors averaged over scales (and
+        methods), on the host."""
+        total = torch.stack([torch.stack(r) for r in results]).cpu()  # one copy to the host
+        per_scale = 2 if self.method == "dense+multi-crop" else 1
+        return total.sum(1) / (total.shape[1] * per_scale)
+
+    def dense(self, batch: Tensor) -> Tensor:
+        """Flip-averaged softmax of the spatially averaged score map of uint8 N×3×H×W
+        same-shape images: N×K posteriors on the device."""
         # Every image size is a new shape: cudnn's per-shape search would cost more than it saves.
         with cudnn_benchmark(False):
-            for chunk in self.same_shape_chunks(views):
-                x = self.network_input(stack_rows([views[i] for i in chunk]))
-                with self.autocast():
-                    maps = self.model.score_map(torch.cat([x, x.flip(-1)]))
-                out.append((chunk, flip_averaged_posteriors(maps, len(chunk))))
-        return out
+            x = self.network_input(batch)
+            with self.autocast():
+                maps = self.model.score_map(torch.cat([x, x.flip(-1)]))
+        return flip_averaged_posteriors(maps, len(batch))
 
     def multi_crop(self, view: Tensor) -> Tensor:
         """Mean softmax over the 5×5 grid of 224 crops and their flips (50 crops): K, on the

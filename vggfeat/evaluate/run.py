@@ -6,6 +6,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import h5py
@@ -97,6 +98,7 @@ class EvalResult:
     attrs: dict = field(default_factory=dict)
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    images_per_forward: float = 0.0  # mean images per same-shape forward pass, flips not counted
 
     @property
     def top1_error(self) -> float:
@@ -109,7 +111,8 @@ class EvalResult:
     def summary(self) -> dict:
         return {"top1_error": round(self.top1_error, 3), "top5_error": round(self.top5_error, 3),
                 "images": len(self.labels), "failed": len(self.failed), "method": self.method,
-                "scales": list(self.scales), "seconds": round(self.seconds, 1), **self.attrs}
+                "scales": list(self.scales), "seconds": round(self.seconds, 1),
+                "images_per_forward": round(self.images_per_forward, 2), **self.attrs}
 
 
 def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
@@ -142,15 +145,21 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
     rows, kept, failed = [], [], []
     labels = np.asarray(images.labels)
     misses = 0  # running top-1 count for the progress bar: O(batch) per update, not O(images)
+    # Same-shape images run together across batches; posteriors come back in input order.
+    stream = evaluator.stream()
     with tqdm(total=len(images), unit="img", disable=not progress, desc=f"evaluate {method}") as bar:
-        for batch in loader:
-            good = [(i, v) for i, v, _ in batch if v is not None]
-            failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
-            if good:
-                rows.append(evaluator([v for _, v in good]).numpy())
-                kept += [i for i, _ in good]
-                misses += topk_misses(rows[-1], labels[[i for i, _ in good]], 1)
-            bar.update(len(batch))
+        for batch in chain(loader, [None]):  # None: the end, where short passes run
+            if batch is None:
+                done = stream.finish()
+            else:
+                failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
+                done = [d for i, v, _ in batch if v is not None for d in stream.add(i, v)]
+                bar.update(len(batch) - sum(v is not None for _, v, _ in batch))
+            if done:
+                rows.append(evaluator.rows([r for _, r in done]).numpy())
+                kept += [i for i, _ in done]
+                misses += topk_misses(rows[-1], labels[[i for i, _ in done]], 1)
+                bar.update(len(done))
             if kept:
                 bar.set_postfix(top1_err=f"{100.0 * misses / len(kept):.1f}", failed=len(failed),
                                 refresh=False)
@@ -158,7 +167,8 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
              "weights": model.weights_meta.get("name") or model.weights_meta.get("file") or "random"}
     return EvalResult(np.concatenate(rows) if rows else np.empty((0, model.num_classes), np.float32),
                       np.asarray(images.labels, np.int64)[kept], [images.paths[i] for i in kept],
-                      method, tuple(scales), attrs, failed, time.monotonic() - start)
+                      method, tuple(scales), attrs, failed, time.monotonic() - start,
+                      evaluator.images_per_forward)
 
 
 def save_posteriors(result: EvalResult, path: str | os.PathLike) -> Path:

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..data.images import MAX_ASPECT, rescale_views
-from ..data.loader import stack_rows
 from ..errors import ConfigError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner
@@ -94,14 +93,15 @@ def prepare(image: Tensor, spec: DescriptorSpec) -> list[Tensor]:
 class DescriptorNet(DeviceRunner):
     """Computes descriptors for batches of prepared images on one device.
 
-    Images with identical shapes at a scale run through the net together (in chunks of
-    ``batch_size``, flips included in the same batch); the result does not depend on batching.
+    Images with identical shapes at a scale run through the net together (``batch_size`` at a
+    time, gathered across ``window`` consecutive images when streamed, flips included in the
+    same pass); the result does not depend on batching.
     """
 
     def __init__(self, model: VGG, spec: DescriptorSpec, *, device: str | torch.device = "cpu",
-                 batch_size: int = 8, amp: str | None = None) -> None:
+                 batch_size: int = 8, amp: str | None = None, window: int | None = None) -> None:
         model.check_layer(spec.layer)
-        super().__init__(model, device=device, batch_size=batch_size, amp=amp)
+        super().__init__(model, device=device, batch_size=batch_size, amp=amp, window=window)
         self.spec = spec
         self.channels = model.layer_channels(spec.layer)
 
@@ -109,20 +109,13 @@ class DescriptorNet(DeviceRunner):
     def dim(self) -> int:
         return self.spec.dim(self.channels)
 
-    @torch.inference_mode()
-    def __call__(self, items: list[list[Tensor]]) -> Tensor:
-        """``items[i][s]`` is image i at scale s (uint8 3×H×W) → float32 N×dim descriptors (CPU)."""
-        parts = []  # (images, scale, their pooled outputs on the device)
-        for s in range(len(self.spec.scales)):
-            views = [item[s] for item in items]
-            for chunk in self.same_shape_chunks(views):
-                parts.append((chunk, s, self.pooled(stack_rows([views[i] for i in chunk]))))
-        pooled = torch.cat([p.float() for *_, p in parts]).cpu()  # one copy to the host
-        per_scale = torch.empty(len(items), len(self.spec.scales), self.channels)
-        start = 0
-        for chunk, s, _ in parts:
-            per_scale[chunk, s] = pooled[start:start + len(chunk)]
-            start += len(chunk)
+    def forward_views(self, scale: int, batch: Tensor) -> Tensor:
+        return self.pooled(batch)
+
+    def rows(self, results: list[list[Tensor]]) -> Tensor:
+        """Per-image lists of pooled C-vectors, one per scale → float32 N×dim descriptors (CPU)."""
+        # one copy to the host
+        per_scale = torch.stack([torch.stack(r) for r in results]).float().cpu()
         if self.spec.aggregate == "mean":
             out = per_scale.mean(dim=1)
         else:

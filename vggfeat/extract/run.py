@@ -21,6 +21,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import h5py
@@ -117,6 +118,7 @@ class ExtractResult:
     up_to_date: bool = False
     reused: int = 0   # inputs whose row (or recorded failure) was reused
     removed: int = 0  # entries dropped because their file is no longer an input
+    images_per_forward: float = 0.0  # in this process's forward passes, flips not counted
 
 
 def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLike, *,
@@ -173,7 +175,8 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     return ExtractResult(output, attrs["num_images"], attrs["num_failed"], len(todo),
                          time.monotonic() - start, failed,
                          reused=plan.reused if plan is not None else 0,
-                         removed=plan.removed if plan is not None else 0)
+                         removed=plan.removed if plan is not None else 0,
+                         images_per_forward=net.images_per_forward)
 
 
 def descriptor_settings(model: VGG, spec: DescriptorSpec, dtype: str) -> dict:
@@ -313,11 +316,13 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
                desc=f"extract {spec.layer}" + (f" rank 0/{dist.world_size}" if dist.world_size > 1
                                                 else ""), dynamic_ncols=True)
     failures = 0
+    # Same-shape images run together across batches; rows come back in input order.
+    stream = net.stream()
     try:
         with _sigterm_unwinds():
-            for batch in loader:
-                good = [item for item in batch if item[1] is not None]
-                for index, _, reason, identity in batch:
+            for batch in chain(loader, [None]):  # None: the end, where short passes run
+                done = [] if batch is not None else stream.finish()
+                for index, views, reason, identity in batch or ():
                     if reason is not None:
                         failures += 1
                         if opts.strict:
@@ -325,12 +330,16 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
                                                "at the first bad image; without it, bad images "
                                                "are recorded and skipped)")
                         buffer.add_failure(index, reason, identity)
-                if good:
-                    rows = net([views for _, views, _, _ in good]).numpy()
-                    sizes = np.array([[v.shape[-2:] for v in views] for _, views, _, _ in good])
-                    buffer.add([(index, identity) for index, _, _, identity in good], rows, sizes)
+                        bar.update(1)
+                    else:
+                        sizes = [v.shape[-2:] for v in views]
+                        done += stream.add((index, identity, sizes), views)
+                if done:
+                    rows = net.rows([results for _, results in done]).numpy()
+                    buffer.add([(index, identity) for (index, identity, _), _ in done], rows,
+                               np.array([sizes for (_, _, sizes), _ in done]))
                 buffer.maybe_flush()
-                bar.update(len(batch))
+                bar.update(len(done))
                 bar.set_postfix(failed=failures, refresh=False)
     finally:
         buffer.flush()  # whatever was computed is kept, even when stopping on an error

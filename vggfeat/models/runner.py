@@ -7,18 +7,22 @@ compute from the network's outputs.
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
-from collections.abc import Iterator
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor
 
+from ..data.loader import stack_rows
 from ..devices import resolve_device
 from ..errors import ConfigError
 from .vgg import VGG
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How many images a forward pass may gather from, in batches: with g image shapes among
+# consecutive inputs, passes stay full while g·(batch_size − 1) < the window.
+WINDOW_BATCHES = 4
 
 
 def placed_device(device: str | torch.device) -> torch.device:
@@ -44,10 +48,17 @@ class DeviceRunner:
     The caller's model is never changed: if it is not already in eval mode on ``device`` in the
     asked memory format (channels_last, faster for inference on GPUs and CPUs alike, unless
     ``channels_last=False``), the runner works on a copy placed there (``self.model``).
+
+    Subclasses say what one forward pass computes from same-shape views
+    (:meth:`forward_views`) and how an image's per-scale results make its row (:meth:`rows`);
+    calling the runner on a list of images, or streaming images through :meth:`stream`, batches
+    views of exactly the same shape together (:class:`ShapeBatches`).  ``window`` (default
+    ``4 × batch_size``) is how many consecutive images a stream gathers passes from.
     """
 
     def __init__(self, model: VGG, *, device: str | torch.device = "cpu", batch_size: int = 8,
-                 amp: str | None = None, channels_last: bool = True) -> None:
+                 amp: str | None = None, channels_last: bool = True,
+                 window: int | None = None) -> None:
         if amp not in AMP_DTYPES:
             raise ConfigError(f"amp must be one of fp32, bf16, fp16 or None, got {amp!r}")
         self.device = placed_device(device)
@@ -57,7 +68,15 @@ class DeviceRunner:
             model = copy.deepcopy(model).eval().to(self.device, memory_format=self.memory_format)
         self.model = model
         self.batch_size = batch_size
+        self.window = window or WINDOW_BATCHES * batch_size
         self.amp_dtype = AMP_DTYPES[amp]
+        self.forward_passes = 0  # same-shape passes run so far, and the images they held
+        self.forward_images = 0
+
+    @property
+    def images_per_forward(self) -> float:
+        """Mean number of images in a forward pass so far (flips not counted); 0 before any."""
+        return self.forward_images / self.forward_passes if self.forward_passes else 0.0
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -69,14 +88,92 @@ class DeviceRunner:
         x = batch.to(self.device, non_blocking=True)
         return self.model.preprocessing(x).contiguous(memory_format=self.memory_format)
 
-    def same_shape_chunks(self, views: list[Tensor]) -> Iterator[list[int]]:
-        """Indices of ``views`` grouped by shape, in chunks of at most ``batch_size``."""
-        groups: dict[tuple, list[int]] = defaultdict(list)
-        for i, view in enumerate(views):
-            groups[tuple(view.shape)].append(i)
-        for members in groups.values():
-            for start in range(0, len(members), self.batch_size):
-                yield members[start:start + self.batch_size]
+    def forward_views(self, scale: int, batch: Tensor) -> Tensor:
+        """uint8 N×3×H×W views of N images at scale index ``scale`` → N×D results on the device."""
+        raise NotImplementedError
+
+    def rows(self, results: list[list[Tensor]]) -> Tensor:
+        """Per-image lists of per-scale results (D on the device) → float32 N×D rows on the host."""
+        raise NotImplementedError
+
+    def stream(self, window: int | None = None) -> ShapeBatches:
+        """A :class:`ShapeBatches` running this runner's forward passes (window default
+        ``self.window`` images)."""
+        return ShapeBatches(self._forward, batch_size=self.batch_size, window=window or self.window)
+
+    def __call__(self, items: list[list[Tensor]]) -> Tensor:
+        """``items[i][s]`` is image i at scale s (uint8 3×H×W) → float32 N×D rows (host).
+
+        Same-shape views among ``items`` run together, ``batch_size`` at a time.
+        """
+        stream = self.stream(window=len(items))
+        done = [d for i, views in enumerate(items) for d in stream.add(i, views)]
+        done += stream.finish()
+        return self.rows([results for _, results in done])
+
+    def _forward(self, scale: int, views: list[Tensor]) -> Tensor:
+        with torch.inference_mode():
+            out = self.forward_views(scale, stack_rows(views))
+        self.forward_passes += 1
+        self.forward_images += len(views)
+        return out
+
+
+class ShapeBatches:
+    """Forward passes of same-shape views gathered across consecutive images, in input order.
+
+    Images are added in input order, each as its list of per-scale uint8 3×H×W views.  A view
+    waits in the queue of its (scale, shape) until ``batch_size`` views wait there; they then
+    run together through ``forward(scale, views)`` (N×D results).  When more than ``window``
+    images are not yet handed back, the queue holding the oldest of them runs short.  Nothing is
+    resized or padded, so an image's results do not depend on which images shared its passes.
+
+    :meth:`add` and :meth:`finish` hand back the images whose every view has run, as
+    ``(key, [result at each scale])``, in the order they were added.
+    """
+
+    def __init__(self, forward: Callable[[int, list[Tensor]], Tensor], *, batch_size: int,
+                 window: int) -> None:
+        self.forward, self.batch_size, self.window = forward, batch_size, max(1, window)
+        self.queues: dict[tuple, list[tuple[int, Tensor]]] = {}  # (scale, shape) → [(seq, view)]
+        self.waiting: OrderedDict[int, tuple[Hashable, list]] = OrderedDict()
+        self.added = 0
+
+    def add(self, key, views: list[Tensor]) -> list[tuple[object, list[Tensor]]]:
+        seq, self.added = self.added, self.added + 1
+        self.waiting[seq] = (key, [None] * len(views))
+        for s, view in enumerate(views):
+            queue = self.queues.setdefault((s, tuple(view.shape), view.dtype), [])
+            queue.append((seq, view))
+            if len(queue) == self.batch_size:
+                self._run((s, tuple(view.shape), view.dtype))
+        done = self._done()
+        while len(self.waiting) > self.window:  # the oldest image has waited long enough
+            oldest = next(iter(self.waiting))
+            self._run(next(k for k, queue in self.queues.items() if queue[0][0] == oldest))
+            done += self._done()
+        return done
+
+    def finish(self) -> list[tuple[object, list[Tensor]]]:
+        """Run every queue, however short; hand back all the remaining images."""
+        for k in list(self.queues):
+            self._run(k)
+        return self._done()
+
+    def _run(self, k: tuple) -> None:
+        queue = self.queues.pop(k)
+        out = self.forward(k[0], [view for _, view in queue])
+        for row, (seq, _) in enumerate(queue):
+            self.waiting[seq][1][k[0]] = out[row]
+
+    def _done(self) -> list[tuple[object, list[Tensor]]]:
+        done = []
+        while self.waiting:
+            seq = next(iter(self.waiting))
+            if any(r is None for r in self.waiting[seq][1]):
+                break
+            done.append(self.waiting.pop(seq))
+        return done
 
 
 @contextmanager
