@@ -174,6 +174,9 @@ def test_wrong_shapes_are_named(tmp_path):
     torch.save({"classifier.0.weight": torch.zeros(32, 49)}, path)
     with pytest.raises(WeightsError, match="not a VGG state dict"):
         vggfeat.vgg(weights=path)
+    path.write_text("# notes, not weights\n")
+    with pytest.raises(WeightsError, match="b.pth is not a weights file: expected a .safetensors"):
+        vggfeat.vgg(weights=path)
 
 
 class _RunsCommand:

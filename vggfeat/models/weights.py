@@ -135,6 +135,12 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
         return load_file(str(path)), metadata
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # torch.save writes a zip archive ("PK"), older torch a bare pickle (protocol byte 0x80).
+    if head != b"PK" and head[:1] != b"\x80":
+        raise WeightsError(f"{path} is not a weights file: expected a .safetensors file, or a "
+                           ".pth/.pt state dict written by torch.save")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
