@@ -84,8 +84,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10, help="fine-tuning epochs")
     parser.add_argument("--lr", type=float, default=0.08,
                         help="lr per 256 images with --freeze conv (0.0025 at the batch of 8)")
-    parser.add_argument("--lr-all", type=float, default=0.008,
-                        help="lr per 256 images with --freeze none (every layer trained)")
+    parser.add_argument("--lr-all", type=float, default=0.001,
+                        help="lr per 256 images with --freeze none (every layer trained; "
+                             "vggfeat train's default with --weights)")
     args = parser.parse_args()
     out = Path(args.out)
     warnings.simplefilter("ignore", vggfeat.NewHeadWarning)  # expected: new fc8 for 5 classes
