@@ -365,3 +365,15 @@ def test_voc2012_action_protocol_both_settings_like_table_12(tmp_path, tiny_weig
     assert X.shape[0] == 60 and len(set(dataset.paths)) == 30
     with pytest.raises(InputError, match="voc2012-action"):
         run_protocol("voc2012", dataset, [features], setting="image")
+
+
+def test_a_stray_image_beside_class_folders_is_reported(tmp_path):
+    from vggfeat.data.sources import gather_images
+
+    for name in ("cat", "dog"):
+        coloured_image(tmp_path / "photos" / name / "1.jpg", COLOURS[0], seed=1)
+    assert gather_images([tmp_path / "photos"]).class_names == ["cat", "dog"]
+    coloured_image(tmp_path / "photos" / "stray.jpg", COLOURS[1], seed=2)
+    with pytest.warns(UserWarning, match="1 image.*stray.jpg.*none of its images gets a class"):
+        images = gather_images([tmp_path / "photos"])
+    assert images.labels is None and len(images) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,7 +120,13 @@ def _scan_folder(root: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, 
             continue
         files += [Path(dirpath) / name for name in names if is_image_file(name)]
     files.sort(key=lambda p: p.relative_to(root).parts)
-    labelled = bool(files) and all(len(f.relative_to(root).parts) > 1 for f in files)
+    loose = [f for f in files if len(f.relative_to(root).parts) == 1]
+    labelled = bool(files) and not loose
+    if loose and len(loose) < len(files):
+        warnings.warn(f"{printable(str(root))}: {len(loose)} image(s) lie directly in the folder "
+                      f"(e.g. {printable(loose[0].name)}) beside class sub-folders, so none of its "
+                      "images gets a class label; move them into a class folder (or remove them) "
+                      "to keep the labels", UserWarning, stacklevel=3)
     return [(os.path.abspath(f), f.relative_to(root).parts[0] if labelled else None) for f in files]
 
 
