@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -126,7 +126,8 @@ class ShapeBatches:
     waits in the queue of its (scale, shape) until ``batch_size`` views wait there; they then
     run together through ``forward(scale, views)`` (N×D results).  When more than ``window``
     images are not yet handed back, the queue holding the oldest of them runs short.  Nothing is
-    resized or padded, so an image's results do not depend on which images shared its passes.
+    resized or padded, so an image's results do not depend on which images shared its passes
+    (beyond float rounding).
 
     :meth:`add` and :meth:`finish` hand back the images whose every view has run, as
     ``(key, [result at each scale])``, in the order they were added.
@@ -135,8 +136,9 @@ class ShapeBatches:
     def __init__(self, forward: Callable[[int, list[Tensor]], Tensor], *, batch_size: int,
                  window: int) -> None:
         self.forward, self.batch_size, self.window = forward, batch_size, max(1, window)
-        self.queues: dict[tuple, list[tuple[int, Tensor]]] = {}  # (scale, shape) → [(seq, view)]
-        self.waiting: OrderedDict[int, tuple[Hashable, list]] = OrderedDict()
+        # (scale, shape, dtype) → [(seq, view)], and seq → (key, results at each scale so far)
+        self.queues: dict[tuple, list[tuple[int, Tensor]]] = {}
+        self.waiting: OrderedDict[int, tuple[object, list]] = OrderedDict()
         self.added = 0
 
     def add(self, key, views: list[Tensor]) -> list[tuple[object, list[Tensor]]]:
