@@ -36,7 +36,7 @@ def stand_in_pretrained(path):
     return vggfeat.save_weights(net, path)
 
 
-def test_finetune_new_head_on_frozen_layers_learns(tmp_path):
+def test_finetune_new_head_on_frozen_layers_learns(tmp_path, capsys):
     data = pets(tmp_path / "pets")
     weights = stand_in_pretrained(tmp_path / "pretrained.safetensors")
     out = tmp_path / "run"
@@ -45,6 +45,8 @@ def test_finetune_new_head_on_frozen_layers_learns(tmp_path):
     main(["train", "--data", str(data), "--weights", str(weights), "--freeze", "fc7",
           "--out", str(out), "--epochs", "8", "--batch-size", "2", "--lr", "8", "--dropout", "0",
           "--train-scale", "224", "--device", "cpu", "--workers", "0", "--seed", "0", "--quiet"])
+    assert ("Warning: VGG D: conv1_1 … fc7 come from the weights (file, 1000 classes); fc8 is new"
+            in capsys.readouterr().err)  # one line, not a source location
     tuned = vggfeat.vgg(weights=out / "final.safetensors")
     base = vggfeat.vgg(weights=weights)
     assert tuned.num_classes == 2 and tuned.weights_meta["class_names"] == ["cat", "dog"]

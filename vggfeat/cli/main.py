@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -59,9 +60,16 @@ def cli() -> None:
     `vggfeat COMMAND --help` describes each command."""
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line for the user (``Warning: …``), not as a source location."""
+    click.echo(f"Warning: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(args=argv, prog_name="vggfeat", standalone_mode=False)
+        with warnings.catch_warnings():  # the library's own display comes back afterwards
+            warnings.showwarning = _show_warning
+            cli.main(args=argv, prog_name="vggfeat", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
