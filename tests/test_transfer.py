@@ -340,7 +340,7 @@ def test_voc2012_action_protocol_both_settings_like_table_12(tmp_path, tiny_weig
     from vggfeat.cli import main
     from PIL import Image
 
-    make_voc_actions(tmp_path, {"train": 20, "val": 10})
+    make_voc_actions(tmp_path, {"train": 10, "val": 5})
     features = tmp_path / "actions.h5"
     report = tmp_path / "actions.md"
     main(["transfer", str(features), "--protocol", "voc2012-action", "--data", str(tmp_path),
@@ -351,7 +351,7 @@ def test_voc2012_action_protocol_both_settings_like_table_12(tmp_path, tiny_weig
     results = json.loads(report.with_suffix(".json").read_text())["results"]
     assert [r["setting"] for r in results] == ["image", "image+box"]
     for r in results:
-        assert r["sizes"] == {"classes": 10, "train": 40, "val": 8, "test": 20}
+        assert r["sizes"] == {"classes": 10, "train": 20, "val": 4, "test": 10}
         assert len(r["per_class"]) == 10 and r["mean"] == pytest.approx(
             np.mean(list(r["per_class"].values())), abs=0.01)
     text = report.read_text()
@@ -362,7 +362,7 @@ def test_voc2012_action_protocol_both_settings_like_table_12(tmp_path, tiny_weig
     box = run_protocol("voc2012-action", dataset, [features], setting="image+box", C_grid=(1.0,))
     assert box.mean > 90 and box.mean == pytest.approx(results[1]["mean"])
     X, _, _, _ = descriptors([features], dataset, aggregate=None)
-    assert X.shape[0] == 60 and len(set(dataset.paths)) == 30
+    assert X.shape[0] == 30 and len(set(dataset.paths)) == 15
     with pytest.raises(InputError, match="voc2012-action"):
         run_protocol("voc2012", dataset, [features], setting="image")
 
