@@ -42,9 +42,11 @@ def test_stream_runs_one_shape_per_pass_within_its_window_and_keeps_input_order(
     stream = ShapeBatches(forward, batch_size=4, window=6)
     done = []
     for i, views in enumerate(images):
-        done += stream.add(i, views)
+        stream.add(i, views)
+        done += stream.take()
         assert len(stream.waiting) <= 6  # never more than the window held
-    done += stream.finish()
+    stream.finish()
+    done += stream.take()
     assert [key for key, _ in done] == list(range(40))
     assert [float(r[0]) for _, r in done] == list(range(40))
     assert sum(passes) == 40 and len(passes) < 40 / 2

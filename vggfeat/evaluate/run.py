@@ -150,11 +150,14 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
     with tqdm(total=len(images), unit="img", disable=not progress, desc=f"evaluate {method}") as bar:
         for batch in chain(loader, [None]):  # None: the end, where short passes run
             if batch is None:
-                done = stream.finish()
-            else:
-                failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
-                done = [d for i, v, _ in batch if v is not None for d in stream.add(i, v)]
-                bar.update(len(batch) - sum(v is not None for _, v, _ in batch))
+                stream.finish()
+            for i, views, reason in batch or ():
+                if reason is not None:
+                    failed.append((images.paths[i], reason))
+                    bar.update(1)
+                else:
+                    stream.add(i, views)
+            done = stream.take()
             if done:
                 rows.append(evaluator.rows([r for _, r in done]).numpy())
                 kept += [i for i, _ in done]

@@ -321,7 +321,8 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
     try:
         with _sigterm_unwinds():
             for batch in chain(loader, [None]):  # None: the end, where short passes run
-                done = [] if batch is not None else stream.finish()
+                if batch is None:
+                    stream.finish()
                 for index, views, reason, identity in batch or ():
                     if reason is not None:
                         failures += 1
@@ -332,18 +333,27 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
                         buffer.add_failure(index, reason, identity)
                         bar.update(1)
                     else:
-                        sizes = [v.shape[-2:] for v in views]
-                        done += stream.add((index, identity, sizes), views)
-                if done:
-                    rows = net.rows([results for _, results in done]).numpy()
-                    buffer.add([(index, identity) for (index, identity, _), _ in done], rows,
-                               np.array([sizes for (_, _, sizes), _ in done]))
+                        stream.add((index, identity, [v.shape[-2:] for v in views]), views)
+                bar.update(_hand_over(stream.take(), net, buffer))
                 buffer.maybe_flush()
-                bar.update(len(done))
                 bar.set_postfix(failed=failures, refresh=False)
     finally:
-        buffer.flush()  # whatever was computed is kept, even when stopping on an error
-        bar.close()
+        # Whatever was computed is kept, even when stopping on an error: images finished behind
+        # one still waiting for its pass too.
+        try:
+            _hand_over(stream.take(out_of_order=True), net, buffer)
+        finally:
+            buffer.flush()
+            bar.close()
+
+
+def _hand_over(done: list, net: DescriptorNet, buffer: _ShardBuffer) -> int:
+    """Rows of finished images ``(index, identity, sizes), results`` into ``buffer``."""
+    if done:
+        rows = net.rows([results for _, results in done]).numpy()
+        buffer.add([(index, identity) for (index, identity, _), _ in done], rows,
+                   np.array([sizes for (_, _, sizes), _ in done]))
+    return len(done)
 
 
 @contextmanager

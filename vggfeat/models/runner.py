@@ -107,9 +107,10 @@ class DeviceRunner:
         Same-shape views among ``items`` run together, ``batch_size`` at a time.
         """
         stream = self.stream(window=len(items))
-        done = [d for i, views in enumerate(items) for d in stream.add(i, views)]
-        done += stream.finish()
-        return self.rows([results for _, results in done])
+        for i, views in enumerate(items):
+            stream.add(i, views)
+        stream.finish()
+        return self.rows([results for _, results in stream.take()])
 
     def _forward(self, scale: int, views: list[Tensor]) -> Tensor:
         with torch.inference_mode():
@@ -125,11 +126,11 @@ class ShapeBatches:
     Images are added in input order, each as its list of per-scale uint8 3×H×W views.  A view
     waits in the queue of its (scale, shape) until ``batch_size`` views wait there; they then
     run together through ``forward(scale, views)`` (N×D results).  When more than ``window``
-    images are not yet handed back, the queue holding the oldest of them runs short.  Nothing is
-    resized or padded, so an image's results do not depend on which images shared its passes
-    (beyond float rounding).
+    images are held, the queue holding the oldest unfinished one runs short.  Nothing is resized
+    or padded, so an image's results do not depend on which images shared its passes (beyond
+    float rounding).
 
-    :meth:`add` and :meth:`finish` hand back the images whose every view has run, as
+    :meth:`take` hands back the finished images, whose every view has run, as
     ``(key, [result at each scale])``, in the order they were added.
     """
 
@@ -141,7 +142,9 @@ class ShapeBatches:
         self.waiting: OrderedDict[int, tuple[object, list]] = OrderedDict()
         self.added = 0
 
-    def add(self, key, views: list[Tensor]) -> list[tuple[object, list[Tensor]]]:
+    def add(self, key, views: list[Tensor]) -> None:
+        """Queue an image's views; run the queues that are full, and short ones while more than
+        ``window`` images are held."""
         seq, self.added = self.added, self.added + 1
         self.waiting[seq] = (key, [None] * len(views))
         for s, view in enumerate(views):
@@ -149,33 +152,35 @@ class ShapeBatches:
             queue.append((seq, view))
             if len(queue) == self.batch_size:
                 self._run((s, tuple(view.shape), view.dtype))
-        done = self._done()
         while len(self.waiting) > self.window:  # the oldest image has waited long enough
-            oldest = next(iter(self.waiting))
+            oldest = next((seq for seq, (_, results) in self.waiting.items()
+                           if any(r is None for r in results)), None)
+            if oldest is None:  # all finished: the caller has yet to take them
+                break
             self._run(next(k for k, queue in self.queues.items() if queue[0][0] == oldest))
-            done += self._done()
-        return done
 
-    def finish(self) -> list[tuple[object, list[Tensor]]]:
-        """Run every queue, however short; hand back all the remaining images."""
+    def finish(self) -> None:
+        """Run every queue, however short: every image is then finished."""
         for k in list(self.queues):
             self._run(k)
-        return self._done()
+
+    def take(self, *, out_of_order: bool = False) -> list[tuple[object, list[Tensor]]]:
+        """Hand back the finished images up to the first unfinished one, in input order; with
+        ``out_of_order``, every finished image (what stopping early can still keep)."""
+        done = []
+        for seq in list(self.waiting):
+            if any(r is None for r in self.waiting[seq][1]):
+                if not out_of_order:
+                    break
+            else:
+                done.append(self.waiting.pop(seq))
+        return done
 
     def _run(self, k: tuple) -> None:
         queue = self.queues.pop(k)
         out = self.forward(k[0], [view for _, view in queue])
         for row, (seq, _) in enumerate(queue):
             self.waiting[seq][1][k[0]] = out[row]
-
-    def _done(self) -> list[tuple[object, list[Tensor]]]:
-        done = []
-        while self.waiting:
-            seq = next(iter(self.waiting))
-            if any(r is None for r in self.waiting[seq][1]):
-                break
-            done.append(self.waiting.pop(seq))
-        return done
 
 
 @contextmanager
