@@ -179,6 +179,25 @@ def test_wrong_shapes_are_named(tmp_path):
         vggfeat.vgg(weights=path)
 
 
+def test_broken_safetensors_are_one_line_errors(tiny_weights, image_folder, tmp_path, capsys):
+    from vggfeat.cli import main
+
+    whole = tiny_weights.read_bytes()
+    for name, data in [("empty", b""), ("junk", b"junk\n"), ("cut", whole[: len(whole) // 2])]:
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(WeightsError, match=f"cannot read weights file .*{name}.safetensors"):
+            vggfeat.vgg(weights=path)
+    for command in (["extract", str(image_folder), "-o", str(tmp_path / "f.h5")],
+                    ["evaluate", "--data", str(image_folder)]):
+        with pytest.raises(SystemExit) as stop:
+            main([*command, "--weights", str(tmp_path / "junk.safetensors"), "--device", "cpu"])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "junk.safetensors" in err and "Traceback" not in err
+    assert not (tmp_path / "f.h5").exists()
+
+
 class _RunsCommand:
     def __init__(self, marker):
         self.marker = marker

@@ -129,12 +129,16 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        return load_file(str(path)), metadata
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as err:  # empty, truncated or not safetensors
+            raise WeightsError(f"cannot read weights file {path}: it is not a complete .safetensors "
+                               f"file ({err}); download or export it again") from err
     with open(path, "rb") as f:
         head = f.read(2)
     # torch.save writes a zip archive ("PK"), older torch a bare pickle (protocol byte 0x80).
