@@ -1,5 +1,6 @@
 """Full forward passes: same-shape images gathered across loader batches, rows in input order."""
 
+import importlib
 import re
 
 import numpy as np
@@ -77,3 +78,35 @@ def test_dense_evaluation_fills_passes_with_the_same_posteriors(shuffled_photos)
     assert batched.images_per_forward >= 6 and alone.images_per_forward == 1.0
     assert batched.paths == alone.paths == images.paths
     np.testing.assert_allclose(batched.posteriors, alone.posteriors, rtol=1e-5, atol=1e-7)
+
+
+def test_progress_moves_with_every_pass_not_only_when_images_finish():
+    """Two scales, three shapes: images finish in bursts, but every pass reports its share."""
+    reports = []
+    stream = ShapeBatches(lambda s, views: torch.zeros(len(views)), batch_size=2, window=8,
+                          on_progress=reports.append)
+    shapes = [(4, 6), (6, 4), (5, 5)] * 2
+    for i, shape in enumerate(shapes):
+        stream.add(i, [torch.zeros(3, *shape, dtype=torch.uint8),
+                       torch.zeros(3, shape[0] * 2, shape[1] * 2, dtype=torch.uint8)])
+    stream.finish()
+    assert reports == [1.0] * 6  # each pass: 2 views of 2-scale images = one image's worth
+    assert sum(reports) == pytest.approx(len(shapes))
+
+
+def test_extract_progress_bar_moves_per_pass(tmp_path, image_folder, tiny_weights, monkeypatch):
+    run = importlib.import_module("vggfeat.extract.run")  # (vggfeat.extract is the function)
+    updates, make_bar = [], run.image_bar
+
+    def recording_bar(*args, **kwargs):
+        bar = make_bar(*args, **kwargs)
+        update = bar.update
+        bar.update = lambda n=1: (updates.append(n), update(n))[1]
+        return bar
+
+    monkeypatch.setattr(run, "image_bar", recording_bar)
+    model = vggfeat.vgg(weights=str(tiny_weights))
+    extract([image_folder], tmp_path / "f.h5", model=model,
+            spec=vggfeat.DescriptorSpec(scales=(224, 256)), batch_size=8, workers=0)
+    assert sum(updates) == pytest.approx(8)  # 8 images, each counted once in all
+    assert len(updates) > 2  # not one jump per loader batch of 8

@@ -12,7 +12,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..cache.store import STR
 from ..data.images import rescale_views
@@ -22,6 +21,7 @@ from ..errors import InputError
 from ..extract.run import default_device, default_workers
 from ..fileio import atomic_path, write_json_atomic
 from ..models.vgg import VGG
+from ..progress import image_bar
 from .methods import CENTER_CROP_RESIZE, Evaluator, topk_error, topk_misses
 
 # (config, training scale S, method, test scales) → (top-1, top-5) error %, paper Tables 3–5.
@@ -146,8 +146,8 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
     labels = np.asarray(images.labels)
     misses = 0  # running top-1 count for the progress bar: O(batch) per update, not O(images)
     # Same-shape images run together across batches; posteriors come back in input order.
-    stream = evaluator.stream()
-    with tqdm(total=len(images), unit="img", disable=not progress, desc=f"evaluate {method}") as bar:
+    with image_bar(len(images), disable=not progress, desc=f"evaluate {method}") as bar:
+        stream = evaluator.stream(on_progress=bar.update)
         for batch in chain(loader, [None]):  # None: the end, where short passes run
             if batch is None:
                 stream.finish()
@@ -162,7 +162,6 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
                 rows.append(evaluator.rows([r for _, r in done]).numpy())
                 kept += [i for i, _ in done]
                 misses += topk_misses(rows[-1], labels[[i for i, _ in done]], 1)
-                bar.update(len(done))
             if kept:
                 bar.set_postfix(top1_err=f"{100.0 * misses / len(kept):.1f}", failed=len(failed),
                                 refresh=False)

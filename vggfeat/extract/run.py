@@ -27,7 +27,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..cache.lock import OutputLock
@@ -55,6 +54,7 @@ from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
 from ..fileio import write_json_atomic
 from ..models.factory import vgg
 from ..models.vgg import VGG
+from ..progress import image_bar
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
 
 DTYPES = ("float32", "float16")
@@ -112,11 +112,11 @@ class ExtractResult:
     output: Path
     num_images: int  # rows in the output
     num_failed: int  # failures recorded in the output
-    computed: int    # images computed by this invocation (all ranks)
+    computed: int    # rows computed by this invocation, all ranks (failures: num_failed only)
     seconds: float
     failed: list[tuple[str, str]] = field(default_factory=list)
     up_to_date: bool = False
-    reused: int = 0   # inputs whose row (or recorded failure) was reused
+    reused: int = 0   # rows reused from the existing output or an unfinished run
     removed: int = 0  # entries dropped because their file is no longer an input
     images_per_forward: float = 0.0  # in this process's forward passes, flips not counted
 
@@ -161,18 +161,18 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
             attrs = read_attrs(output)
             return ExtractResult(output, attrs["num_images"], attrs["num_failed"], 0,
                                  time.monotonic() - start, up_to_date=True,
-                                 reused=attrs["num_images"] + attrs["num_failed"])
+                                 reused=attrs["num_images"])
         known = set(list_shards(parts_dir(output))) if dist.is_main else set()
         _compute(net, images, np.array_split(todo, dist.world_size)[dist.rank], output, dist,
                  opts, dtype)
         dist.barrier()  # every shard is published before rank 0 joins them
-        _main_decides(dist, lambda: _finish(plan, known, output, images, settings, model, net,
-                                            dtype))
+        computed = dist.broadcast_object(_main_decides(
+            dist, lambda: _finish(plan, known, output, images, settings, model, net, dtype)))
     finally:
         lock.release()
     attrs = read_attrs(output)
     failed = _failures(output) if attrs["num_failed"] else []
-    return ExtractResult(output, attrs["num_images"], attrs["num_failed"], len(todo),
+    return ExtractResult(output, attrs["num_images"], attrs["num_failed"], computed,
                          time.monotonic() - start, failed,
                          reused=plan.reused if plan is not None else 0,
                          removed=plan.removed if plan is not None else 0,
@@ -242,8 +242,8 @@ def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
                              "--overwrite to replace it, or choose another output")
     shards = [read_index(s) for s in reversed(list_shards(parts))] if parts.is_dir() else []
     plan = plan_update(images.paths, shards + ([old] if old else []), output=old,
-                       verify=opts.verify, retry_failed=opts.retry_failed)
-    plan.extra_failed = list(images.skipped)
+                       extra_failed=images.skipped, verify=opts.verify,
+                       retry_failed=opts.retry_failed)
     if not shards and _same_file(plan, old, images):
         shutil.rmtree(parts, ignore_errors=True)
         return None
@@ -312,12 +312,12 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
                           batch_size=opts.batch_size,
                           workers=default_workers() if opts.workers is None else opts.workers,
                           pin_memory=dist.device.type == "cuda", items=_IdentifiedImages)
-    bar = tqdm(total=len(mine), unit="img", disable=not (opts.progress and dist.is_main),
-               desc=f"extract {spec.layer}" + (f" rank 0/{dist.world_size}" if dist.world_size > 1
-                                                else ""), dynamic_ncols=True)
+    bar = image_bar(len(mine), disable=not (opts.progress and dist.is_main),
+                    desc=f"extract {spec.layer}" + (f" rank 0/{dist.world_size}"
+                                                     if dist.world_size > 1 else ""))
     failures = 0
     # Same-shape images run together across batches; rows come back in input order.
-    stream = net.stream()
+    stream = net.stream(on_progress=bar.update)
     try:
         with _sigterm_unwinds():
             for batch in chain(loader, [None]):  # None: the end, where short passes run
@@ -334,7 +334,7 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
                         bar.update(1)
                     else:
                         stream.add((index, identity, [v.shape[-2:] for v in views]), views)
-                bar.update(_hand_over(stream.take(), net, buffer))
+                _hand_over(stream.take(), net, buffer)
                 buffer.maybe_flush()
                 bar.set_postfix(failed=failures, refresh=False)
     finally:
@@ -347,13 +347,12 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
             bar.close()
 
 
-def _hand_over(done: list, net: DescriptorNet, buffer: _ShardBuffer) -> int:
+def _hand_over(done: list, net: DescriptorNet, buffer: _ShardBuffer) -> None:
     """Rows of finished images ``(index, identity, sizes), results`` into ``buffer``."""
     if done:
         rows = net.rows([results for _, results in done]).numpy()
         buffer.add([(index, identity) for (index, identity, _), _ in done], rows,
                    np.array([sizes for (_, _, sizes), _ in done]))
-    return len(done)
 
 
 @contextmanager
@@ -428,8 +427,9 @@ def _ids(identities: list[tuple[int, int, bytes]]) -> FileIds:
 
 
 def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, settings: dict,
-            model: VGG, net: DescriptorNet, dtype: str) -> None:
-    """Join reused and new rows into ``output`` in input order, then drop the parts folder."""
+            model: VGG, net: DescriptorNet, dtype: str) -> int:
+    """Join reused and new rows into ``output`` in input order, then drop the parts folder;
+    the number of new rows."""
     parts = parts_dir(output)
     plan.attach([read_index(s) for s in list_shards(parts) if s not in known])
     missing = len(plan.compute)
@@ -445,6 +445,7 @@ def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, setti
                    attrs=_file_attrs(settings, model), dim=net.dim,
                    n_scales=len(net.spec.scales), dtype=dtype)
     shutil.rmtree(parts, ignore_errors=True)
+    return len(rows_at) - plan.reused
 
 
 def _file_attrs(settings: dict, model: VGG) -> dict:

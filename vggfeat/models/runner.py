@@ -96,10 +96,12 @@ class DeviceRunner:
         """Per-image lists of per-scale results (D on the device) → float32 N×D rows on the host."""
         raise NotImplementedError
 
-    def stream(self, window: int | None = None) -> ShapeBatches:
+    def stream(self, window: int | None = None, *,
+               on_progress: Callable[[float], object] | None = None) -> ShapeBatches:
         """A :class:`ShapeBatches` running this runner's forward passes (window default
-        ``self.window`` images)."""
-        return ShapeBatches(self._forward, batch_size=self.batch_size, window=window or self.window)
+        ``self.window`` images; ``on_progress`` as there)."""
+        return ShapeBatches(self._forward, batch_size=self.batch_size, window=window or self.window,
+                            on_progress=on_progress)
 
     def __call__(self, items: list[list[Tensor]]) -> Tensor:
         """``items[i][s]`` is image i at scale s (uint8 3×H×W) → float32 N×D rows (host).
@@ -132,11 +134,16 @@ class ShapeBatches:
 
     :meth:`take` hands back the finished images, whose every view has run, as
     ``(key, [result at each scale])``, in the order they were added.
+
+    ``on_progress(images)``, if given, is called after every forward pass with the images' worth
+    of work it did (a view of an image with S scales counts 1/S), so a progress bar moves per
+    pass, not only when whole images finish.
     """
 
     def __init__(self, forward: Callable[[int, list[Tensor]], Tensor], *, batch_size: int,
-                 window: int) -> None:
+                 window: int, on_progress: Callable[[float], object] | None = None) -> None:
         self.forward, self.batch_size, self.window = forward, batch_size, max(1, window)
+        self.on_progress = on_progress
         # (scale, shape, dtype) → [(seq, view)], and seq → (key, results at each scale so far)
         self.queues: dict[tuple, list[tuple[int, Tensor]]] = {}
         self.waiting: OrderedDict[int, tuple[object, list]] = OrderedDict()
@@ -181,6 +188,8 @@ class ShapeBatches:
         out = self.forward(k[0], [view for _, view in queue])
         for row, (seq, _) in enumerate(queue):
             self.waiting[seq][1][k[0]] = out[row]
+        if self.on_progress is not None:
+            self.on_progress(sum(1 / len(self.waiting[seq][1]) for seq, _ in queue))
 
 
 @contextmanager
