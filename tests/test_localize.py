@@ -574,3 +574,75 @@ def test_a_killed_evaluation_goes_on_from_its_journal(pasted, tmp_path, one_thre
     with pytest.raises(InputError, match="other settings"):
         evaluate_localization(Localizer(model, method="center-crop", scales=(288,)), images,
                               workers=0, progress=False, journal=journal)
+
+
+# -- messages -------------------------------------------------------------------------------
+
+def test_the_new_fc8_warning_speaks_of_box_outputs_for_a_localisation_net(tmp_path):
+    classifier = vggfeat.save_weights(tiny_vgg("A", num_classes=3), tmp_path / "cls.safetensors",
+                                      meta={"class_names": WNIDS})
+    for kind, words in (("pcr", "new box layer, initialised (glorot, seed 1): 4×2 = 8 outputs "
+                                "(PCR, one box per class, 2 classes)"),
+                        ("scr", "new box layer, initialised (glorot, seed 1): 4 outputs (SCR")):
+        with pytest.warns(vggfeat.models.factory.NewHeadWarning) as caught:
+            vggfeat.localize.localization_net(box_head(kind, WNIDS[:2]), weights=classifier,
+                                              seed=1)
+        message = str(caught[0].message)
+        assert words in message and "for 8 classes" not in message, message
+    with pytest.warns(vggfeat.models.factory.NewHeadWarning, match="for 5 classes"):
+        vggfeat.vgg(weights=classifier, num_classes=5)  # the classifier's wording stays
+
+
+def test_localize_train_reports_its_box_layer_and_bad_boxes_by_reason_even_when_quiet(
+        tmp_path, capsys, one_thread):
+    """Two WordNet-id classes: the PCR head boxes those 2 (not ImageNet's 1000); a CSV box outside
+    its image is skipped with that reason; --quiet keeps the warnings about the data."""
+    from vggfeat.cli.main import main
+
+    rows = {}
+    for c in range(2):
+        for i in range(3):
+            name = f"{WNIDS[c]}_{i}"
+            write_image(tmp_path / "train" / WNIDS[c] / f"{name}.JPEG", seed=i)
+            rows[name] = [(WNIDS[c], (10, 10, 200, 150))]
+    rows[f"{WNIDS[0]}_2"] = [(WNIDS[0], (200, 100, 900, 700))]  # the image is 320×240
+    write_image(tmp_path / "train" / WNIDS[1] / "nobox.JPEG")
+    write_image(tmp_path / "val" / "v1.JPEG")
+    write_image(tmp_path / "val" / "v2.JPEG")  # a class without training boxes: not validated
+    rows.update(v1=[(WNIDS[0], (20, 20, 100, 100))], v2=[(WNIDS[2], (20, 20, 100, 100))])
+    write_loc_csv(tmp_path / "boxes.csv", rows)
+    with open(tmp_path / "boxes.csv", "a") as f:
+        f.write(f"v3,{WNIDS[0]} 50 50 40 60\n")
+    classifier = vggfeat.save_weights(tiny_vgg("A", num_classes=3), tmp_path / "cls.safetensors",
+                                      meta={"class_names": WNIDS})
+    main(["localize", "train", "--data", str(tmp_path), "--boxes", str(tmp_path / "boxes.csv"),
+          "--weights", str(classifier), "--head", "pcr", "--train-scale", "224",
+          "--batch-size", "6", "--epochs", "1", "--workers", "0", "--device", "cpu",
+          "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert "box layer fc8: 4×2 = 8 outputs (PCR, one box per class, 2 classes)" in err
+    assert "new box layer" in err and "4000" not in err
+    assert "bad box dropped: " in err and "boxes.csv:" in err
+    assert "1 training images have no box" in err
+    assert "1 training image(s) skipped, e.g. " in err and "unreadable" not in err
+    assert f"{WNIDS[0]}_2.JPEG: box (200, 100, 900, 700) is outside the 320×240 image" in err
+    _, head = load_localizer(tmp_path / "run" / "final.safetensors")
+    assert head.class_names == tuple(WNIDS[:2])
+    assert (tmp_path / "run" / "metrics.csv").read_text().count("\n") == 2
+
+
+def test_evaluate_skips_and_names_a_ground_truth_box_outside_its_image(tmp_path):
+    from vggfeat.localize.run import evaluate_localization, images_with_boxes
+
+    write_image(tmp_path / "val" / "good.JPEG")
+    write_image(tmp_path / "val" / "bad.JPEG")  # 320×240
+    write_loc_csv(tmp_path / "boxes.csv", {"good": [(WNIDS[0], (10, 10, 200, 150))],
+                                           "bad": [(WNIDS[0], (200, 100, 900, 700))]})
+    images = images_with_boxes(tmp_path / "val", read_boxes(tmp_path / "boxes.csv"))
+    model = load_localizer(constant_box_net(tmp_path))[0]
+    result = evaluate_localization(Localizer(model, method="center-crop"), images, workers=0,
+                                   progress=False)
+    assert [Path(p).name for p in result.paths] == ["good.JPEG"]
+    assert [(Path(p).name, r) for p, r in result.failed] == [
+        ("bad.JPEG", "ground-truth box (200, 100, 900, 700) is outside the 320×240 image; fix "
+                     "or drop it in the box file")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 import click
@@ -10,8 +11,9 @@ from .options import IntList, device_options
 from .train import recipe_from_flags, report_run, run_options
 
 
-def _report_bad_boxes(table, quiet: bool) -> None:
-    if table.bad and not quiet:
+def _report_bad_boxes(table) -> None:
+    # Warnings about the data show even with --quiet, which hides the progress bars only.
+    if table.bad:
         for source, reason in table.bad[:10]:
             click.echo(f"bad box dropped: {source}: {reason}", err=True)
         if len(table.bad) > 10:
@@ -62,15 +64,20 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
         dropout=dropout, val_limit=val_limit, seed=seed, workers=workers, amp=amp,
         sync_bn=sync_bn, checkpoint_minutes=checkpoint_minutes)
     table = merged_boxes(boxes_paths)
-    _report_bad_boxes(table, quiet)
+    _report_bad_boxes(table)
     task = Localization.from_folders(data, table, head=recipe.head)
-    if task.without_boxes and not quiet:
+    click.echo(f"box layer fc8: {task.head.describe()}"
+               + (", the classes with training boxes" if task.head.kind == "pcr" else ""),
+               err=True)
+    if task.without_boxes:
         click.echo(f"{task.without_boxes} training images have no box and are left out; "
                    f"training on {len(task.train_set)}", err=True)
     result = train(recipe, task, out or f"runs/{recipe.name}", device=device, resume=resume,
                    max_steps=max_steps, progress=not quiet)
     report_run(result, quiet, lambda row: "val localisation error (centre crop, true class) "
-                                          f"{row['val_loc_error']:.2f}%")
+                                          f"{row['val_loc_error']:.2f}%", max_steps=max_steps,
+               data=data, resume_options="".join(f" --boxes {shlex.quote(str(b))}"
+                                                 for b in boxes_paths))
 
 
 @localize_group.command("evaluate")
@@ -114,9 +121,9 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
     )
 
     table = read_boxes(boxes_path)
-    _report_bad_boxes(table, quiet)
+    _report_bad_boxes(table)
     images = images_with_boxes(Path(data) / "val", table)
-    if images.without_boxes and not quiet:
+    if images.without_boxes:
         click.echo(f"{len(images.without_boxes)} image(s) without boxes left out, e.g. "
                    f"{images.without_boxes[0]}", err=True)
     localizer = Localizer.from_weights(

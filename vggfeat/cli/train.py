@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+from pathlib import Path
+
 import click
 
 from ..train import Recipe, load_recipe, run_recipe, train
@@ -115,17 +118,33 @@ def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size,
                    resume=resume, devkit=devkit, labels_csv=labels, max_steps=max_steps,
                    progress=not quiet)
     report_run(result, quiet, lambda row: f"val top-1 error {row['val_top1_error']:.2f}%, "
-                                          f"top-5 {row['val_top5_error']:.2f}%")
+                                          f"top-5 {row['val_top5_error']:.2f}%",
+               max_steps=max_steps, data=data)
 
 
-def report_run(result, quiet: bool, describe) -> None:
+def report_run(result, quiet: bool, describe, *, max_steps: int | None, data: str,
+               resume_options: str = "") -> None:
     """The end of a training run on stderr: ``describe(last history row)``, the exported
-    weights, the images that could not be read."""
+    weights or, when ``--max-steps`` stopped it, how to go on; the images that were skipped."""
     if result.history and not quiet:
         last = result.history[-1]
         click.echo(f"epoch {last['epoch']}: {describe(last)}", err=True)
     if result.final:
         click.echo(f"weights: {result.final}", err=True)
+    elif max_steps is not None:
+        again = (f"{click.get_current_context().command_path} --resume --data "
+                 f"{shlex.quote(str(data))}{resume_options} --out "
+                 f"{shlex.quote(str(result.run_dir))}")
+        click.echo(f"stopped after {result.global_step} steps, as asked by --max-steps "
+                   f"{max_steps}; the checkpoint is in {result.run_dir}; continue with: {again}",
+                   err=True)
     if result.skipped:
-        click.echo(f"{result.skipped} unreadable training images skipped (see "
-                   f"{result.run_dir}/skipped-rank*.tsv)", err=True)
+        # Images are skipped for more than unreadable files (a box outside its image, …):
+        # show a reason, not a guess at one.
+        example = next((line.split("\t", 1) for tsv in
+                        sorted(Path(result.run_dir).glob("skipped-rank*.tsv"))
+                        for line in tsv.read_text().splitlines() if "\t" in line), None)
+        reason = "" if example is None else \
+            f", e.g. {example[1] if example[0] in example[1] else ': '.join(example)}"
+        click.echo(f"{result.skipped} training image(s) skipped{reason} (each with its reason "
+                   f"in {result.run_dir}/skipped-rank*.tsv)", err=True)

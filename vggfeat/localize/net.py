@@ -13,13 +13,15 @@ back with :func:`load_localizer` and nothing else.
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..errors import ConfigError, WeightsError
-from ..models.factory import vgg
+from ..models.factory import NewHeadWarning, vgg
 from ..models.vgg import VGG
 
 HEADS = ("scr", "pcr")
@@ -36,6 +38,13 @@ class BoxHead:
     @property
     def outputs(self) -> int:
         return 4 if self.kind == "scr" else 4 * len(self.class_names)
+
+    def describe(self) -> str:
+        """fc8's outputs in words, e.g. ``4×2 = 8 outputs (PCR, one box per class, 2 classes)``."""
+        if self.kind == "scr":
+            return "4 outputs (SCR, one box for every class)"
+        return (f"4×{len(self.class_names)} = {self.outputs} outputs (PCR, one box per class, "
+                f"{len(self.class_names)} classes)")
 
     def to_meta(self) -> dict:
         return {"localization": {"head": self.kind, "box": BOX_ENCODING},
@@ -59,8 +68,27 @@ def localization_net(head: BoxHead, *, weights: str | os.PathLike | None = None,
     Without ``weights`` the whole net is initialised (``init``, ``seed``).  ``kwargs`` go to
     :func:`vggfeat.vgg` (``width_mult``, ``fc_dim``, ``dropout``, ``init``, ``preprocessing``).
     """
-    model = vgg(arch, weights=weights, num_classes=head.outputs, seed=seed, **kwargs)
+    model = new_box_layer(lambda: vgg(arch, weights=weights, num_classes=head.outputs,
+                                      seed=seed, **kwargs), head)
     attach_head(model, head)
+    return model
+
+
+def new_box_layer(build: Callable[[], VGG], head: BoxHead) -> VGG:
+    """``build()``, with the builder's new-fc8 warning worded for a box layer: its outputs are
+    box parameters, not classes (the classifier's wording says "for 4000 classes" for PCR)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = build()
+    for w in caught:
+        new = model.weights_meta.get("new_head")
+        if issubclass(w.category, NewHeadWarning) and new:
+            w.message = NewHeadWarning(
+                f"VGG {model.spec.name}: conv1_1 … fc7 come from the weights "
+                f"({model.weights_meta.get('source')}, {new['replaced_classes']} classes); fc8 "
+                f"is a new box layer, initialised ({new['init']}, seed {new['seed']}): "
+                f"{head.describe()}")
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return model
 
 

@@ -14,7 +14,7 @@ import torch
 from torchvision.utils import draw_bounding_boxes
 from tqdm.auto import tqdm
 
-from ..data.boxes import BoxTable, ImageBoxes, write_loc_csv
+from ..data.boxes import BoxTable, ImageBoxes, inside_image, write_loc_csv
 from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, to_pil
 from ..data.loader import image_loader
@@ -109,6 +109,9 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
         for batch in loader:
             good = [(i, localizer.unpack(item)) for i, item, _ in batch if item is not None]
             failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
+            bad = {i: _outside(images.paths[i], images.truths[i], size) for i, (_, size) in good}
+            failed += [(images.paths[i], r) for i, r in bad.items() if r]
+            good = [(i, item) for i, item in good if not bad[i]]
             bar.update(len(batch) - len(good))
             if localizer.method == "dense":
                 for i, (views, size) in good:
@@ -144,6 +147,16 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
         metrics = {"gt_class_loc_error": 100.0 * float(wrong.mean())}
     return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
                      metrics, failed, time.monotonic() - start)
+
+
+def _outside(path: str, truth: ImageBoxes, size: tuple[int, int]) -> str | None:
+    """Why the ground truth of an image of ``size`` (H, W) cannot be scored, or None; the CSV
+    files do not record image sizes, so this is only known once the image is read."""
+    try:
+        inside_image(truth.xyxy, size[1], size[0], where=path)
+    except InputError as err:
+        return f"ground-truth {str(err).removeprefix(f'{path}: ')}"
+    return None
 
 
 def _read_journal(journal: str | os.PathLike, localizer: Localizer) -> dict[str, list[Guess]]:

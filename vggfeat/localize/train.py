@@ -30,7 +30,7 @@ from ..train.model import build_model
 from ..train.recipe import Recipe
 from ..train.task import Task
 from .geometry import BoxAugment
-from .net import HEADS, BoxHead, attach_head, box_head, euclidean_loss
+from .net import HEADS, BoxHead, attach_head, box_head, euclidean_loss, new_box_layer
 from .predict import Localizer
 from .run import LocImages, evaluate_localization, images_with_boxes
 
@@ -106,12 +106,24 @@ class Localization(Task):
             raise InputError(f"none of the {len(train)} training images in {root / 'train'} has "
                              "a box; give the training boxes (LOC_train_solution.csv or the "
                              "train bbox XML folder) with --boxes")
-        kept = ImageList(paths, labels, train.class_names, train.sources)
-        return cls(kept, kept_boxes, images_with_boxes(root / "val", table), head=head,
-                   without_boxes=len(train) - len(paths))
+        # The head covers the classes the training images have boxes for (ILSVRC: all 1000),
+        # not every class of the label space (1000 for WordNet-id folders): a class never
+        # trained would keep random box outputs.
+        present = sorted(set(labels))
+        names = [train.class_names[y] for y in present]
+        labels = np.searchsorted(present, labels).tolist()
+        kept = ImageList(paths, labels, names, train.sources)
+        val = images_with_boxes(root / "val", table)
+        wanted = set(names)  # val images of other classes cannot be scored with their class
+        known = [k for k, truth in enumerate(val.truths) if truth.wnids[0] in wanted]
+        val = LocImages([val.paths[k] for k in known], [val.truths[k] for k in known],
+                        val.without_boxes)
+        return cls(kept, kept_boxes, val, head=head, without_boxes=len(train) - len(paths))
 
     def build_model(self, recipe: LocRecipe, *, download: bool = True) -> VGG:
-        model = attach_head(build_model(recipe, self.head.outputs, download=download), self.head)
+        model = new_box_layer(lambda: build_model(recipe, self.head.outputs, download=download),
+                              self.head)
+        attach_head(model, self.head)
         freeze(model, FINETUNE[recipe.finetune])
         return model
 
