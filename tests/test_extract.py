@@ -243,11 +243,42 @@ def test_summary_counts_and_output_suffix(tmp_path, image_folder, tiny_weights):
     (image_folder / "dog" / "broken.jpg").write_bytes(b"not an image")
     proc = run_cli("extract", image_folder, "-o", out, "--weights", tiny_weights, "--scales",
                    "224", "--workers", "0")
-    assert "8 reused, 2 computed, 0 removed, 1 failed" in proc.stderr
+    assert "8 reused, 1 computed, 0 removed, 1 failed" in proc.stderr
     assert "--retry-failed" in proc.stderr
     with pytest.raises(CacheError, match="feat.npy must be named .h5 or .hdf5"):
         run([image_folder], tmp_path / "feat.npy", model)
     assert not (tmp_path / "feat.npy").exists()
+
+
+def test_failures_are_counted_only_as_failed_and_quiet_keeps_the_summary(tmp_path, image_folder,
+                                                                         tiny_weights):
+    (image_folder / "dog" / "broken.jpg").write_bytes(b"not an image")
+    (image_folder / "dog" / "empty.png").write_bytes(b"")
+    args = ["extract", image_folder, "-o", tmp_path / "f.h5", "--weights", tiny_weights,
+            "--scales", "224", "--workers", "0", "--quiet"]
+    first = run_cli(*args).stderr
+    assert "8 images → " in first and "0 reused, 8 computed, 0 removed, 2 failed (" in first
+    assert "img/s" in first and first.count("  skipped ") == 2 and "broken.jpg" in first
+    again = run_cli(*args).stderr
+    assert "is up to date (8 reused, 0 computed, 0 removed, 2 failed)" in again
+    (image_folder / "dog" / "empty.png").unlink()
+    dropped = run_cli(*args).stderr
+    assert "8 images → " in dropped and "8 reused, 0 computed, 1 removed, 1 failed" in dropped
+    assert "img/s" not in dropped and "images per forward" not in dropped
+    assert "skipped " in dropped and "broken.jpg" in dropped
+
+
+def test_a_symlink_loop_under_a_relative_folder_leaves_the_output_up_to_date(tmp_path,
+                                                                              image_folder,
+                                                                              tiny_weights):
+    os.symlink("..", image_folder / "cat" / "up")
+    args = ["extract", "images/", "-o", "f.h5", "--weights", tiny_weights, "--scales", "224",
+            "--workers", "0", "--quiet"]
+    assert "0 reused, 8 computed, 0 removed, 1 failed" in run_cli(*args, cwd=tmp_path).stderr
+    failed = vggfeat.load_features(tmp_path / "f.h5").failed
+    assert [p for p, _ in failed] == [str(image_folder / "cat" / "up")]
+    again = run_cli(*args, cwd=tmp_path).stderr
+    assert "f.h5 is up to date (8 reused, 0 computed, 0 removed, 1 failed)" in again
 
 
 def start_extract(out, args):

@@ -25,7 +25,7 @@ class Plan:
     entry: np.ndarray
     ids: FileIds          # identity recorded with each input's row
     removed: int = 0      # entries of the old output whose file is no longer an input
-    reused: int = 0       # inputs whose row or failure was reused
+    reused: int = 0       # inputs whose row was reused (a carried-over failure is not counted)
     extra_failed: list[tuple[str, str]] = field(default_factory=list)  # found but unusable
 
     @property
@@ -70,11 +70,12 @@ class Plan:
 
 
 def plan_update(paths: list[str], sources: list[Index], *, output: Index | None = None,
-                verify: bool = False, retry_failed: bool = False, hash_threads: int = 4) -> Plan:
+                extra_failed: list[tuple[str, str]] = (), verify: bool = False,
+                retry_failed: bool = False, hash_threads: int = 4) -> Plan:
     """Match every input with a reusable entry of ``sources`` (earlier sources win).
 
     ``output`` (one of ``sources``, or None) is the existing finished file: its entries whose
-    file is no longer an input count as removed.
+    file is no longer an input, nor among ``extra_failed`` (path, reason), count as removed.
     """
     n = len(paths)
     pos = {p: i for i, p in enumerate(paths)}
@@ -104,6 +105,10 @@ def plan_update(paths: list[str], sources: list[Index], *, output: Index | None 
             now.sha256[i[first]] = index.ids.sha256[e[first]]
     removed = 0
     if output is not None:
-        removed = int(np.count_nonzero(located[sources.index(output)] < 0))
-    return Plan(list(paths), list(sources), source, entry, now, removed,
-                int(np.count_nonzero(source >= 0)))
+        found = {p for p, _ in extra_failed}
+        removed = sum(at < 0 and p not in found
+                      for p, at in zip(output.paths, located[sources.index(output)]))
+    plan = Plan(list(paths), list(sources), source, entry, now, removed,
+                extra_failed=list(extra_failed))
+    plan.reused = int(np.count_nonzero(plan.is_row()))
+    return plan

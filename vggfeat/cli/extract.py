@@ -52,7 +52,8 @@ from .options import IntList, device_options, model_options
 @click.option("--retry-failed", is_flag=True,
               help="try again the images recorded as failed, unchanged ones included")
 @click.option("--strict", is_flag=True, help="fail on the first bad image instead of skipping it")
-@click.option("--quiet", is_flag=True, help="no progress output")
+@click.option("--quiet", is_flag=True,
+              help="no progress bars (the summary and warnings are still printed)")
 def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate, flip, l2, dtype,
                     crop, max_aspect, batch_size, workers, device, amp, shard_size, overwrite,
                     verify, retry_failed, strict, quiet) -> None:
@@ -76,10 +77,11 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
     if result.up_to_date:
         click.echo(f"{output} is up to date ({counts}): nothing to do (--overwrite recomputes "
                    "everything)", err=True)
-    elif not quiet or result.num_failed:
-        rate = result.computed / result.seconds if result.seconds else 0.0
-        click.echo(f"{result.num_images} images → {output}: {counts} ({rate:.2f} img/s, "
-                   f"images per forward: {result.images_per_forward:.1f})", err=True)
+    else:
+        speed = (f" ({result.computed / result.seconds:.2f} img/s, images per forward: "
+                 f"{result.images_per_forward:.1f})" if result.computed and result.seconds
+                 else "")
+        click.echo(f"{result.num_images} images → {output}: {counts}{speed}", err=True)
         for path, reason in result.failed[:20]:
             click.echo(f"  skipped {path}: {reason}", err=True)
         if result.num_failed > 20:

@@ -108,6 +108,7 @@ def printable(path: str) -> str:
 def _scan_folder(root: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, str | None]]:
     """Image files under ``root``; symbolic links are followed, but each real folder is scanned
     once, so a link back up the tree (a loop) or a second link to a folder adds nothing."""
+    root = Path(os.path.abspath(root))  # skipped links are recorded, and matched, like images
     files, seen = [], {}
     for dirpath, dirnames, names in os.walk(root, followlinks=True):
         dirnames.sort()  # which of two links to one folder is followed must not vary
@@ -127,7 +128,7 @@ def _scan_folder(root: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, 
                       f"(e.g. {printable(loose[0].name)}) beside class sub-folders, so none of its "
                       "images gets a class label; move them into a class folder (or remove them) "
                       "to keep the labels", UserWarning, stacklevel=3)
-    return [(os.path.abspath(f), f.relative_to(root).parts[0] if labelled else None) for f in files]
+    return [(str(f), f.relative_to(root).parts[0] if labelled else None) for f in files]
 
 
 def _read_list(list_file: Path) -> list[tuple[str, str | None]]:
