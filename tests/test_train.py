@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -376,3 +377,15 @@ def test_unreadable_training_images_are_skipped_and_counted(tmp_path, colours):
     with pytest.raises(TrainingError, match="no training image of epoch 1 could be read"):
         train(Recipe(**{**TINY, "epochs": 1}), data, tmp_path / "none", device="cpu",
               progress=False)
+
+
+def test_max_steps_says_it_stopped_and_how_to_continue(tmp_path, colours):
+    run = tmp_path / "run dir"
+    common = ["--arch", "A", "--width-mult", "0.0625", "--fc-dim", "32", "--batch-size", "8",
+              "--device", "cpu", "--workers", "0", "--quiet"]
+    err = run_cli("train", "--data", colours, "--out", run, "--max-steps", "1", *common).stderr
+    assert f"stopped after 1 steps, as asked by --max-steps 1; the checkpoint is in {run}" in err
+    again = shlex.split(err.split("continue with: ")[1].splitlines()[0])
+    assert again[:4] == ["vggfeat", "train", "--resume", "--data"] and again[-1] == str(run)
+    err = run_cli(*again[1:], "--max-steps", "2", "--device", "cpu", "--quiet").stderr
+    assert "stopped after 2 steps, as asked by --max-steps 2" in err
