@@ -40,7 +40,7 @@ from ..models.weights import save_weights
 from .augment import DROPOUT_STREAM, derived_seed, pca_lighting, train_transform
 from .data import Batch, TrainImages, epoch_order, micro_batches, train_loader
 from .logs import RunLog
-from .model import build_model, make_optimizer, make_scheduler
+from .model import build_model, make_optimizer, make_scheduler, recipe_for_net
 from .recipe import Recipe, RecipeError, load_recipe, save_recipe
 from .task import ImageClassification, Task
 
@@ -141,7 +141,9 @@ class _Trainer:
         if self.steps_per_epoch == 0:
             raise RecipeError(f"batch_size {recipe.batch_size} is larger than the "
                               f"{len(task.train_set)} training images")
-        self.model = self._place(task.build_model(recipe, download=download))
+        model = task.build_model(recipe, download=download)
+        self.recipe = recipe = recipe_for_net(recipe, model)  # records what the weights hold
+        self.model = self._place(model)
         self.optimizer = make_optimizer(self.model, recipe)
         self.scheduler = make_scheduler(self.optimizer, recipe)
         self.amp = resolved_amp(recipe, dist.device)
@@ -191,15 +193,18 @@ class _Trainer:
 
     def run(self, max_steps: int | None) -> TrainResult:
         state, result = self.state, TrainResult(self.run_dir, None)
+        finished_before = state.epoch >= self.recipe.epochs
         while state.epoch < self.recipe.epochs:
             if not self._epoch(max_steps, result.step_seconds):
                 self._save_checkpoint()  # stopped by max_steps
                 break
             self._end_epoch()
         else:
-            if self.dist.is_main:
-                result.final = self._export("final.safetensors",
-                                            state.history[-1] if state.history else {})
+            final = self.run_dir / "final.safetensors"
+            if finished_before and final.is_file():
+                result.final = final  # resuming a finished run leaves its export byte for byte
+            elif self.dist.is_main:
+                result.final = self._export(final.name, state.history[-1] if state.history else {})
         self.dist.barrier()
         result.history, result.global_step, result.skipped = state.history, state.global_step, \
             state.skipped
