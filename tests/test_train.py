@@ -182,6 +182,11 @@ def test_tiny_net_learns_and_exports_weights_for_extract_and_evaluate(tmp_path, 
     with pytest.raises(RecipeError, match="lr: 0.64 → 0.1"):
         train(recipe.with_overrides(lr=0.1), colours, run, device="cpu", resume=True,
               progress=False)
+    # Resuming a finished run leaves its export byte for byte (caches key on the weights' hash).
+    exported = (run / "final.safetensors").read_bytes()
+    again = train(recipe, colours, run, device="cpu", resume=True, progress=False)
+    assert again.final == run / "final.safetensors"
+    assert (run / "final.safetensors").read_bytes() == exported
 
 
 def test_sigkill_and_resume_gives_the_same_weights(tmp_path, colours):
