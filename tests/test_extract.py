@@ -492,3 +492,18 @@ def test_two_ranks_match_one_process(tmp_path, image_folder, tiny_weights):
     assert two.paths == one.paths and len(two.paths) == 13
     np.testing.assert_allclose(two.data, one.data, rtol=1e-4, atol=1e-5)
     np.testing.assert_array_equal(two.target, one.target)
+
+
+def test_cli_extract_stopped_by_sigterm_says_what_it_kept(tmp_path, image_folder, tiny_weights):
+    script = tmp_path / "run.py"
+    script.write_text(SIGTERM_RUN.split("extract([")[0] + "from vggfeat.cli.main import main\n"
+                      "main(['extract', '--layer', 'fc7', '--scales', '224', '--weights', "
+                      "sys.argv[3], '--workers', '0', '--batch-size', '2', '--quiet', "
+                      "sys.argv[1], '-o', sys.argv[2]])\n")
+    out = tmp_path / "f.h5"
+    proc = subprocess.run([sys.executable, str(script), str(image_folder), str(out),
+                           str(tiny_weights)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"stopped by SIGTERM: 6 images done so far are kept in {out}.parts; run the same "
+        "command again to go on from them")

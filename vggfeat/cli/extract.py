@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import signal
+from pathlib import Path
+
 import click
 
+from ..cache.store import list_shards, parts_dir, read_index
 from ..extract.descriptor import (
     AGGREGATES,
     CROP_SCALES,
@@ -70,8 +75,13 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
                              overwrite=overwrite, verify=verify, retry_failed=retry_failed,
                              strict=strict, progress=not quiet, shard_images=shard_size)
-    result = extract(list(paths), output, spec=spec, arch=arch, weights=weights, dtype=dtype,
-                     options=options)
+    try:
+        result = extract(list(paths), output, spec=spec, arch=arch, weights=weights,
+                         dtype=dtype, options=options)
+    except SystemExit as stop:  # SIGTERM unwinds as exit status 143, after keeping the shards
+        if stop.code == 128 + signal.SIGTERM and os.environ.get("RANK", "0") == "0":
+            _report_stopped(Path(output))
+        raise
     counts = (f"{result.reused} reused, {result.computed} computed, {result.removed} removed, "
               f"{result.num_failed} failed")
     if result.up_to_date:
@@ -90,3 +100,10 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
         click.echo(f"  failures are recorded in {output}; fix those files and rerun with "
                    "--retry-failed to try them again (changed files are retried anyway)",
                    err=True)
+
+
+def _report_stopped(output: Path) -> None:
+    parts = parts_dir(output)
+    kept = sum(len(read_index(s).paths) for s in list_shards(parts)) if parts.is_dir() else 0
+    click.echo(f"stopped by SIGTERM: {kept} images done so far are kept in {parts}; run the "
+               "same command again to go on from them", err=True)
