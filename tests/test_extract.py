@@ -268,6 +268,13 @@ def test_failures_are_counted_only_as_failed_and_quiet_keeps_the_summary(tmp_pat
     assert "skipped " in dropped and "broken.jpg" in dropped
 
 
+def test_a_file_that_is_not_hdf5_is_a_clear_error(tmp_path):
+    fake = tmp_path / "fake.h5"
+    fake.write_text("not HDF5")
+    with pytest.raises(CacheError, match=f"{fake} is not an HDF5 feature file"):
+        vggfeat.load_features(fake)
+
+
 def test_a_symlink_loop_under_a_relative_folder_leaves_the_output_up_to_date(tmp_path,
                                                                               image_folder,
                                                                               tiny_weights):

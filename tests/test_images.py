@@ -105,6 +105,10 @@ def test_gather_lists_and_files(tmp_path, image_folder):
     (tmp_path / "list.csv").write_text("path,label\nimages/cat/0.jpg,kitty\nimages/dog/0.jpg,pup\n")
     csv = gather_images([tmp_path / "list.csv"])
     assert csv.class_names == ["kitty", "pup"] and csv.labels == [0, 1]
+    (tmp_path / "numbers.csv").write_text("path,label\nimages/cat/0.jpg,2\nimages/cat/1.jpg,10\n"
+                                          "images/dog/0.jpg,1\n")
+    numbers = gather_images([tmp_path / "numbers.csv"])
+    assert numbers.class_names == ["1", "2", "10"] and numbers.labels == [1, 2, 0]
     single = gather_images([image_folder / "cat" / "0.jpg"])
     assert len(single) == 1 and single.labels is None
     with pytest.raises(InputError, match="nowhere.*does not exist"):

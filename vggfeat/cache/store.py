@@ -382,8 +382,19 @@ def _group(f: h5py.File, path: Path, group: str | None):
                      "with group=NAME")
 
 
+def _open_features(path: Path) -> h5py.File:
+    """``path`` opened for reading; a file that is not HDF5 is a CacheError naming it."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        what = (f"cannot be read ({err})" if not os.access(path, os.R_OK) or h5py.is_hdf5(path)
+                else "is not an HDF5 feature file (another format, or a truncated file)")
+        raise CacheError(f"{path} {what}; feature files are written by vggfeat extract or "
+                         "vggfeat.sklearn.VGGFeatures") from err
+
+
 def read_attrs(path: str | os.PathLike, *, group: str | None = None) -> dict:
-    with h5py.File(path, "r") as f:
+    with _open_features(Path(path)) as f:
         return {k: _plain(v) for k, v in _group(f, Path(path), group).attrs.items()}
 
 
@@ -414,7 +425,7 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
         hint = (f"; {parts} holds an unfinished run: run the same extract command again to finish "
                 "it") if parts.is_dir() else ""
         raise InputError(f"feature file {path} does not exist{hint}")
-    f = h5py.File(path, "r")
+    f = _open_features(path)
     try:
         g = _group(f, path, group)
         data = g["features"] if lazy else g["features"][:]

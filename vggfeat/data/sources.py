@@ -48,17 +48,21 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
     * A folder whose images all sit in sub-folders is a classification dataset: the first-level
       sub-folder names are the classes (sorted, as torchvision's ``ImageFolder``).
     * A ``.txt``/``.lst`` file lists one path per line; a ``.csv`` file has a ``path`` column and
-      optionally a ``label`` column (class names).  Relative paths are relative to the list file.
+      optionally a ``label`` column (class names, sorted; numerically when all of a list's labels
+      are integers, so 2, 10, 1 give classes 1, 2, 10).  Relative paths are relative to the
+      list file.
     * Paths are made absolute; folder contents are sorted, so the order is deterministic.
     """
     if not inputs:
         raise InputError("no input given: pass image folders, image files or a file list")
     entries: list[tuple[str, str | None]] = []
     skipped: list[tuple[str, str]] = []
+    from_folder = False  # folder classes sort as text, as torchvision's ImageFolder
     for item in inputs:
         path = Path(item)
         if path.is_dir():
             entries.extend(_scan_folder(path, skipped))
+            from_folder = True
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
             entries.extend(_read_list(path))
         elif path.is_file():
@@ -81,7 +85,8 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
     paths = [p for p, _ in entries]
     names = [c for _, c in entries]
     if all(c is not None for c in names):
-        class_names = sorted(set(names))
+        numeric = not from_folder and all(_is_integer(c) for c in names)
+        class_names = sorted(set(names), key=lambda c: (int(c), c) if numeric else c)
         index = {c: i for i, c in enumerate(class_names)}
         return ImageList(paths, [index[c] for c in names], class_names, [str(i) for i in inputs],
                          skipped)
@@ -90,6 +95,14 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
 
 NOT_UTF8 = ("the file name is not valid UTF-8, so it cannot be stored; rename it (e.g. with "
             "convmv) to include it")
+
+
+def _is_integer(label: str) -> bool:
+    try:
+        int(label)
+    except ValueError:
+        return False
+    return True
 
 
 def _utf8(path: str) -> bool:

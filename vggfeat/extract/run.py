@@ -267,6 +267,8 @@ def _read_manifest(parts: Path) -> dict | None:
 def _stored_settings(output: Path) -> dict:
     try:
         attrs = read_attrs(output)
+    except CacheError as err:  # it names the file and what is wrong with it
+        raise CacheError(f"{err}; use --overwrite to replace it") from err
     except (OSError, VGGFeatError) as err:
         raise CacheError(f"{output} exists but is not a readable vggfeat feature file ({err}); "
                          "use --overwrite to replace it") from err
