@@ -58,3 +58,25 @@ def test_finetune_new_head_on_frozen_layers_learns(tmp_path, capsys):
     # The held-out images of both classes are classified right (chance: 50% error).
     best = vggfeat.vgg(weights=out / "best.safetensors")
     assert best.weights_meta["metrics"]["val_top1_error"] == 0.0
+
+
+def test_a_run_from_a_weights_file_records_the_files_net(tmp_path, capsys):
+    import pytest
+    import yaml
+
+    data = pets(tmp_path / "pets", per_class=4)
+    weights = vggfeat.save_weights(tiny_vgg("A", seed=2), tmp_path / "clsA.safetensors")
+    flags = ["train", "--data", str(data), "--weights", str(weights), "--epochs", "1",
+             "--batch-size", "4", "--train-scale", "224", "--device", "cpu", "--workers", "0",
+             "--quiet"]
+    with pytest.raises(SystemExit) as stop:  # an explicit arch the file contradicts
+        main([*flags, "--arch", "D", "--out", str(tmp_path / "d")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "clsA.safetensors holds VGG A" in err and "not the requested VGG D" in err
+    main([*flags, "--out", str(tmp_path / "run")])
+    net = {"arch": "A", "batch_norm": False, "width_mult": 1 / 16, "fc_dim": 32}
+    recorded = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
+    assert {k: recorded[k] for k in net} == net
+    final = vggfeat.vgg(weights=tmp_path / "run" / "final.safetensors")
+    assert {k: final.weights_meta["recipe"][k] for k in net} == net

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import nn
 
@@ -18,16 +20,21 @@ def build_model(recipe: Recipe, num_classes: int, *, download: bool = True) -> V
     ``imagenet``); a fresh net gets the paper's mean-RGB subtraction.
     """
     preprocessing = recipe.preprocessing or (None if recipe.weights else "paper")
-    # A weights file records (or shows by its shapes) its own config; the recipe's defaults
-    # must not contradict it.
-    from_file = recipe.weights not in (None, "random", "torchvision", "timm")
-    shape = {} if from_file else {"arch": recipe.arch, "batch_norm": recipe.batch_norm or None,
-                                  "width_mult": recipe.width_mult, "fc_dim": recipe.fc_dim}
-    model = vgg(weights=recipe.weights, num_classes=num_classes, **shape,
+    # Unset fields (None) take what the weights hold; set ones that contradict them are refused.
+    model = vgg(recipe.arch, weights=recipe.weights, num_classes=num_classes,
+                batch_norm=recipe.batch_norm, width_mult=recipe.width_mult, fc_dim=recipe.fc_dim,
                 dropout=recipe.dropout, init=recipe.init, seed=recipe.seed,
                 init_from_a=recipe.init_from_a, preprocessing=preprocessing, download=download)
     freeze(model, recipe.freeze)
     return model
+
+
+def recipe_for_net(recipe: Recipe, model: VGG) -> Recipe:
+    """``recipe`` with the config fields it left unset (None) filled from the net it built: what
+    a run records, e.g. a weights file's own arch, batch_norm, width_mult and fc_dim."""
+    unset = {k: model.config[k] for k in ("arch", "batch_norm", "width_mult", "fc_dim")
+             if getattr(recipe, k) is None}
+    return replace(recipe, **unset)
 
 
 def make_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.SGD:

@@ -29,6 +29,9 @@ class Recipe:
     Attributes:
         name: the run's name (e.g. ``D-256``); ``table_row``: the paper row it reproduces.
         arch: VGG config or alias; ``batch_norm``, ``width_mult``, ``fc_dim``: as :func:`vgg`.
+            None: what ``weights`` hold, else D, no batch norm, full width, 4096.  A run records
+            the values of the net it trained (a weights file's own config); given values that
+            contradict a weights file are refused.
         train_scale: S in px (smallest side after rescaling), or ``[Smin, Smax]`` for scale
             jittering, S drawn per image.
         init: ``paper`` (N(0, 0.01²)), ``glorot`` or ``kaiming``, for layers not taken from
@@ -63,10 +66,10 @@ class Recipe:
 
     name: str = "run"
     table_row: str = ""
-    arch: str = "D"
-    batch_norm: bool = False
-    width_mult: float = 1.0
-    fc_dim: int = 4096
+    arch: str | None = None
+    batch_norm: bool | None = None
+    width_mult: float | None = None
+    fc_dim: int | None = None
     train_scale: int | tuple[int, int] = 256
     init: str = "glorot"
     init_from_a: str | None = None
@@ -119,7 +122,8 @@ class Recipe:
             raise RecipeError(f"train_scale {self.train_scale} is smaller than the {self.crop} px "
                               "crop: the smallest side must be at least the crop size")
         try:
-            parse_arch(self.arch)
+            if self.arch is not None:
+                parse_arch(self.arch)
         except ValueError as err:
             raise RecipeError(str(err)) from err
         checks = {"init": (self.init, INIT_SCHEMES),
@@ -131,7 +135,7 @@ class Recipe:
                 raise RecipeError(f"{key} must be one of {', '.join(map(str, allowed))}; got "
                                   f"{value!r}")
         for key in ("epochs", "batch_size", "lr_drops", "crop", "lr_base_size", "micro_batch",
-                    "checkpoint_steps", "val_limit", "val_scale"):
+                    "fc_dim", "checkpoint_steps", "val_limit", "val_scale"):
             value = getattr(self, key)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise RecipeError(f"{key} must be a whole number ≥ 1, got {value!r}")
@@ -142,7 +146,7 @@ class Recipe:
                   "weight_decay": (self.weight_decay, 0, True, math.inf),
                   "lr_factor": (self.lr_factor, 0, False, 1),
                   "lighting": (self.lighting, 0, True, math.inf),
-                  "width_mult": (self.width_mult, 0, False, math.inf),
+                  "width_mult": (1.0 if self.width_mult is None else self.width_mult, 0, False, math.inf),
                   "checkpoint_minutes": (self.checkpoint_minutes, 0, False, math.inf)}
         for key, (value, low, closed, high) in ranges.items():
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and \
