@@ -212,3 +212,13 @@ def test_cli_evaluate_fuse_and_scoremap(val_folder, tmp_path, tiny_weights):
             "--scale", "256")
     with Image.open(png) as img:
         assert img.format == "PNG" and img.width > 200
+
+
+def test_the_fused_row_describes_each_members_method_and_test_scales(tmp_path):
+    fused = fuse([_net("D", "256", "dense", (224, 256, 288)),
+                  _net("D", "256", "multi-crop", (256,))])
+    assert fused.method == "fusion"  # not "dense+multi-crop", the method of Table 5
+    row = markdown_report(fused).splitlines()[-1]
+    assert row.startswith("| D+D | 256 | fusion (dense, multi-crop) | 224,256,288 + 256 | 3 |")
+    again = load_posteriors(save_posteriors(fused, tmp_path / "f.h5"))
+    assert markdown_report(again).splitlines()[-1] == row

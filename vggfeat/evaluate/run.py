@@ -212,8 +212,9 @@ def fuse(results: list[EvalResult]) -> EvalResult:
     members = [m for r in results for m in fusion_members(r)]
     arch = "+".join(str(r.attrs.get("arch", "?")) for r in results)
     train_scales = "+".join(dict.fromkeys(str(r.attrs.get("train_scale") or "?") for r in results))
-    return EvalResult(torch.stack(aligned).mean(0).numpy(), first.labels, first.paths,
-                      "+".join(sorted({r.method for r in results})),
+    # "fusion", not the members' methods joined: "dense+multi-crop" is a method of its own
+    # (Table 5); each member's method and Q stay in ``members`` and the report's row.
+    return EvalResult(torch.stack(aligned).mean(0).numpy(), first.labels, first.paths, "fusion",
                       tuple(sorted({q for r in results for q in r.scales})),
                       {"arch": arch, "train_scale": train_scales, "fused": len(members),
                        "members": members})
@@ -241,10 +242,15 @@ def markdown_report(result: EvalResult) -> str:
     """One table row shaped like the paper's tables, with the paper's figure where it has one."""
     ref = paper_row(result)
     paper = f"{ref[0]:.1f} / {ref[1]:.1f} ({ref[2]})" if ref else "—"
+    method, scales = result.method, ",".join(map(str, result.scales))
+    if "members" in result.attrs:  # each member's method and test scales, in member order
+        members = [m.rsplit("/", 2)[-2:] for m in fusion_members(result)]
+        method = f"fusion ({', '.join(dict.fromkeys(m for m, _ in members))})"
+        scales = " + ".join(q for _, q in members)
     return ("| net | train S | method | test Q | images | top-1 err % | top-5 err % | paper |\n"
             "|---|---|---|---|---|---|---|---|\n"
             f"| {result.attrs.get('arch', '?')} | {result.attrs.get('train_scale') or '?'} | "
-            f"{result.method} | {','.join(map(str, result.scales))} | {len(result.labels)} | "
+            f"{method} | {scales} | {len(result.labels)} | "
             f"{result.top1_error:.2f} | {result.top5_error:.2f} | {paper} |\n")
 
 
