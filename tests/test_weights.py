@@ -230,6 +230,16 @@ def test_random_weights_are_seeded():
     assert not torch.equal(a.head.fc6.weight, c.head.fc6.weight)
 
 
+def test_a_new_fc8_on_loaded_weights_is_seeded_by_default(tiny_weights):
+    with pytest.warns(vggfeat.models.factory.NewHeadWarning, match=r"\(glorot, seed 0\)"):
+        a = vggfeat.vgg(weights=tiny_weights, num_classes=3)
+    torch.manual_seed(123)  # the global generator plays no part
+    with pytest.warns(vggfeat.models.factory.NewHeadWarning):
+        b = vggfeat.vgg(weights=tiny_weights, num_classes=3)
+    assert torch.equal(a.head.fc8.weight, b.head.fc8.weight)
+    assert a.weights_meta["new_head"]["seed"] == 0
+
+
 def test_init_from_a_file(tmp_path):
     net_a = tiny_vgg("A", seed=9)
     path = vggfeat.save_weights(net_a, tmp_path / "a.safetensors")

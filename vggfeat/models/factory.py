@@ -75,7 +75,8 @@ def vgg(arch: str | None = None, *, weights=None, pretrained: bool | None = None
         batch_norm, width_mult, fc_dim, dropout: see :class:`VGG`.
         init: ``"paper"`` (N(0, 0.01²)), ``"glorot"`` or ``"kaiming"``; used without weights,
             and for a new fc8.
-        seed: seed of the initialisation (``weights="random"`` defaults it to 0).
+        seed: seed of the initialisation; ``weights="random"`` and a new fc8 on loaded weights
+            default it to 0, so the same call gives the same net.
         init_from_a: a trained net A (model or weights path) whose conv1_1, conv2_1, conv3_1,
             conv3_2 and fc6–fc8 pre-initialise this net (Sect. 3.1).
         preprocessing: override the input normalisation the weights carry
@@ -100,7 +101,7 @@ def vgg(arch: str | None = None, *, weights=None, pretrained: bool | None = None
         model.preprocessing = loaded.preprocessing or (CAFFE if fmt == "caffe" else IMAGENET)
         model.weights_meta = {**loaded.provenance, "layout": fmt}
         if num_classes is not None and num_classes != model.num_classes:
-            _new_head(model, num_classes, init=init, seed=seed)
+            _new_head(model, num_classes, init=init, seed=0 if seed is None else seed)
     if preprocessing is not None:
         model.preprocessing = get_preprocessing(preprocessing)
     return model
