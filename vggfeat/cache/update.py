@@ -106,7 +106,7 @@ def plan_update(paths: list[str], sources: list[Index], *, output: Index | None 
     removed = 0
     if output is not None:
         found = {p for p, _ in extra_failed}
-        removed = sum(at < 0 and p not in found
+        removed = sum(bool(at < 0) and p not in found
                       for p, at in zip(output.paths, located[sources.index(output)]))
     plan = Plan(list(paths), list(sources), source, entry, now, removed,
                 extra_failed=list(extra_failed))
