@@ -80,8 +80,8 @@ def new_box_layer(build: Callable[[], VGG], head: BoxHead) -> VGG:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build()
+    new = model.weights_meta.get("new_head")
     for w in caught:
-        new = model.weights_meta.get("new_head")
         if issubclass(w.category, NewHeadWarning) and new:
             w.message = NewHeadWarning(
                 f"VGG {model.spec.name}: conv1_1 … fc7 come from the weights "
