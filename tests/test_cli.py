@@ -69,6 +69,17 @@ def test_scoremap_class_out_of_range(tiny_weights, tmp_path, capsys):
     assert not (tmp_path / "m.png").exists()
 
 
+def test_scoremap_takes_a_device_like_every_command(tiny_weights, tmp_path, capsys):
+    image = write_image(tmp_path / "a.jpg")
+    flags = ["scoremap", str(image), "--weights", str(tiny_weights), "--scale", "224"]
+    with pytest.raises(SystemExit) as stop:
+        main([*flags, "-o", str(tmp_path / "bad.png"), "--device", "tpu"])
+    assert stop.value.code == 2 and "Invalid value for '--device'" in capsys.readouterr().err
+    main([*flags, "-o", str(tmp_path / "m.png"), "--device", "cpu"])
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "bad.png").exists()
+
+
 def test_evaluate_refuses_folders_that_are_not_the_nets_classes(tiny_weights, image_folder,
                                                                  tmp_path):
     import vggfeat

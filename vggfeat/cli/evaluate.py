@@ -19,7 +19,7 @@ from ..evaluate import (
 from ..evaluate.run import write_json
 from ..fileio import write_text_atomic
 from ..models.factory import vgg
-from .options import IntList, device_options, model_options
+from .options import IntList, device_option, device_options, model_options
 
 
 @click.command("evaluate")
@@ -81,8 +81,9 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
 @model_options
 @click.option("--scale", type=click.IntRange(224), default=384, show_default=True, help="Q in px")
 @click.option("--class", "class_index", type=int, default=None, help="class index [default: top]")
-def scoremap_command(image, output, arch, weights, scale, class_index) -> None:
+@device_option
+def scoremap_command(image, output, arch, weights, scale, class_index, device) -> None:
     """Draw the dense class score map of IMAGE's top class over the image (PNG)."""
     k, p = plot_score_map(vgg(arch, weights=weights), image, output, scale=scale,
-                          class_index=class_index)
+                          class_index=class_index, device=device)
     click.echo(f"class {k} (p={p:.3f}) → {output}")

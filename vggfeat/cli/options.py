@@ -61,9 +61,13 @@ class Device(click.ParamType):
         return value
 
 
+def device_option(f):
+    return click.option("--device", type=Device(), default=None,
+                        help="cpu, cuda, cuda:1 … [default: cuda when available]")(f)
+
+
 def device_options(f):
-    f = click.option("--device", type=Device(), default=None,
-                     help="cpu, cuda, cuda:1 … [default: cuda when available]")(f)
+    f = device_option(f)
     f = click.option("--workers", type=click.IntRange(0), default=None,
                      help="decoding worker processes [default: half the cores, at most 8]")(f)
     f = click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,

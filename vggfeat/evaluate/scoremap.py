@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -11,19 +12,24 @@ import torch.nn.functional as F
 from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, resize_short_side
 from ..errors import ConfigError
+from ..extract.run import default_device
 from ..fileio import atomic_path
+from ..models.runner import placed_device
 from ..models.vgg import VGG
 from ..optional import require
 
 
 @torch.inference_mode()
 def plot_score_map(model: VGG, image_path: str | os.PathLike, output: str | os.PathLike, *,
-                   scale: int = 384, class_index: int | None = None) -> tuple[int, float]:
+                   scale: int = 384, class_index: int | None = None,
+                   device: str | torch.device | None = None) -> tuple[int, float]:
     """Write a PNG of the image rescaled to ``scale`` with the class score map overlaid.
 
     The map is the dense net's softmax for ``class_index`` (default: the top class of the
     spatially averaged scores) at each location, upsampled to the image.  Returns the class and
     its posterior.  The picture's format follows ``output``'s suffix (PNG when it has none).
+    The net runs on ``device`` (default: cuda when available, else cpu); the caller's model is
+    not moved (a copy runs there when it lives elsewhere).
     """
     # A bare Figure renders with Agg on its own: no pyplot, no global backend switch.
     Figure = require("matplotlib.figure", "plot", "vggfeat scoremap").Figure
@@ -32,11 +38,14 @@ def plot_score_map(model: VGG, image_path: str | os.PathLike, output: str | os.P
         raise ConfigError(f"class {class_index} does not exist: the net has {model.num_classes} "
                           f"classes, 0 … {model.num_classes - 1}")
     image = resize_short_side(read_image(image_path), scale)
-    was_training = model.training
+    placed = placed_device(device or default_device())
+    net = model if next(model.parameters()).device == placed else copy.deepcopy(model).to(placed)
+    was_training = net.training
     try:  # eval mode (dropout off) for the map; the caller's model gets its mode back
-        scores = model.eval().score_map(model.preprocessing(image[None]))[0]  # K×h×w
+        x = net.preprocessing(image[None].to(placed))
+        scores = net.eval().score_map(x)[0].float().cpu()  # K×h×w
     finally:
-        model.train(was_training)
+        net.train(was_training)
     probs = scores.softmax(0)
     posterior = scores.mean((1, 2)).softmax(0)
     k = int(posterior.argmax()) if class_index is None else class_index
