@@ -31,7 +31,7 @@ from PIL import Image
 import vggfeat
 from vggfeat.data.images import resize_short_side
 from vggfeat.extract import DescriptorNet, DescriptorSpec, extract
-from vggfeat.extract.run import default_workers
+from vggfeat.devices import default_workers
 
 
 def write_jpegs(folder: Path, sizes: list[tuple[int, int]]) -> None:

@@ -110,7 +110,7 @@ def main() -> None:
         best = min(row["val_top1_error"] for row in run.history)
         rows.append((f"fine-tune, --freeze {freeze}, lr {lr:g} (best epoch)", best,
                      time.monotonic() - tic))
-    print(f"| method | val top-1 error (%) | seconds |\n|---|---|---|")
+    print("| method | val top-1 error (%) | seconds |\n|---|---|---|")
     for name, error, seconds in rows:
         print(f"| {name} | {error:.1f} | {seconds:.0f} |")
     print(f"\nchance: 80% error; torch {torch.__version__}, {torch.get_num_threads()} threads")

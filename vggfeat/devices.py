@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import ConfigError
 
 KINDS = ("cpu", "cuda", "mps")
+
+
+def default_device() -> str:
+    """Where a command runs when no device is given: the first CUDA GPU if PyTorch sees one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_workers() -> int:
+    """Image-decoding worker processes when none are given: half the cores, 1 to 8."""
+    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -17,8 +17,8 @@ from ..cache.store import STR
 from ..data.images import rescale_views
 from ..data.loader import image_loader
 from ..data.sources import ImageList
+from ..devices import default_device, default_workers
 from ..errors import InputError
-from ..extract.run import default_device, default_workers
 from ..fileio import atomic_path, write_json_atomic
 from ..models.vgg import VGG
 from ..progress import image_bar

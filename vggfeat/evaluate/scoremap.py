@@ -11,8 +11,8 @@ import torch.nn.functional as F
 
 from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, resize_short_side
+from ..devices import default_device
 from ..errors import ConfigError
-from ..extract.run import default_device
 from ..fileio import atomic_path
 from ..models.runner import placed_device
 from ..models.vgg import VGG

@@ -49,6 +49,7 @@ from ..cache.store import (
 from ..cache.update import Plan, plan_update
 from ..data.loader import PreparedImages, image_loader
 from ..data.sources import ImageList, gather_images
+from ..devices import default_device, default_workers
 from ..distributed import Distributed
 from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
 from ..fileio import write_json_atomic
@@ -191,14 +192,6 @@ def descriptor_settings(model: VGG, spec: DescriptorSpec, dtype: str) -> dict:
 def settings_difference(old: dict, new: dict) -> list[str]:
     return [f"{k}: {old.get(k)!r} → {new.get(k)!r}" for k in DESCRIPTOR_SETTINGS
             if old.get(k) != new.get(k)]
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_workers() -> int:
-    return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
 # -- the steps of a run ----------------------------------------------------------------------------

@@ -23,9 +23,9 @@ from torch import Tensor
 
 from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, rescale_views
+from ..devices import default_device
 from ..errors import ConfigError
 from ..evaluate.methods import flip_averaged_posteriors
-from ..extract.run import default_device
 from ..models.configs import INPUT_SIZE
 from ..models.factory import vgg
 from ..models.runner import DeviceRunner

@@ -19,8 +19,8 @@ from ..data.imagenet import imagenet_classes
 from ..data.images import read_image, to_pil
 from ..data.loader import image_loader
 from ..data.sources import gather_images
+from ..devices import default_workers
 from ..errors import InputError
-from ..extract.run import default_workers
 from ..fileio import atomic_path, write_json_atomic
 from .metric import gt_class_errors, score_guesses
 from .predict import Guess, Localizer

@@ -30,9 +30,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..data.sources import ImageList
+from ..devices import default_device, default_workers
 from ..distributed import Distributed
 from ..errors import TrainingError
-from ..extract.run import default_device, default_workers
 from ..fileio import atomic_path
 from ..models.runner import AMP_DTYPES, cudnn_benchmark, tf32_matmuls
 from ..models.vgg import VGG
@@ -40,7 +40,7 @@ from ..models.weights import save_weights
 from .augment import DROPOUT_STREAM, derived_seed, pca_lighting, train_transform
 from .data import Batch, TrainImages, epoch_order, micro_batches, train_loader
 from .logs import RunLog
-from .model import build_model, make_optimizer, make_scheduler, recipe_for_net
+from .model import make_optimizer, make_scheduler, recipe_for_net
 from .recipe import Recipe, RecipeError, load_recipe, save_recipe
 from .task import ImageClassification, Task
 
