@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..data.imagenet import imagenet_classes
+from ..data.folders import net_class_names
 from ..data.images import read_image, rescale_views
 from ..devices import default_device
 from ..errors import ConfigError
@@ -59,11 +59,9 @@ def default_scales(method: str, model: VGG) -> tuple[int, ...]:
 
 def class_names_of(model: VGG) -> list[str]:
     """Class names a net's weights record; the ImageNet WordNet ids for any 1000-class net."""
-    names = model.weights_meta.get("class_names")
-    if names:
-        return list(names)
-    if model.num_classes == 1000:
-        return list(imagenet_classes()[0])
+    names = net_class_names(model)
+    if names is not None:
+        return names
     raise ConfigError(f"the classification net has {model.num_classes} classes but its weights "
                       "record no class names; use a net trained by vggfeat, or a 1000-class "
                       "ImageNet net")
