@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..devices import resolve_device  # torch: already loaded by models below
 from ..models.configs import parse_arch
 
 
@@ -32,33 +33,37 @@ class FloatList(IntList):
     item, example = float, "0.1,1,10"
 
 
-class Arch(click.ParamType):
-    """A VGG config or alias, checked at parse time so the error lists the choices."""
+class Checked(click.ParamType):
+    """A value checked at parse time by :meth:`check`: its ``ValueError`` (the library's
+    ``ConfigError`` included) becomes click's usage error, with the message as is."""
 
-    name = "ARCH"
+    def check(self, value) -> None:
+        raise NotImplementedError
 
     def convert(self, value, param, ctx):
         try:
-            parse_arch(value)
+            self.check(value)
         except ValueError as err:
             self.fail(str(err), param, ctx)
         return value
 
 
-class Device(click.ParamType):
+class Arch(Checked):
+    """A VGG config or alias, checked at parse time so the error lists the choices."""
+
+    name = "ARCH"
+
+    def check(self, value) -> None:
+        parse_arch(value)
+
+
+class Device(Checked):
     """A torch device this machine has, checked before any work starts."""
 
     name = "DEVICE"
 
-    def convert(self, value, param, ctx):
-        from ..devices import resolve_device  # imports torch: only when the option is given
-        from ..errors import ConfigError
-
-        try:
-            resolve_device(value)
-        except ConfigError as err:
-            self.fail(str(err), param, ctx)
-        return value
+    def check(self, value) -> None:
+        resolve_device(value)
 
 
 def device_option(f):
