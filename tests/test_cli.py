@@ -46,11 +46,13 @@ def test_bad_devices_are_one_line_errors(device, message, tmp_path, capsys):
         message = "no CUDA GPU is visible"
     with pytest.raises(ConfigError, match=message):
         resolve_device(device)
-    with pytest.raises(SystemExit) as stop:
-        main(["extract", str(tmp_path), "-o", str(tmp_path / "f.h5"), "--device", device])
-    assert stop.value.code == 2
-    err = capsys.readouterr().err
-    assert "Invalid value for '--device'" in err and "Traceback" not in err
+    for command in (["extract", str(tmp_path), "-o", str(tmp_path / "f.h5")],
+                    ["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]):
+        with pytest.raises(SystemExit) as stop:
+            main([*command, "--device", device])
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "Invalid value for '--device'" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")

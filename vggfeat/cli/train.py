@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..train import Recipe, load_recipe, run_recipe, train
-from .options import Arch, IntList
+from .options import Arch, Device, IntList
 
 
 def run_options(f):
@@ -36,7 +36,8 @@ def run_options(f):
         click.option("--val-limit", type=click.IntRange(1), default=None,
                      help="validate on this many images only"),
         click.option("--seed", type=int, default=None),
-        click.option("--device", default=None, help="cpu, cuda … [default: cuda when available]"),
+        click.option("--device", type=Device(), default=None,
+                     help="cpu, cuda, cuda:1 … [default: cuda when available]"),
         click.option("--workers", type=click.IntRange(0), default=None,
                      help="decoding worker processes per process"),
         click.option("--amp", type=click.Choice(["bf16", "fp16", "fp32"]), default=None,
