@@ -18,6 +18,7 @@ layers or scales; several processes may use it at once (writers take turns).  ``
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -38,7 +39,6 @@ from .cache.store import (
     Rows,
     check_suffix,
     descriptor_groups,
-    glob_escape,
     io_error,
     load_features,
     parts_dir,
@@ -221,7 +221,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         # Named after its inputs, so a killed call resumes when called again on the same data.
         pending = cache.with_name(f".{cache.name}.{self.cache_group_}-"
                                   f"{ImageList(todo).fingerprint()[:12]}.h5")
-        for leftover in cache.parent.glob(f".{glob_escape(cache.name)}.*.h5"):
+        for leftover in cache.parent.glob(f".{glob.escape(cache.name)}.*.h5"):
             if leftover != pending:  # of killed calls: we hold the lock, no one writes them
                 leftover.unlink(missing_ok=True)
                 shutil.rmtree(parts_dir(leftover), ignore_errors=True)

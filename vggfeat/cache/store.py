@@ -36,7 +36,7 @@ import numpy as np
 from sklearn.utils import Bunch
 
 from ..errors import CacheError, InputError
-from ..fileio import atomic_path, write_bytes_atomic
+from ..fileio import atomic_path, leftovers, write_bytes_atomic
 
 CHUNK_BYTES = 1 << 20
 BLOCK_BYTES = 64 << 20  # rows copied per step of a merge: what a merge holds in memory
@@ -96,16 +96,12 @@ def check_writable(output: Path) -> None:
 def remove_leftovers(output: Path) -> int:
     """Delete temporary files of killed writes (only while holding the output's lock)."""
     parts = parts_dir(output)
-    found = list(output.parent.glob(f".{glob_escape(output.name)}.*.tmp"))
+    found = leftovers(output.parent, output.name)
     if parts.is_dir():
-        found += list(parts.glob(".*.tmp")) + list(parts.glob("*.h5.tmp"))
+        found += leftovers(parts) + list(parts.glob("*.h5.tmp"))
     for path in found:
         path.unlink(missing_ok=True)
     return len(found)
-
-
-def glob_escape(name: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def check_free_space(folder: Path, needed: int, action: str) -> None:
