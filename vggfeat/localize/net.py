@@ -68,15 +68,14 @@ def localization_net(head: BoxHead, *, weights: str | os.PathLike | None = None,
     Without ``weights`` the whole net is initialised (``init``, ``seed``).  ``kwargs`` go to
     :func:`vggfeat.vgg` (``width_mult``, ``fc_dim``, ``dropout``, ``init``, ``preprocessing``).
     """
-    model = new_box_layer(lambda: vgg(arch, weights=weights, num_classes=head.outputs,
-                                      seed=seed, **kwargs), head)
-    attach_head(model, head)
-    return model
+    return new_box_layer(lambda: vgg(arch, weights=weights, num_classes=head.outputs, seed=seed,
+                                     **kwargs), head)
 
 
 def new_box_layer(build: Callable[[], VGG], head: BoxHead) -> VGG:
-    """``build()``, with the builder's new-fc8 warning worded for a box layer: its outputs are
-    box parameters, not classes (the classifier's wording says "for 4000 classes" for PCR)."""
+    """``build()`` with ``head`` attached, and the builder's new-fc8 warning worded for a box
+    layer: its outputs are box parameters, not classes (the classifier's wording says "for 4000
+    classes" for PCR)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model = build()
@@ -89,7 +88,7 @@ def new_box_layer(build: Callable[[], VGG], head: BoxHead) -> VGG:
                 f"is a new box layer, initialised ({new['init']}, seed {new['seed']}): "
                 f"{head.describe()}")
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    return model
+    return attach_head(model, head)
 
 
 def attach_head(model: VGG, head: BoxHead) -> VGG:

@@ -30,7 +30,7 @@ from ..train.model import build_model
 from ..train.recipe import Recipe
 from ..train.task import Task
 from .geometry import BoxAugment
-from .net import HEADS, BoxHead, attach_head, box_head, euclidean_loss, new_box_layer
+from .net import HEADS, BoxHead, box_head, euclidean_loss, new_box_layer
 from .predict import Localizer
 from .run import LocImages, evaluate_localization, images_with_boxes
 
@@ -123,7 +123,6 @@ class Localization(Task):
     def build_model(self, recipe: LocRecipe, *, download: bool = True) -> VGG:
         model = new_box_layer(lambda: build_model(recipe, self.head.outputs, download=download),
                               self.head)
-        attach_head(model, self.head)
         freeze(model, FINETUNE[recipe.finetune])
         return model
 
