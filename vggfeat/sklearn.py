@@ -172,13 +172,14 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         cache = Path(self.cache)
         check_suffix(cache, "cache")
         unique = list(dict.fromkeys(paths))
-        rows, failed, todo = self._lookup(cache, unique)
+        rows, failed, todo = self._lookup(cache, unique, self._index(cache))
         if todo:
             # One writer at a time; a process that waited finds what the other one computed.
             with OutputLock(cache, wait=True):
-                rows, failed, todo = self._lookup(cache, unique)
+                index = self._index(cache)  # the cache cannot change while we hold the lock
+                rows, failed, todo = self._lookup(cache, unique, index)
                 if todo:
-                    new_rows, new_failed = self._add(cache, todo)
+                    new_rows, new_failed = self._add(cache, todo, index)
                     rows.update(new_rows)
                     failed.update(new_failed)
         return rows, failed
@@ -193,9 +194,10 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
                              "older vggfeat), not a VGGFeatures cache: choose another cache file")
         return read_index(cache, self.cache_group_) if self.cache_group_ in groups else None
 
-    def _lookup(self, cache: Path, paths: list[str]) -> tuple[dict, dict, list[str]]:
-        """Rows and failures the cache holds for unchanged files, and the paths to compute."""
-        index = self._index(cache)
+    def _lookup(self, cache: Path, paths: list[str],
+                index: Index | None) -> tuple[dict, dict, list[str]]:
+        """Rows and failures the cache (``index``: its group) holds for unchanged files, and the
+        paths to compute."""
         if index is None:
             return {}, {}, paths
         plan = plan_update(paths, [index], retry_failed=self.retry_failed)
@@ -216,8 +218,9 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
                   for i in np.setdiff1d(found, good)}
         return rows, failed, [paths[i] for i in plan.compute]
 
-    def _add(self, cache: Path, todo: list[str]) -> tuple[dict, dict]:
-        """Compute ``todo`` and write the cache with them (atomically; other groups kept)."""
+    def _add(self, cache: Path, todo: list[str], old: Index | None) -> tuple[dict, dict]:
+        """Compute ``todo`` and write the cache (``old``: its group) with them (atomically; other
+        groups kept)."""
         # Named after its inputs, so a killed call resumes when called again on the same data.
         pending = cache.with_name(f".{cache.name}.{self.cache_group_}-"
                                   f"{ImageList(todo).fingerprint()[:12]}.h5")
@@ -226,7 +229,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
                 leftover.unlink(missing_ok=True)
                 shutil.rmtree(parts_dir(leftover), ignore_errors=True)
         new_rows, new_failed = self._extract(todo, pending)
-        old, new = self._index(cache), read_index(pending)
+        new = read_index(pending)
         sources = [old, new] if old else [new]
         replaced = set(new.paths)
         keep = [np.array([e for e, p in enumerate(s.paths) if s is new or p not in replaced],
