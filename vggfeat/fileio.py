@@ -9,6 +9,7 @@ moment leaves either the old file or the new one, never a truncated one.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import uuid
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import IO, Any, Iterator
 
 __all__ = ["atomic_path", "atomic_write", "write_bytes_atomic", "write_text_atomic",
-           "write_json_atomic", "fsync_path", "leftovers"]
+           "write_json_atomic", "fsync_path", "leftovers", "sha256_file"]
 
 
 TEMP_SUFFIX = ".tmp"
@@ -28,6 +29,15 @@ def leftovers(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
     or of any file.  Only safe to delete while no other process is writing there."""
     pattern = "*" if name is None else glob.escape(name)
     return sorted(Path(folder).glob(f".{pattern}.*{TEMP_SUFFIX}"))
+
+
+def sha256_file(path: str | os.PathLike) -> bytes:
+    """SHA-256 of a file's content, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.digest()
 
 
 def fsync_path(path: str | os.PathLike) -> None:

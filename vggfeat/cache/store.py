@@ -22,7 +22,6 @@ Layout of a finished file (see docs/extract.md); shards have the same layout wit
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import shutil
@@ -36,7 +35,7 @@ import numpy as np
 from sklearn.utils import Bunch
 
 from ..errors import CacheError, InputError
-from ..fileio import atomic_path, leftovers, write_bytes_atomic
+from ..fileio import atomic_path, leftovers, sha256_file, write_bytes_atomic
 
 CHUNK_BYTES = 1 << 20
 BLOCK_BYTES = 64 << 20  # rows copied per step of a merge: what a merge holds in memory
@@ -161,14 +160,6 @@ def file_identity(path: str) -> tuple[int, int, bytes]:
         return st.st_size, st.st_mtime_ns, sha256_file(path)
     except OSError:
         return MISSING, 0, bytes(32)
-
-
-def sha256_file(path: str) -> bytes:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.digest()
 
 
 def hash_files(paths: list[str], threads: int = 4) -> np.ndarray:

@@ -8,7 +8,6 @@ tensors: ``.pth`` files are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -19,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import ConfigError, WeightsError
-from ..fileio import atomic_path
+from ..fileio import atomic_path, sha256_file
 from .configs import ArchSpec
 from .preprocessing import IMAGENET, Preprocessing
 
@@ -164,11 +163,7 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
 
 
 def sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return sha256_file(path).hex()
 
 
 def save_weights(model, path: str | os.PathLike, *, meta: dict | None = None) -> Path:
