@@ -33,7 +33,6 @@ from sklearn.utils.validation import check_is_fitted
 
 from .cache.lock import OutputLock
 from .cache.store import (
-    MISSING,
     FileIds,
     Index,
     Rows,
@@ -200,14 +199,9 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         paths to compute."""
         if index is None:
             return {}, {}, paths
-        plan = plan_update(paths, [index], retry_failed=self.retry_failed)
         # A deleted image cannot have changed: its row is still served (images may be removed
         # once their descriptors are cached).
-        gone = [i for i in plan.compute if plan.ids.size[i] == MISSING]
-        stored = {p: e for e, p in enumerate(index.paths[:index.n_rows])} if gone else {}
-        for i in gone:
-            if paths[i] in stored:
-                plan.source[i], plan.entry[i] = 0, stored[paths[i]]
+        plan = plan_update(paths, [index], retry_failed=self.retry_failed, keep_deleted=True)
         found = np.flatnonzero(plan.source >= 0)
         good = found[plan.entry[found] < index.n_rows]
         order = np.argsort(plan.entry[good])

@@ -71,8 +71,12 @@ class Plan:
 
 def plan_update(paths: list[str], sources: list[Index], *, output: Index | None = None,
                 extra_failed: list[tuple[str, str]] = (), verify: bool = False,
-                retry_failed: bool = False, hash_threads: int = 4) -> Plan:
+                retry_failed: bool = False, keep_deleted: bool = False,
+                hash_threads: int = 4) -> Plan:
     """Match every input with a reusable entry of ``sources`` (earlier sources win).
+
+    ``keep_deleted``: a row of a file that no longer exists is reused (a deleted file cannot have
+    changed); by default it is computed again.
 
     ``output`` (one of ``sources``, or None) is the existing finished file: its entries whose
     file is no longer an input, nor among ``extra_failed`` (path, reason), count as removed.
@@ -95,6 +99,8 @@ def plan_update(paths: list[str], sources: list[Index], *, output: Index | None 
                 stored.sha256.any(axis=1) | ((stored.size == MISSING) & (now.size[i] == MISSING)))
         else:
             same = (stored.size == now.size[i]) & (stored.mtime_ns == now.mtime_ns[i])
+        if keep_deleted:
+            same |= (now.size[i] == MISSING) & (e < index.n_rows)
         if retry_failed:
             same &= e < index.n_rows
         take = same & (source[i] < 0)
