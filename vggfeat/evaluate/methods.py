@@ -46,11 +46,13 @@ class Evaluator(DeviceRunner):
 
     def __init__(self, model: VGG, method: str, *, device: str | torch.device = "cpu",
                  batch_size: int = 8, amp: str | None = None,
-                 channels_last: bool = True, window: int | None = None) -> None:
+                 channels_last: bool = True, window: int | None = None,
+                 backend: str = "auto") -> None:
         if method not in METHODS:
             raise ConfigError(f"unknown method {method!r}; valid choices: {', '.join(METHODS)}")
         super().__init__(model, device=device, batch_size=batch_size, amp=amp,
-                         channels_last=channels_last, window=window)
+                         channels_last=channels_last, window=window, backend=backend,
+                         reads=())
         self.method = method
         self.crops_run = 0  # crops evaluated so far, for reporting and tests
 

@@ -99,9 +99,11 @@ class DescriptorNet(DeviceRunner):
     """
 
     def __init__(self, model: VGG, spec: DescriptorSpec, *, device: str | torch.device = "cpu",
-                 batch_size: int = 8, amp: str | None = None, window: int | None = None) -> None:
+                 batch_size: int = 8, amp: str | None = None, window: int | None = None,
+                 backend: str = "auto") -> None:
         model.check_layer(spec.layer)
-        super().__init__(model, device=device, batch_size=batch_size, amp=amp, window=window)
+        super().__init__(model, device=device, batch_size=batch_size, amp=amp, window=window,
+                         backend=backend, reads=[spec.layer])
         self.spec = spec
         self.channels = model.layer_channels(spec.layer)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 from ..data.loader import stack_rows
 from ..devices import resolve_device
 from ..errors import ConfigError
+from .backends import resolve_backend, with_backend
 from .vgg import VGG
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,11 +55,17 @@ class DeviceRunner:
     calling the runner on a list of images, or streaming images through :meth:`stream`, batches
     views of exactly the same shape together (:class:`ShapeBatches`).  ``window`` (default
     ``4 × batch_size``) is how many consecutive images a stream gathers passes from.
+
+    ``backend`` (``auto``, ``eager`` or ``winograd``; see :mod:`vggfeat.models.backends`) says
+    how the 3×3 convolutions run; ``self.backend`` is the one that runs (``auto`` resolves to
+    ``eager`` on GPUs and under autocast).  ``reads``, the layers :meth:`forward_views` reads
+    (None: any), lets those backends fuse the ReLUs whose input is never read.
     """
 
     def __init__(self, model: VGG, *, device: str | torch.device = "cpu", batch_size: int = 8,
                  amp: str | None = None, channels_last: bool = True,
-                 window: int | None = None) -> None:
+                 window: int | None = None, backend: str = "auto",
+                 reads: Iterable[str] | None = None) -> None:
         if amp not in AMP_DTYPES:
             raise ConfigError(f"amp must be one of fp32, bf16, fp16 or None, got {amp!r}")
         self.device = placed_device(device)
@@ -66,10 +73,11 @@ class DeviceRunner:
         on_device = next(model.parameters()).device == self.device
         if model.training or not on_device or memory_format_of(model) != self.memory_format:
             model = copy.deepcopy(model).eval().to(self.device, memory_format=self.memory_format)
-        self.model = model
+        self.amp_dtype = AMP_DTYPES[amp]
+        self.backend = resolve_backend(backend, device=self.device, amp_dtype=self.amp_dtype)
+        self.model = with_backend(model, self.backend, reads=reads)
         self.batch_size = batch_size
         self.window = window or WINDOW_BATCHES * batch_size
-        self.amp_dtype = AMP_DTYPES[amp]
         self.forward_passes = 0  # same-shape passes run so far, and the images they held
         self.forward_images = 0
 

@@ -1,0 +1,196 @@
+"""How a VGG runs at inference on CPUs: the backends of ``vggfeat extract`` and ``vggfeat evaluate``.
+
+* ``eager``: torch's own layers (oneDNN convolutions on CPUs, cuDNN on GPUs).
+* ``winograd``: every 3×3 layer by Winograd F(4×4, 3×3) with its ReLU fused in (see
+  :mod:`vggfeat.models.winograd`), and fc6–fc8 applied densely as one matrix product over their
+  sliding windows; float32 on CPUs only.
+* ``auto`` (default): on a CPU in float32, each layer runs whichever of its two paths was faster
+  on this machine for its channels and input size, measured the first time that case comes up
+  and remembered under ``kernel_dir()/backend-choices/``; elsewhere (GPUs, bf16/fp16) ``eager``.
+
+Descriptors agree across backends to about 1e-5 after L2 normalisation; use ``eager`` where
+results must match torch's bit for bit.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import platform
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import ConfigError
+from ..fileio import write_json_atomic
+from .vgg import PRE, VGG, DenseLinear
+from .winograd import SOURCE, WinogradConv2d, fast_path_applies, kernel_dir, load_kernels, winograd_eligible
+
+BACKENDS = ("auto", "eager", "winograd")
+
+
+def resolve_backend(backend: str, *, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """The backend that will run: ``eager`` wherever only torch's layers apply."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    cpu_fp32 = device.type == "cpu" and amp_dtype is None
+    if backend == "winograd" and not cpu_fp32:
+        where = f"{device.type} with {amp_dtype}" if amp_dtype else device.type
+        raise ConfigError(f"the winograd backend runs float32 on CPUs, not on {where}: use "
+                          "--backend eager (or auto)")
+    if backend == "auto" and (not cpu_fp32 or load_kernels() is None):
+        return "eager"
+    return backend
+
+
+class GemmDenseLinear(DenseLinear):
+    """fc6–fc8 applied densely as one matrix product over their sliding windows (im2col), where
+    torch's k×k convolution runs well below the CPU's matrix-product rate.  Shares the original
+    layer's parameters; ``fast``/``eager``/``choose`` as in :class:`WinogradConv2d`."""
+
+    @classmethod
+    def from_dense(cls, layer: DenseLinear, *, choose=None) -> GemmDenseLinear:
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.kernel_size, new.weight, new.bias = layer.kernel_size, layer.weight, layer.bias
+        new.choose = choose
+        return new
+
+    def fast(self, x: Tensor) -> Tensor:
+        n, c, h, w = x.shape
+        k = self.kernel_size
+        # Windows in (kh, kw, C) order: a view of a channels_last weight matches it.
+        windows = x.permute(0, 2, 3, 1).unfold(1, k, 1).unfold(2, k, 1)  # N×h'×w'×C×k×k
+        cols = windows.permute(0, 1, 2, 4, 5, 3).reshape(-1, k * k * c)
+        weight = self.weight.permute(0, 2, 3, 1).reshape(self.weight.shape[0], -1)
+        y = F.linear(cols, weight, self.bias)
+        return y.view(n, h - k + 1, w - k + 1, -1).permute(0, 3, 1, 2)
+
+    def eager(self, x: Tensor) -> Tensor:
+        return super().forward(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        dense = x.shape[-2:] != (self.kernel_size, self.kernel_size)  # crop mode: a GEMM already
+        if dense and fast_path_applies(x, self.weight) and (self.choose is None
+                                                            or self.choose(self, x)):
+            return self.fast(x)
+        return self.eager(x)
+
+
+def with_backend(model: VGG, backend: str, *, reads: Iterable[str] | None = None,
+                 choices: LayerChoices | None = None) -> VGG:
+    """``model`` itself for ``eager``; otherwise a copy, sharing the original's parameters
+    (which are not changed), whose 3×3 layers are :class:`WinogradConv2d` and whose head layers
+    are :class:`GemmDenseLinear`.
+
+    ``reads`` names the layers the caller reads (:meth:`VGG.forward_layers` names): the ReLU
+    after a 3×3 layer is fused into it unless that layer's ``:pre`` value is read (None: any
+    may be, nothing is fused).  ``choices`` default to :meth:`LayerChoices.for_this_machine`.
+    """
+    if backend == "eager":
+        return model
+    choose = (choices or LayerChoices.for_this_machine()).choose if backend == "auto" else None
+    pre_read = None if reads is None else {n[:-len(PRE)] for n in reads if n.endswith(PRE)}
+    layers = list(model.features.named_children())
+    features: OrderedDict[str, nn.Module] = OrderedDict()
+    for i, (name, layer) in enumerate(layers):
+        if name in features:  # a ReLU fused into the layer before it
+            continue
+        if not winograd_eligible(layer):
+            features[name] = layer
+            continue
+        after, next_layer = layers[i + 1] if i + 1 < len(layers) else (None, None)
+        relu = pre_read is not None and name not in pre_read and isinstance(next_layer, nn.ReLU)
+        features[name] = WinogradConv2d.from_conv(layer, relu=relu, choose=choose)
+        if relu:
+            features[after] = nn.Identity()
+    head = OrderedDict((name, GemmDenseLinear.from_dense(layer, choose=choose)
+                        if type(layer) is DenseLinear else layer)
+                       for name, layer in model.head.named_children())
+    new = copy.copy(model)
+    # A shallow copy shares the module dict: give the copy its own before replacing layers.
+    new._modules = dict(model._modules)
+    new.features, new.head = nn.Sequential(features), nn.Sequential(head)
+    new._index_layers()
+    return new
+
+
+def _case(layer: nn.Module, x: Tensor) -> str:
+    """What decides the faster path: the layer kind, channels in and out, and the work's size
+    (input pixels, batch included, to the nearest power of two)."""
+    n, c, h, w = x.shape
+    kind = "fc" if isinstance(layer, DenseLinear) else "conv"
+    return f"{kind}{c}x{layer.weight.shape[0]}@2^{round(math.log2(n * h * w))}"
+
+
+class LayerChoices:
+    """Per-case choice between a layer's fast path and torch's, measured once per machine.
+
+    The first call in a case times both paths on its input (best of two runs each) and keeps
+    the faster; choices are saved to ``path`` (JSON) and reused by later processes.
+    ``path=None`` keeps them in memory only.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self.choices: dict[str, str] = {}
+        if path is not None and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+                self.choices = {k: v for k, v in saved.items() if v in ("fast", "eager")}
+            except (OSError, ValueError, AttributeError):
+                self.choices = {}  # unreadable: measure again and rewrite it
+
+    @classmethod
+    def for_this_machine(cls) -> LayerChoices:
+        """Choices kept under :func:`kernel_dir`, one file per CPU, thread count, torch and
+        kernel source, since each changes which path wins."""
+        source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+        machine = (f"{platform.machine()}-{_cpu_name()}-{torch.get_num_threads()}t-"
+                   f"torch{torch.__version__}-{source}")
+        safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in machine)
+        return cls(kernel_dir() / "backend-choices" / f"{safe}.json")
+
+    def choose(self, layer: nn.Module, x: Tensor) -> bool:
+        """True where the layer's fast path is (or was measured) the faster for this call."""
+        case = _case(layer, x)
+        if case not in self.choices:
+            fast, eager = _best_of_two(layer.fast, x), _best_of_two(layer.eager, x)
+            self.choices[case] = "fast" if fast < eager else "eager"
+            self._save()
+        return self.choices[case] == "fast"
+
+    def _save(self) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.choices)
+        except OSError:
+            pass  # a read-only cache only costs measuring again next time
+
+
+def _best_of_two(fn, x: Tensor) -> float:
+    times = []
+    for _ in range(2):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
