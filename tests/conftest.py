@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,20 @@ import vggfeat
 TINY = {"width_mult": 1 / 16, "fc_dim": 32}
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kernel_cache(tmp_path_factory) -> Iterator[Path]:
+    """Compiled CPU kernels and measured backend choices go to a fresh folder, not the user's
+    cache (the CLI's subprocesses inherit it)."""
+    folder = tmp_path_factory.mktemp("vggfeat-cache")
+    before = os.environ.get("VGGFEAT_CACHE")
+    os.environ["VGGFEAT_CACHE"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("VGGFEAT_CACHE", None)
+    else:
+        os.environ["VGGFEAT_CACHE"] = before
 
 
 def tiny_vgg(arch: str = "D", seed: int = 0, **kwargs) -> vggfeat.VGG:

@@ -199,9 +199,11 @@ def test_cli_evaluate_fuse_and_scoremap(val_folder, tmp_path, tiny_weights):
     out = tmp_path / "d.json"
     run_cli("evaluate", "--weights", tiny_weights, "--data", val_folder, "--method",
             "dense+multi-crop", "--scales", "256", "--json", out, "--save-posteriors",
-            tmp_path / "d.h5", "--workers", "0", "--quiet", "--train-scale", "256-512")
+            tmp_path / "d.h5", "--workers", "0", "--quiet", "--train-scale", "256-512",
+            "--backend", "winograd")
     summary = json.loads(out.read_text())
     assert {"top1_error", "top5_error", "images", "method", "scales"} <= set(summary)
+    assert summary["backend"] == "winograd"
     assert summary["images"] == 6 and summary["scales"] == [256]
     run_cli("evaluate", "--weights", tiny_weights, "--data", val_folder, "--method", "center-crop",
             "--save-posteriors", tmp_path / "c.h5", "--workers", "0", "--quiet")

@@ -17,7 +17,7 @@ from ..evaluate import (
 from ..evaluate.run import write_json
 from ..fileio import write_text_atomic
 from ..models.factory import vgg
-from .options import IntList, device_option, device_options, model_options
+from .options import IntList, backend_option, device_option, device_options, model_options
 
 
 @click.command("evaluate")
@@ -42,9 +42,10 @@ from .options import IntList, device_option, device_options, model_options
               help="HDF5 of the per-image posteriors, for fusion")
 @device_options
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
+@backend_option
 @click.option("--quiet", is_flag=True)
 def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_scale, fuse_files,
-                     json_out, report, posteriors_out, batch_size, workers, device, amp,
+                     json_out, report, posteriors_out, batch_size, workers, device, amp, backend,
                      quiet) -> None:
     """Top-1/top-5 error on ImageNet val with the paper's test methods (Tables 3–6)."""
     if fuse_files:
@@ -56,13 +57,15 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
         images = folder_for_net(data, model, devkit=devkit, labels_csv=labels)
         result = evaluate(images, model, method=method, scales=scales, train_scale=train_scale,
                           batch_size=batch_size, workers=workers, device=device, amp=amp,
+                          backend=backend,
                           progress=not quiet)
         for path, reason in result.failed:
             click.echo(f"skipped {path}: {reason}", err=True)
         if not quiet:
             rate = len(result.labels) / result.seconds if result.seconds else 0.0
             click.echo(f"{len(result.labels)} images, {len(result.failed)} failed ({rate:.2f} "
-                       f"img/s, images per forward: {result.images_per_forward:.1f})", err=True)
+                       f"img/s, images per forward: {result.images_per_forward:.1f}, backend: "
+                       f"{result.backend})", err=True)
     if posteriors_out:
         save_posteriors(result, posteriors_out)
     if json_out:

@@ -17,7 +17,7 @@ from ..extract.descriptor import (
     DescriptorSpec,
 )
 from ..extract.run import DTYPES, ExtractOptions, extract
-from .options import IntList, device_options, model_options
+from .options import IntList, backend_option, device_options, model_options
 
 
 @click.command("extract")
@@ -48,6 +48,7 @@ from .options import IntList, device_options, model_options
 @device_options
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
               help="autocast the network (GPU)")
+@backend_option
 @click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
               help="images per published shard: at most this much work is redone after a kill")
 @click.option("--overwrite", is_flag=True,
@@ -60,7 +61,7 @@ from .options import IntList, device_options, model_options
 @click.option("--quiet", is_flag=True,
               help="no progress bars (the summary and warnings are still printed)")
 def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate, flip, l2, dtype,
-                    crop, max_aspect, batch_size, workers, device, amp, shard_size, overwrite,
+                    crop, max_aspect, batch_size, workers, device, amp, backend, shard_size, overwrite,
                     verify, retry_failed, strict, quiet) -> None:
     """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists).
 
@@ -73,6 +74,7 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
     spec = DescriptorSpec(layer=layer, scales=scales, pool=pool, aggregate=aggregate, flip=flip,
                           l2=l2, crop=crop, max_aspect=max_aspect)
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
+                             backend=backend,
                              overwrite=overwrite, verify=verify, retry_failed=retry_failed,
                              strict=strict, progress=not quiet, shard_images=shard_size)
     try:
@@ -89,7 +91,8 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
                    "everything)", err=True)
     else:
         speed = (f" ({result.computed / result.seconds:.2f} img/s, images per forward: "
-                 f"{result.images_per_forward:.1f})" if result.computed and result.seconds
+                 f"{result.images_per_forward:.1f}, backend: {result.backend})"
+                 if result.computed and result.seconds
                  else "")
         click.echo(f"{result.num_images} images → {output}: {counts}{speed}", err=True)
         for path, reason in result.failed[:20]:

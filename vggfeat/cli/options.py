@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..devices import resolve_device  # torch: already loaded by models below
+from ..models.backends import BACKENDS
 from ..models.configs import parse_arch
 
 
@@ -78,6 +79,14 @@ def device_options(f):
     f = click.option("--batch-size", type=click.IntRange(1), default=8, show_default=True,
                      help="images per forward pass")(f)
     return f
+
+
+def backend_option(f):
+    return click.option(
+        "--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+        help="how the net's layers run: eager (torch's own), winograd (Winograd 3×3 "
+             "convolutions and GEMM fc layers, float32 CPU), or auto (per layer, whichever is "
+             "faster on this CPU; eager on GPUs)")(f)
 
 
 def model_options(f):

@@ -99,6 +99,7 @@ class EvalResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     images_per_forward: float = 0.0  # mean images per same-shape forward pass, flips not counted
+    backend: str = ""  # what ran the net (see vggfeat.models.backends)
 
     @property
     def top1_error(self) -> float:
@@ -112,19 +113,21 @@ class EvalResult:
         return {"top1_error": round(self.top1_error, 3), "top5_error": round(self.top5_error, 3),
                 "images": len(self.labels), "failed": len(self.failed), "method": self.method,
                 "scales": list(self.scales), "seconds": round(self.seconds, 1),
-                "images_per_forward": round(self.images_per_forward, 2), **self.attrs}
+                "images_per_forward": round(self.images_per_forward, 2),
+                **({"backend": self.backend} if self.backend else {}), **self.attrs}
 
 
 def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
              scales: tuple[int, ...] | None = None, train_scale: str | None = None,
              batch_size: int = 8, workers: int | None = None, device: str | None = None,
-             amp: str | None = None, channels_last: bool = True,
+             amp: str | None = None, channels_last: bool = True, backend: str = "auto",
              progress: bool = True) -> EvalResult:
     """Posteriors and errors of ``model`` on labelled ``images`` with a Sect. 3.2 method.
 
     ``scales`` default to the paper's for the training scale S: ``train_scale`` ("256", "384",
     "256-512") when given, else what the weights record.  ``workers`` default to half the cores
-    (at most 8), ``device`` to CUDA when available.  ``model`` is left as it is (mode, device,
+    (at most 8), ``device`` to CUDA when available; ``backend`` says how the net's layers run
+    (:mod:`vggfeat.models.backends`).  ``model`` is left as it is (mode, device,
     memory format, metadata); see :class:`DeviceRunner`.
     """
     device = device or default_device()
@@ -137,7 +140,7 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
         raise InputError(f"{method} evaluation needs scales ≥ 224, got {scales}")
     start = time.monotonic()
     evaluator = Evaluator(model, method, device=device, batch_size=batch_size, amp=amp,
-                          channels_last=channels_last)
+                          channels_last=channels_last, backend=backend)
     crop = 224 if method == "center-crop" else None
     loader = image_loader(images.paths, np.arange(len(images)),
                           partial(rescale_views, scales=scales, crop=crop), batch_size=batch_size,
@@ -170,7 +173,7 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
     return EvalResult(np.concatenate(rows) if rows else np.empty((0, model.num_classes), np.float32),
                       np.asarray(images.labels, np.int64)[kept], [images.paths[i] for i in kept],
                       method, tuple(scales), attrs, failed, time.monotonic() - start,
-                      evaluator.images_per_forward)
+                      evaluator.images_per_forward, evaluator.backend)
 
 
 def save_posteriors(result: EvalResult, path: str | os.PathLike) -> Path:

@@ -53,6 +53,7 @@ from ..devices import default_device, default_workers
 from ..distributed import Distributed
 from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
 from ..fileio import write_json_atomic
+from ..models.backends import BACKENDS
 from ..models.factory import vgg
 from ..models.vgg import VGG
 from ..progress import image_bar
@@ -73,6 +74,8 @@ class ExtractOptions:
         workers: DataLoader worker processes for decoding (default: half the cores, ≤ 8).
         device: ``cpu``, ``cuda``, ``cuda:1`` … (default: cuda when available).
         amp: ``bf16``/``fp16`` autocast for the network (GPU).
+        backend: ``auto``, ``eager`` or ``winograd``: how the net's layers run (see
+            :mod:`vggfeat.models.backends`); descriptors agree to about 1e-5 across backends.
         progress: show a progress bar.
         shard_images, shard_seconds: publish results at least this often (what a kill can cost).
         download: allow fetching hub weights missing from the local cache.
@@ -90,6 +93,7 @@ class ExtractOptions:
     workers: int | None = None
     device: str | None = None
     amp: str | None = None
+    backend: str = "auto"
     progress: bool = True
     shard_images: int = 256
     shard_seconds: float = 60.0
@@ -104,6 +108,8 @@ class ExtractOptions:
             raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.shard_images < 1:
             raise ConfigError(f"shard_images must be ≥ 1, got {self.shard_images}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
 
 
 @dataclass
@@ -120,6 +126,7 @@ class ExtractResult:
     reused: int = 0   # rows reused from the existing output or an unfinished run
     removed: int = 0  # entries dropped because their file is no longer an input
     images_per_forward: float = 0.0  # in this process's forward passes, flips not counted
+    backend: str = ""  # what ran the net (``auto`` resolved), where it ran
 
 
 def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLike, *,
@@ -152,7 +159,8 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     if model is None:
         model = vgg(arch, weights=weights, download=opts.download,
                     progress=opts.progress and dist.is_main)
-    net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size, amp=opts.amp)
+    net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size, amp=opts.amp,
+                        backend=opts.backend)
     settings = descriptor_settings(model, spec, dtype)
     lock = OutputLock(output)
     try:
@@ -177,7 +185,7 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
                          time.monotonic() - start, failed,
                          reused=plan.reused if plan is not None else 0,
                          removed=plan.removed if plan is not None else 0,
-                         images_per_forward=net.images_per_forward)
+                         images_per_forward=net.images_per_forward, backend=net.backend)
 
 
 def descriptor_settings(model: VGG, spec: DescriptorSpec, dtype: str) -> dict:

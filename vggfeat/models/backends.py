@@ -1,4 +1,4 @@
-"""How a VGG runs at inference on CPUs: the backends of ``vggfeat extract`` and ``vggfeat evaluate``.
+"""How a VGG's layers run at inference: the backends of ``vggfeat extract`` and ``evaluate``.
 
 * ``eager``: torch's own layers (oneDNN convolutions on CPUs, cuDNN on GPUs).
 * ``winograd``: every 3×3 layer by Winograd F(4×4, 3×3) with its ReLU fused in (see
@@ -31,7 +31,14 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from ..fileio import write_json_atomic
 from .vgg import PRE, VGG, DenseLinear
-from .winograd import SOURCE, WinogradConv2d, fast_path_applies, kernel_dir, load_kernels, winograd_eligible
+from .winograd import (
+    SOURCE,
+    WinogradConv2d,
+    fast_path_applies,
+    kernel_dir,
+    load_kernels,
+    winograd_eligible,
+)
 
 BACKENDS = ("auto", "eager", "winograd")
 

@@ -1,0 +1,175 @@
+"""CPU backends: Winograd 3×3 layers and GEMM fc layers agree with torch's, and auto chooses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import run_cli, tiny_vgg, write_image
+
+import vggfeat
+from vggfeat.errors import ConfigError
+from vggfeat.extract import DescriptorNet, DescriptorSpec, ExtractOptions
+from vggfeat.models import backends, winograd
+from vggfeat.models.backends import GemmDenseLinear, LayerChoices, resolve_backend, with_backend
+from vggfeat.models.vgg import DenseLinear
+from vggfeat.models.winograd import WinogradConv2d, filter_transform, winograd_conv3x3
+
+SHAPES = [(2, 3, 8, 5, 7), (1, 70, 65, 9, 13), (1, 16, 16, 1, 1), (3, 64, 128, 12, 8)]
+
+
+def reference(x, w, b, relu):
+    y = F.conv2d(x.double(), w.double(), None if b is None else b.double(), padding=1)
+    return y.relu() if relu else y
+
+
+@pytest.mark.parametrize("fallback", [False, True], ids=["kernels", "torch-fallback"])
+@pytest.mark.parametrize("n,c,k,h,w", SHAPES)
+def test_winograd_conv_matches_float64_convolution(n, c, k, h, w, fallback, monkeypatch):
+    if fallback:
+        monkeypatch.setattr(winograd, "load_kernels", lambda: None)
+    torch.manual_seed(c + k)
+    x = torch.randn(n, c, h, w)
+    weight, bias = torch.randn(k, c, 3, 3) / (3 * c ** 0.5), torch.randn(k)
+    for b, relu in ((bias, False), (None, True)):
+        got = winograd_conv3x3(x, filter_transform(weight), b, relu=relu)
+        want = reference(x, weight, b, relu)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert (got.double() - want).abs().max() <= 1e-5 * want.abs().max()
+        if relu:
+            assert got.min() == 0
+
+
+@pytest.mark.parametrize("kernel,size", [(7, (9, 12)), (1, (3, 5))])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_gemm_fc_layer_matches_dense_convolution(kernel, size, channels_last):
+    torch.manual_seed(kernel)
+    layer = DenseLinear(16, 24, kernel)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    layer = layer.to(memory_format=fmt)
+    x = torch.randn(2, 16, *size).contiguous(memory_format=fmt)
+    gemm = GemmDenseLinear.from_dense(layer)
+    with torch.no_grad():
+        assert torch.allclose(gemm(x), layer(x), atol=1e-5)
+    assert gemm.weight is layer.weight  # shared, not copied
+
+
+def descriptors(model, backend, items, layer="fc7", pool="avg"):
+    spec = DescriptorSpec(layer=layer, scales=(256,), pool=pool)
+    net = DescriptorNet(model, spec, batch_size=2, backend=backend)
+    return net.backend, net(items)
+
+
+def test_paper_net_descriptors_agree_across_backends_within_1e4(tmp_path):
+    """VGG-16 at full width: every backend gives the eager descriptor to 1e-4 (L2-normalised)."""
+    model = vggfeat.vgg("D", weights="random", seed=0).eval()
+    before = [(name, type(m), m.weight) for name, m in model.named_modules() if hasattr(m, "weight")]
+    image = vggfeat.data.images.read_image(write_image(tmp_path / "a.jpg", size=(256, 300)))
+    items = [[vggfeat.data.images.resize_short_side(image, 256)]]
+    results = {b: descriptors(model, b, items) for b in ("eager", "winograd", "auto")}
+    assert {b: ran for b, (ran, _) in results.items()} == {
+        "eager": "eager", "winograd": "winograd", "auto": "auto"}
+    eager = results["eager"][1]
+    for backend in ("winograd", "auto"):
+        assert (results[backend][1] - eager).abs().max() < 1e-4
+    # the caller's net is untouched: same module types, same parameters
+    assert before == [(n, type(m), m.weight) for n, m in model.named_modules()
+                      if hasattr(m, "weight")]
+
+
+def test_pre_activation_reads_are_not_fused_away(tmp_path):
+    model = tiny_vgg("D")
+    image = vggfeat.data.images.read_image(write_image(tmp_path / "a.png", size=(256, 256)))
+    items = [[image]]
+    _, eager = descriptors(model, "eager", items, layer="conv3_2:pre", pool="max")
+    _, wino = descriptors(model, "winograd", items, layer="conv3_2:pre", pool="max")
+    assert torch.allclose(eager, wino, atol=1e-5)
+    fused = with_backend(model, "winograd", reads=["conv3_2:pre"])
+    assert not fused.features.conv3_2.relu and fused.features.conv3_3.relu
+    assert isinstance(fused.features.relu3_3, torch.nn.Identity)
+    assert isinstance(fused.features.relu3_2, torch.nn.ReLU)
+
+
+def test_winograd_layer_keeps_autograd_and_gpu_semantics():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    layer = WinogradConv2d.from_conv(conv, relu=True)
+    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+    layer(x).sum().backward()  # gradients flow through the eager path
+    assert x.grad is not None and conv.weight.grad is not None
+    with torch.inference_mode():
+        assert torch.allclose(layer(x), conv(x).relu(), atol=1e-5)
+
+
+def test_auto_measures_each_case_once_and_remembers_it(tmp_path, monkeypatch):
+    path = tmp_path / "choices.json"
+    model = tiny_vgg("A")
+    x = torch.rand(1, 3, 64, 80)
+    with torch.inference_mode():
+        want = model.features(x)
+        got = with_backend(model, "auto", choices=LayerChoices(path)).features(x)
+    assert torch.allclose(got, want, atol=1e-5)
+    saved = json.loads(path.read_text())
+    cases = set()
+    for layer in model.features:
+        if isinstance(layer, torch.nn.Conv2d):
+            cases.add(backends._case(layer, x))
+        x_next = layer(x) if not isinstance(layer, torch.nn.ReLU) else x
+        x = x_next
+    assert set(saved) == cases and set(saved.values()) <= {"fast", "eager"}
+    x = torch.rand(1, 3, 64, 80)
+
+    def no_timing(*args):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(backends, "_best_of_two", no_timing)
+    again = with_backend(model, "auto", choices=LayerChoices(path))
+    with torch.inference_mode():
+        again.features(x)  # every case known: nothing is timed
+    path.write_text("{not json")
+    monkeypatch.undo()
+    choices = LayerChoices(path)  # unreadable: measured again and rewritten
+    assert choices.choices == {}
+    with torch.inference_mode():
+        with_backend(model, "auto", choices=choices).features(x)
+    assert set(json.loads(path.read_text())) == cases
+
+
+def test_without_a_compiler_winograd_falls_back_to_torch_and_auto_to_eager(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("VGGFEAT_CACHE", str(tmp_path / "cache"))
+    winograd.load_kernels.cache_clear()
+    try:
+        with pytest.warns(winograd.KernelBuildWarning, match="no-such-cc"):
+            assert winograd.load_kernels() is None
+        assert resolve_backend("auto", device=torch.device("cpu"), amp_dtype=None) == "eager"
+        x, w = torch.randn(1, 5, 7, 6), torch.randn(4, 5, 3, 3)
+        got = winograd_conv3x3(x, filter_transform(w), None)
+        assert torch.allclose(got, F.conv2d(x, w, padding=1), atol=1e-4)
+    finally:
+        winograd.load_kernels.cache_clear()
+
+
+def test_backend_names_and_where_they_apply_are_checked():
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="auto, eager, winograd"):
+        resolve_backend("fast", device=cpu, amp_dtype=None)
+    with pytest.raises(ConfigError, match="--backend eager"):
+        resolve_backend("winograd", device=cpu, amp_dtype=torch.bfloat16)
+    with pytest.raises(ConfigError, match="--backend eager"):
+        resolve_backend("winograd", device=torch.device("cuda"), amp_dtype=None)
+    assert resolve_backend("auto", device=torch.device("cuda"), amp_dtype=None) == "eager"
+    assert resolve_backend("auto", device=cpu, amp_dtype=torch.bfloat16) == "eager"
+    with pytest.raises(ConfigError, match="backend"):
+        ExtractOptions(backend="Winograd")
+
+
+def test_cli_backend_option(tmp_path, image_folder, tiny_weights):
+    out = run_cli("extract", image_folder, "-o", tmp_path / "w.h5", "--weights", tiny_weights,
+                  "--scales", "224", "--backend", "winograd", "--quiet")
+    assert "backend: winograd" in out.stderr
+    bad = run_cli("extract", image_folder, "-o", tmp_path / "x.h5", "--weights", tiny_weights,
+                  "--backend", "fast", check=False)
+    assert bad.returncode == 2 and "--backend" in bad.stderr
