@@ -1,17 +1,18 @@
-"""Extraction throughput: forward-only on synthetic tensors vs end-to-end `vggfeat extract`.
+"""Extraction throughput per backend: forward-only on tensors vs end-to-end `vggfeat extract`.
 
 Writes real-size JPEGs (1024×768 by default; ``--sizes`` mixes aspect ratios in a shuffled
-order), then prints
+order), then prints, for each backend in ``--backends`` (measured side by side, in turns):
 
-* the backend running the net,
 * forward-only images/s: the dense descriptor net alone (flips and all scales) on full batches
-  of tensors of the sizes those JPEGs become,
+  of tensors of the sizes those JPEGs become (best of ``--repeats`` turns),
 * end-to-end images/s: ``vggfeat.extract`` on the files (decode, rescale, network, HDF5 cache),
-* their ratio (target on CPU: ≥ 0.9),
-* images per forward: the mean number of images in an end-to-end forward pass (flips not
-  counted); ``--batch-size`` at most.
+* the speed-up over the first backend (``eager``: torch's own layers) for both,
+* the largest difference of its descriptors from the first backend's (L2-normalised),
+* end-to-end / forward-only (target on CPU: ≥ 0.9) and images per forward (the mean number of
+  images in an end-to-end forward pass, flips not counted; ``--batch-size`` at most).
 
-    python benchmarks/extract.py                      # VGG-16, Q = 256,384,512, CPU
+    python benchmarks/extract.py                      # VGG-16, Q = 256,384,512, CPU: eager vs auto
+    python benchmarks/extract.py --backends eager,winograd,auto --repeats 3
     python benchmarks/extract.py --device cuda --amp bf16 --images 512 --batch-size 32 \
         --sizes 1024x768,768x1024,1024x1024           # shuffled photos in 3 aspect ratios
 """
@@ -56,49 +57,70 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["bf16", "fp16"], default=None)
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated, the first is the reference [default: eager,auto on "
+                             "CPU, eager on GPUs]")
+    parser.add_argument("--repeats", type=int, default=2, help="forward-only turns per backend")
     args = parser.parse_args()
+    on_gpu = args.device.startswith("cuda")
+    backends = (args.backends or ("eager" if on_gpu or args.amp else "eager,auto")).split(",")
     scales = tuple(int(q) for q in args.scales.split(","))
     shapes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     order = np.random.default_rng(0).permutation(args.images) % len(shapes)
     sizes = [shapes[k] for k in order]  # each shape in turn, shuffled
     spec = DescriptorSpec(layer=args.layer, scales=scales)
     model = vggfeat.vgg(args.arch, weights="random", width_mult=args.width_mult)
-    net = DescriptorNet(model, spec, device=args.device, batch_size=args.batch_size, amp=args.amp)
+    nets = {b: DescriptorNet(model, spec, device=args.device, batch_size=args.batch_size,
+                             amp=args.amp, backend=b) for b in backends}
     workers = default_workers() if args.workers is None else args.workers
     print(f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, device {args.device}, amp {args.amp}")
     print(f"# VGG {args.arch} ×{args.width_mult}, layer {args.layer}, Q={scales}, flip, "
           f"{args.images} JPEGs {args.sizes}, batch {args.batch_size}, workers {workers}")
-    print("backend:      eager")
 
     batches = []  # a full batch of each JPEG size
     for width, height in shapes:
         frame = torch.zeros(3, height, width, dtype=torch.uint8)
         batches.append([[resize_short_side(frame, q) for q in scales]] * args.batch_size)
-        net(batches[-1])  # warm-up: allocator, kernels
-    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    sync()
-    start, done = time.perf_counter(), 0
-    while done < args.images:
-        net(batches[done // args.batch_size % len(batches)])
-        done += args.batch_size
-    sync()
-    forward = done / (time.perf_counter() - start)
-    print(f"forward-only: {forward:.3f} img/s")
+        for net in nets.values():
+            net(batches[-1])  # warm-up: allocator, kernels, auto's measurements
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    forward = dict.fromkeys(backends, 0.0)
+    for _ in range(args.repeats):  # in turns, so that both see the same machine load
+        for backend, net in nets.items():
+            sync()
+            start, done = time.perf_counter(), 0
+            while done < args.images:
+                net(batches[done // args.batch_size % len(batches)])
+                done += args.batch_size
+            sync()
+            forward[backend] = max(forward[backend], done / (time.perf_counter() - start))
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "jpegs"
         folder.mkdir()
         write_jpegs(folder, sizes)
-        start = time.perf_counter()
-        result = extract([folder], Path(tmp) / "out.h5", spec=spec, model=model,
-                         batch_size=args.batch_size, workers=workers, device=args.device,
-                         amp=args.amp, progress=False)
-        end_to_end = result.num_images / (time.perf_counter() - start)
-    print(f"end-to-end:   {end_to_end:.3f} img/s ({result.num_images} JPEGs, HDF5 cache included)")
-    print(f"ratio:        {end_to_end / forward:.3f}")
-    print(f"images per forward: {result.images_per_forward:.1f} (batch size {args.batch_size})")
-
+        end_to_end, per_forward, rows = {}, {}, {}
+        for backend in backends:
+            out = Path(tmp) / f"{backend}.h5"
+            start = time.perf_counter()
+            result = extract([folder], out, spec=spec, model=model, batch_size=args.batch_size,
+                             workers=workers, device=args.device, amp=args.amp, backend=backend,
+                             progress=False)
+            end_to_end[backend] = result.num_images / (time.perf_counter() - start)
+            per_forward[backend] = result.images_per_forward
+            rows[backend] = vggfeat.load_features(out).data
+    ref = backends[0]
+    print(f"{'backend':10} {'forward-only':>14} {'end-to-end':>14} {'speed-up':>15} "
+          f"{'max |Δ| vs ' + ref:>16} {'e2e/fwd':>8} {'images/forward':>15}")
+    for backend in backends:
+        diff = float(np.abs(rows[backend] - rows[ref]).max())
+        ran = nets[backend].backend
+        print(f"{backend if ran == backend else backend + '→' + ran:10} "
+              f"{forward[backend]:9.3f} img/s {end_to_end[backend]:9.3f} img/s "
+              f"{forward[backend] / forward[ref]:6.2f}× /{end_to_end[backend] / end_to_end[ref]:5.2f}× "
+              f"{diff:16.1e} {end_to_end[backend] / forward[backend]:8.3f} "
+              f"{per_forward[backend]:15.1f}")
 
 if __name__ == "__main__":
     main()

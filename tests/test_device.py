@@ -92,7 +92,11 @@ def test_runners_never_change_the_callers_model():
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]) and value.is_contiguous(), key
     ready = tiny_vgg("A").eval()  # already in eval mode on the device, in the asked layout
-    assert Evaluator(ready, "dense", channels_last=False).model is ready
+    assert Evaluator(ready, "dense", channels_last=False, backend="eager").model is ready
+    # the CPU backends' layers wrap the same parameters: nothing is copied
+    shared = Evaluator(ready, "dense", channels_last=False, backend="winograd").model
+    assert [p is q for p, q in zip(shared.parameters(), ready.parameters())] == [True] * 22
+    assert type(ready.features.conv1_1) is torch.nn.Conv2d
 
 
 # -- loading -------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         on_error: ``raise`` (name the unreadable images) or ``nan`` (give them NaN rows).
         retry_failed: try again, on every call, the images the cache records as unreadable
             (by default only those whose file changed since).
-        batch_size, device, workers, amp, dtype, progress: as for ``vggfeat extract``.
+        batch_size, device, workers, amp, backend, dtype, progress: as for ``vggfeat extract``.
 
     ``fit`` builds the net (``model_``); it learns nothing from the data.  The input is a
     sequence of paths, or an N×1 array of them (e.g. a column chosen by a ColumnTransformer).
@@ -84,8 +84,8 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
                  crop: int | None = None, max_aspect: float = MAX_ASPECT,
                  cache: str | os.PathLike | None = None, on_error: str = "raise",
                  retry_failed: bool = False, batch_size: int = 8, device: str | None = None,
-                 workers: int | None = 0, amp: str | None = None, dtype: str = "float32",
-                 progress: bool = False) -> None:
+                 workers: int | None = 0, amp: str | None = None, backend: str = "auto",
+                 dtype: str = "float32", progress: bool = False) -> None:
         self.arch = arch
         self.weights = weights
         self.layer = layer
@@ -103,6 +103,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         self.device = device
         self.workers = workers
         self.amp = amp
+        self.backend = backend
         self.dtype = dtype
         self.progress = progress
 
@@ -160,7 +161,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     def _extract(self, paths: list[str], output: Path) -> tuple[dict, dict]:
         extract(ImageList(paths), output, spec=self.spec_, model=self.model_,
                 batch_size=self.batch_size, workers=self.workers, device=self.device,
-                dtype=self.dtype, amp=self.amp, progress=self.progress)
+                dtype=self.dtype, amp=self.amp, backend=self.backend, progress=self.progress)
         return _rows(load_features(output))
 
     def _compute(self, paths: list[str]) -> tuple[dict, dict]:

@@ -35,6 +35,7 @@ from .winograd import (
     SOURCE,
     WinogradConv2d,
     fast_path_applies,
+    cpu_name,
     kernel_dir,
     load_kernels,
     winograd_eligible,
@@ -72,13 +73,16 @@ class GemmDenseLinear(DenseLinear):
 
     def fast(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
-        k = self.kernel_size
-        # Windows in (kh, kw, C) order: a view of a channels_last weight matches it.
-        windows = x.permute(0, 2, 3, 1).unfold(1, k, 1).unfold(2, k, 1)  # N×h'×w'×C×k×k
-        cols = windows.permute(0, 1, 2, 4, 5, 3).reshape(-1, k * k * c)
-        weight = self.weight.permute(0, 2, 3, 1).reshape(self.weight.shape[0], -1)
-        y = F.linear(cols, weight, self.bias)
-        return y.view(n, h - k + 1, w - k + 1, -1).permute(0, 3, 1, 2)
+        k, out = self.kernel_size, self.weight.shape[0]
+        windows = x.unfold(2, k, 1).unfold(3, k, 1)  # N×C×h'×w'×k×k
+        # Flatten windows in the weight's own memory order, so that the weight is only viewed.
+        if self.weight.is_contiguous():
+            cols, weight = windows.permute(0, 2, 3, 1, 4, 5), self.weight.view(out, -1)
+        else:  # channels_last: (kh, kw, C)
+            cols = windows.permute(0, 2, 3, 4, 5, 1)
+            weight = self.weight.permute(0, 2, 3, 1).reshape(out, -1)
+        y = F.linear(cols.reshape(-1, k * k * c), weight, self.bias)
+        return y.view(n, h - k + 1, w - k + 1, out).permute(0, 3, 1, 2)
 
     def eager(self, x: Tensor) -> Tensor:
         return super().forward(x)
@@ -160,7 +164,7 @@ class LayerChoices:
         """Choices kept under :func:`kernel_dir`, one file per CPU, thread count, torch and
         kernel source, since each changes which path wins."""
         source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-        machine = (f"{platform.machine()}-{_cpu_name()}-{torch.get_num_threads()}t-"
+        machine = (f"{platform.machine()}-{cpu_name()}-{torch.get_num_threads()}t-"
                    f"torch{torch.__version__}-{source}")
         safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in machine)
         return cls(kernel_dir() / "backend-choices" / f"{safe}.json")
@@ -191,13 +195,3 @@ def _best_of_two(fn, x: Tensor) -> float:
         fn(x)
         times.append(time.perf_counter() - start)
     return min(times)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"

@@ -55,6 +55,17 @@ def kernel_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vggfeat"
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for keys of what is built or measured per CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def filter_transform(weight: Tensor) -> Tensor:
     """K×C×3×3 weights → the 36 matrices U (36×C×K float32), computed in float64."""
     g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
@@ -102,7 +113,8 @@ def _build(target: Path) -> None:
 def load_kernels() -> ctypes.CDLL | None:
     """The compiled transforms, built on first use (about a second) and kept in
     :func:`kernel_dir`; None, with a :class:`KernelBuildWarning`, where they cannot be built."""
-    key = hashlib.sha256(SOURCE.read_bytes() + f"{platform.machine()} {platform.processor()} "
+    # -march=native: a library built for one CPU may not run on another sharing the cache.
+    key = hashlib.sha256(SOURCE.read_bytes() + f"{platform.machine()} {cpu_name()} "
                          f"{_loaded_openmp()} {os.environ.get('CC', 'cc')}".encode()).hexdigest()
     target = kernel_dir() / "kernels" / f"winograd-{key[:16]}.so"
     try:
