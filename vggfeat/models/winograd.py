@@ -67,11 +67,13 @@ def cpu_name() -> str:
 
 
 def filter_transform(weight: Tensor) -> Tensor:
-    """K×C×3×3 weights → the 36 matrices U (36×C×K float32), computed in float64."""
-    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    u = g @ weight.detach().double() @ g.T  # K×C×6×6
+    """K×C×3×3 weights → the 36 matrices U (36×C×K float32): ``U[6a+b] = (G w Gᵀ)[a, b]``."""
+    g = torch.tensor(_G, device=weight.device)
+    gg = torch.einsum("ai,bj->abij", g, g).reshape(36, 9)
     k, c = weight.shape[:2]
-    return u.permute(2, 3, 1, 0).reshape(36, c, k).float().contiguous()
+    # One matrix product whose output is already laid out as 36×C×K.
+    w = weight.detach().float().permute(1, 0, 2, 3).reshape(c * k, 9)
+    return (gg @ w.T).view(36, c, k)
 
 
 def _loaded_openmp() -> str | None:
