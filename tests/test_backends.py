@@ -152,6 +152,20 @@ def test_without_a_compiler_winograd_falls_back_to_torch_and_auto_to_eager(tmp_p
         winograd.load_kernels.cache_clear()
 
 
+def test_kernels_are_built_in_a_private_folder_when_the_cache_cannot_be_written(tmp_path,
+                                                                                monkeypatch):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    monkeypatch.setenv("VGGFEAT_CACHE", str(not_a_folder))
+    monkeypatch.setattr(winograd.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    winograd.load_kernels.cache_clear()
+    try:
+        assert winograd.load_kernels() is not None
+        assert len(list((tmp_path / "tmp").glob("vggfeat-*/winograd-*.so"))) == 1
+    finally:
+        winograd.load_kernels.cache_clear()
+
+
 def test_backend_names_and_where_they_apply_are_checked():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match="auto, eager, winograd"):

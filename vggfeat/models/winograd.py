@@ -15,6 +15,7 @@ Results match ``F.conv2d`` to about 1e-5 relative: the transforms add a few floa
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -118,16 +119,25 @@ def load_kernels() -> ctypes.CDLL | None:
     # -march=native: a library built for one CPU may not run on another sharing the cache.
     key = hashlib.sha256(SOURCE.read_bytes() + f"{platform.machine()} {cpu_name()} "
                          f"{_loaded_openmp()} {os.environ.get('CC', 'cc')}".encode()).hexdigest()
-    target = kernel_dir() / "kernels" / f"winograd-{key[:16]}.so"
-    try:
-        if not target.exists():
-            _build(target)
-        lib = ctypes.CDLL(str(target))
-    except OSError as err:
-        warnings.warn(f"the Winograd CPU kernels could not be built ({err}); Winograd layers run "
-                      "on torch ops, and --backend auto keeps torch's convolution",
-                      KernelBuildWarning, stacklevel=2)
-        return None
+    name = f"winograd-{key[:16]}.so"
+    # The cache, or a private temporary folder where the cache is read-only.
+    private = Path(tempfile.gettempdir()) / f"vggfeat-{getattr(os, 'getuid', lambda: 0)()}"
+    for folder in (kernel_dir() / "kernels", private):
+        path = folder / name
+        try:
+            if not path.exists():
+                _build(path)
+            lib = ctypes.CDLL(str(path))
+            break
+        except OSError as err:
+            if err.errno is not None and folder != private:  # the file system's, not the build's
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink(missing_ok=True)  # one that does not load is built again next time
+            warnings.warn(f"the Winograd CPU kernels could not be built ({err}); Winograd layers "
+                          "run on torch ops, and --backend auto keeps torch's convolution",
+                          KernelBuildWarning, stacklevel=2)
+            return None
     size, ptr = ctypes.c_long, ctypes.c_void_p
     lib.wino_input.argtypes = [ptr, ptr] + [size] * 6
     lib.wino_output.argtypes = [ptr, ptr, ptr] + [size] * 6 + [ctypes.c_int]
