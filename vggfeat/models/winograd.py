@@ -78,17 +78,18 @@ def filter_transform(weight: Tensor) -> Tensor:
 
 
 def _loaded_openmp() -> str | None:
-    """Path of the OpenMP runtime in this process (torch's), so the kernels link to the same one
-    and share its threads instead of starting a second pool that competes for the cores."""
+    """Path of torch's OpenMP runtime in this process, so the kernels link to the same one and
+    share its threads instead of starting a second pool that competes for the cores.  Other
+    packages (scikit-learn's wheels) may load their own copy: torch's folders come first."""
     try:
         maps = Path("/proc/self/maps").read_text()
     except OSError:
         return None
-    for line in maps.splitlines():
-        path = line.split(maxsplit=5)[-1]
-        if os.path.basename(path).startswith(("libgomp", "libiomp5", "libomp")) and ".so" in path:
-            return path
-    return None
+    runtimes = {line.split(maxsplit=5)[-1] for line in maps.splitlines()
+                if os.path.basename(line.split(maxsplit=5)[-1]).startswith(
+                    ("libgomp", "libiomp5", "libomp")) and ".so" in line}
+    torch_dir = os.path.dirname(torch.__file__)  # torch/lib/, or torch.libs/ beside it
+    return min(runtimes, key=lambda path: (not path.startswith(torch_dir), path), default=None)
 
 
 def _build(target: Path) -> None:
