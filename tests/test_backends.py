@@ -44,7 +44,10 @@ def test_winograd_conv_matches_float64_convolution(n, c, k, h, w, fallback, monk
 
 @pytest.mark.parametrize("kernel,size", [(7, (9, 12)), (1, (3, 5))])
 @pytest.mark.parametrize("channels_last", [True, False])
-def test_gemm_fc_layer_matches_dense_convolution(kernel, size, channels_last):
+@pytest.mark.parametrize("im2col_bytes", [backends.IM2COL_BYTES, 3000], ids=["whole", "chunked"])
+def test_gemm_fc_layer_matches_dense_convolution(kernel, size, channels_last, im2col_bytes,
+                                                 monkeypatch):
+    monkeypatch.setattr(backends, "IM2COL_BYTES", im2col_bytes)  # 3000: a row or two at a time
     torch.manual_seed(kernel)
     layer = DenseLinear(16, 24, kernel)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -42,6 +42,8 @@ from .winograd import (
 )
 
 BACKENDS = ("auto", "eager", "winograd")
+# Largest im2col copy of a dense fc layer's input windows (bytes).
+IM2COL_BYTES = 256 * 2**20
 
 
 def resolve_backend(backend: str, *, device: torch.device, amp_dtype: torch.dtype | None) -> str:
@@ -74,15 +76,21 @@ class GemmDenseLinear(DenseLinear):
     def fast(self, x: Tensor) -> Tensor:
         n, c, h, w = x.shape
         k, out = self.kernel_size, self.weight.shape[0]
-        windows = x.unfold(2, k, 1).unfold(3, k, 1)  # N×C×h'×w'×k×k
-        # Flatten windows in the weight's own memory order, so that the weight is only viewed.
+        # Windows flattened in the weight's own memory order, so the weight is only viewed.
         if self.weight.is_contiguous():
-            cols, weight = windows.permute(0, 2, 3, 1, 4, 5), self.weight.view(out, -1)
+            order, weight = (0, 2, 3, 1, 4, 5), self.weight.view(out, -1)
         else:  # channels_last: (kh, kw, C)
-            cols = windows.permute(0, 2, 3, 4, 5, 1)
-            weight = self.weight.permute(0, 2, 3, 1).reshape(out, -1)
-        y = F.linear(cols.reshape(-1, k * k * c), weight, self.bias)
-        return y.view(n, h - k + 1, w - k + 1, out).permute(0, 3, 1, 2)
+            order, weight = (0, 2, 3, 4, 5, 1), self.weight.permute(0, 2, 3, 1).reshape(out, -1)
+        # Output rows a chunk at a time, so that the copied windows stay within IM2COL_BYTES.
+        row_bytes = n * (w - k + 1) * k * k * c * x.element_size()
+        step = max(1, IM2COL_BYTES // row_bytes)
+        chunks = []
+        for top in range(0, h - k + 1, step):
+            part = x[:, :, top:top + step + k - 1]
+            windows = part.unfold(2, k, 1).unfold(3, k, 1).permute(order)  # N×h'×w'×…
+            y = F.linear(windows.reshape(-1, k * k * c), weight, self.bias)
+            chunks.append(y.view(n, -1, w - k + 1, out))
+        return torch.cat(chunks, dim=1).permute(0, 3, 1, 2)
 
     def eager(self, x: Tensor) -> Tensor:
         return super().forward(x)
