@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,8 +19,24 @@ from vggfeat.models import backends, winograd
 from vggfeat.models.backends import GemmDenseLinear, LayerChoices, resolve_backend, with_backend
 from vggfeat.models.vgg import DenseLinear
 from vggfeat.models.winograd import WinogradConv2d, filter_transform, winograd_conv3x3
+from vggfeat.sklearn import VGGFeatures
 
 SHAPES = [(2, 3, 8, 5, 7), (1, 70, 65, 9, 13), (1, 16, 16, 1, 1), (3, 64, 128, 12, 8)]
+
+
+@pytest.fixture
+def fresh_kernels(tmp_path, monkeypatch):
+    """load_kernels() as on a first run, with its cache in tmp_path/cache."""
+    monkeypatch.setenv("VGGFEAT_CACHE", str(tmp_path / "cache"))
+    winograd.load_kernels.cache_clear()
+    yield tmp_path / "cache" / "kernels"
+    winograd.load_kernels.cache_clear()
+
+
+def conv_is_right() -> bool:
+    x, w = torch.randn(1, 5, 7, 6), torch.randn(4, 5, 3, 3)
+    return torch.allclose(winograd_conv3x3(x, filter_transform(w), None), F.conv2d(x, w, padding=1),
+                          atol=1e-4)
 
 
 def reference(x, w, b, relu):
@@ -95,7 +114,15 @@ def test_pre_activation_reads_are_not_fused_away(tmp_path):
     assert isinstance(fused.features.relu3_2, torch.nn.ReLU)
 
 
-def test_winograd_layer_keeps_autograd_and_gpu_semantics():
+def test_backend_layers_keep_autograd():
+    model = tiny_vgg("A")
+    fast = with_backend(model, "winograd", reads=["fc7"])
+    x = torch.randn(1, 3, 240, 256)  # an input that needs no gradient: the weights still do
+    out = fast.forward_layers(x, ["fc7"])["fc7"]
+    assert out.requires_grad
+    out.sum().backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == ["head.fc8.weight",
+                                                                          "head.fc8.bias"]
     conv = torch.nn.Conv2d(4, 6, 3, padding=1)
     layer = WinogradConv2d.from_conv(conv, relu=True)
     x = torch.randn(1, 4, 6, 6, requires_grad=True)
@@ -139,34 +166,68 @@ def test_auto_measures_each_case_once_and_remembers_it(tmp_path, monkeypatch):
     assert set(json.loads(path.read_text())) == cases
 
 
-def test_without_a_compiler_winograd_falls_back_to_torch_and_auto_to_eager(tmp_path,
-                                                                           monkeypatch):
+def test_without_a_compiler_winograd_falls_back_to_torch_and_auto_to_eager(fresh_kernels,
+                                                                           tmp_path, monkeypatch):
     monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
-    monkeypatch.setenv("VGGFEAT_CACHE", str(tmp_path / "cache"))
-    winograd.load_kernels.cache_clear()
-    try:
-        with pytest.warns(winograd.KernelBuildWarning, match="no-such-cc"):
-            assert winograd.load_kernels() is None
-        assert resolve_backend("auto", device=torch.device("cpu"), amp_dtype=None) == "eager"
-        x, w = torch.randn(1, 5, 7, 6), torch.randn(4, 5, 3, 3)
-        got = winograd_conv3x3(x, filter_transform(w), None)
-        assert torch.allclose(got, F.conv2d(x, w, padding=1), atol=1e-4)
-    finally:
-        winograd.load_kernels.cache_clear()
+    with pytest.warns(winograd.KernelBuildWarning, match="no-such-cc"):
+        assert winograd.load_kernels() is None
+    assert resolve_backend("auto", device=torch.device("cpu"), amp_dtype=None) == "eager"
+    assert conv_is_right()  # on torch ops
 
 
-def test_kernels_are_built_in_a_private_folder_when_the_cache_cannot_be_written(tmp_path,
-                                                                                monkeypatch):
+def test_kernels_are_built_privately_when_the_cache_cannot_be_written(fresh_kernels, tmp_path,
+                                                                       monkeypatch):
     not_a_folder = tmp_path / "file"
     not_a_folder.write_text("")
     monkeypatch.setenv("VGGFEAT_CACHE", str(not_a_folder))
-    monkeypatch.setattr(winograd.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
-    winograd.load_kernels.cache_clear()
-    try:
+    monkeypatch.setattr(winograd.tempfile, "tempdir", str(tmp_path / "tmp"))
+    # Someone else's library at a predictable place must never be loaded.
+    planted = tmp_path / "tmp" / f"vggfeat-{os.getuid()}"
+    planted.mkdir(parents=True)
+    for name in ("winograd.so", *(f"winograd-{i:016x}.so" for i in range(3))):
+        (planted / name).write_text("not a library")
+    with pytest.warns(winograd.KernelBuildWarning, match="cannot be written.*VGGFEAT_CACHE"):
         assert winograd.load_kernels() is not None
-        assert len(list((tmp_path / "tmp").glob("vggfeat-*/winograd-*.so"))) == 1
-    finally:
-        winograd.load_kernels.cache_clear()
+    assert conv_is_right()
+    assert sorted(p.name for p in (tmp_path / "tmp").iterdir()) == [planted.name]  # cleaned up
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_a_damaged_library_in_the_cache_is_rebuilt_before_it_is_loaded(fresh_kernels, damage):
+    assert winograd.load_kernels() is not None
+    (library,) = fresh_kernels.glob("winograd-*.so")
+    good = library.read_bytes()
+    library.unlink()  # a new file: this process keeps the first one mapped
+    library.write_bytes(good[:5000] if damage == "truncate" else b"\x7fELF" + bytes(4000))
+    # Loading a truncated ELF file crashes the process (SIGBUS): a new process must notice the
+    # damage first, and rebuild quietly.
+    check = ("import warnings; warnings.simplefilter('error'); import torch; "
+             "from vggfeat.models import winograd; assert winograd.load_kernels() is not None")
+    run = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert library.read_bytes() == good
+
+
+def test_compiler_may_have_arguments_and_failures_say_why(fresh_kernels, monkeypatch):
+    stale = fresh_kernels / "build-killed"
+    stale.mkdir(parents=True)
+    os.utime(stale, (0, 0))  # left by a build killed long ago
+    monkeypatch.setenv("CC", "cc -O2")
+    assert winograd.load_kernels() is not None
+    assert not stale.exists()
+    monkeypatch.setenv("CC", "false")
+    winograd.load_kernels.cache_clear()
+    with pytest.warns(winograd.KernelBuildWarning, match="exit status 1: nothing printed"):
+        assert winograd.load_kernels() is None
+
+
+def test_winograd_layers_follow_weights_changed_in_place():
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    layer = WinogradConv2d.from_conv(conv)
+    x = torch.randn(1, 4, 9, 7)
+    with torch.no_grad():
+        conv.weight.mul_(2)  # e.g. an optimiser step on the shared parameter
+        assert torch.allclose(layer(x), conv(x), atol=1e-5)
 
 
 def test_backend_names_and_where_they_apply_are_checked():
@@ -181,6 +242,8 @@ def test_backend_names_and_where_they_apply_are_checked():
     assert resolve_backend("auto", device=cpu, amp_dtype=torch.bfloat16) == "eager"
     with pytest.raises(ConfigError, match="backend"):
         ExtractOptions(backend="Winograd")
+    with pytest.raises(ConfigError, match="backend"):  # at fit, before any image is read
+        VGGFeatures(weights="random", backend="bogus").fit()
 
 
 def test_cli_backend_option(tmp_path, image_folder, tiny_weights):

@@ -51,6 +51,7 @@ from .data.images import MAX_ASPECT
 from .data.sources import ImageList
 from .extract.descriptor import DescriptorSpec
 from .extract.run import descriptor_settings, extract
+from .models.backends import check_backend
 from .models.factory import vgg
 from .transfer.transforms import PowerNormalizer, ScaleAggregator
 
@@ -110,6 +111,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     def fit(self, X=None, y=None):
         if self.on_error not in ON_ERROR:
             raise ConfigError(f"on_error must be one of {ON_ERROR}, got {self.on_error!r}")
+        check_backend(self.backend)
         self.spec_ = DescriptorSpec(layer=self.layer, scales=self.scales, pool=self.pool,
                                     aggregate=self.aggregate, flip=self.flip, l2=self.l2,
                                     crop=self.crop, max_aspect=self.max_aspect)

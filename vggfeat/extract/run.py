@@ -53,7 +53,7 @@ from ..devices import default_device, default_workers
 from ..distributed import Distributed
 from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
 from ..fileio import write_json_atomic
-from ..models.backends import BACKENDS
+from ..models.backends import check_backend
 from ..models.factory import vgg
 from ..models.vgg import VGG
 from ..progress import image_bar
@@ -108,8 +108,7 @@ class ExtractOptions:
             raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.shard_images < 1:
             raise ConfigError(f"shard_images must be ≥ 1, got {self.shard_images}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        check_backend(self.backend)
 
 
 @dataclass

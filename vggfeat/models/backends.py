@@ -46,15 +46,21 @@ BACKENDS = ("auto", "eager", "winograd")
 IM2COL_BYTES = 256 * 2**20
 
 
-def resolve_backend(backend: str, *, device: torch.device, amp_dtype: torch.dtype | None) -> str:
-    """The backend that will run: ``eager`` wherever only torch's layers apply."""
+def check_backend(backend: str) -> str:
+    """``backend`` if it names one of :data:`BACKENDS`, else a :class:`ConfigError`."""
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend
+
+
+def resolve_backend(backend: str, *, device: torch.device, amp_dtype: torch.dtype | None) -> str:
+    """The backend that will run: ``eager`` wherever only torch's layers apply."""
+    check_backend(backend)
     cpu_fp32 = device.type == "cpu" and amp_dtype is None
     if backend == "winograd" and not cpu_fp32:
         where = f"{device.type} with {amp_dtype}" if amp_dtype else device.type
-        raise ConfigError(f"the winograd backend runs float32 on CPUs, not on {where}: use "
-                          "--backend eager (or auto)")
+        raise ConfigError(f"the winograd backend runs float32 on CPUs, not on {where}: use the "
+                          "eager or auto backend (--backend eager)")
     if backend == "auto" and (not cpu_fp32 or load_kernels() is None):
         return "eager"
     return backend

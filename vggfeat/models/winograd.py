@@ -21,9 +21,11 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -31,10 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..fileio import sha256_file
+
 SOURCE = Path(__file__).with_name("csrc") / "winograd.c"
 # Tiles per block: V and M of a block (36 · tiles · channels floats each) stay in the L2/L3
 # caches while the matrix products read them; 256 was fastest from 64 to 512 channels.
 BLOCK_TILES = 256
+# A build folder older than this was left by a killed build (a build takes about a second).
+STALE_BUILD_SECONDS = 3600
 
 # F(4, 3) of Lavin & Gray: y = Aᵀ[(G g Gᵀ) ⊙ (Bᵀ d B)]A.
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
@@ -45,7 +51,7 @@ _AT = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 
 
 
 class KernelBuildWarning(UserWarning):
-    """The C transforms could not be built: Winograd layers run on torch ops instead."""
+    """The C transforms could not be built or loaded, or not kept in the cache."""
 
 
 def kernel_dir() -> Path:
@@ -92,53 +98,93 @@ def _loaded_openmp() -> str | None:
     return min(runtimes, key=lambda path: (not path.startswith(torch_dir), path), default=None)
 
 
+def _compiler() -> list[str]:
+    """``$CC`` (default ``cc``), split as a shell would: ``CC="ccache gcc"`` works."""
+    cc = shlex.split(os.environ.get("CC") or "cc")
+    if not cc or shutil.which(cc[0]) is None:
+        raise OSError(f"no C compiler: {os.environ.get('CC') or 'cc'!r} is not on PATH (set CC "
+                      "to one)")
+    return cc
+
+
+def _stamp(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
 def _build(target: Path) -> None:
-    """Compile SOURCE into the shared library ``target`` (atomically: a killed build leaves no
-    half-written library)."""
-    cc = os.environ.get("CC", "cc")
-    if shutil.which(cc) is None:
-        raise OSError(f"no C compiler: {cc!r} is not on PATH (set CC to one)")
+    """Compile SOURCE into the shared library ``target``, with the SHA-256 of what was built
+    beside it (``_stamp``), so that a library damaged later is noticed before it is loaded:
+    loading a truncated one crashes the process.  A killed build leaves no library behind."""
+    cc = _compiler()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    for stale in target.parent.glob("build-*"):  # left by killed builds
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > STALE_BUILD_SECONDS:
+                shutil.rmtree(stale)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix="build-") as tmp:
         obj, lib = Path(tmp) / "winograd.o", Path(tmp) / target.name
         flags = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
         openmp = _loaded_openmp()
-        steps = ([[cc, *flags, "-c", str(SOURCE), "-o", str(obj)],
-                  [cc, "-shared", str(obj), openmp, "-o", str(lib)]] if openmp else
-                 [[cc, *flags, "-shared", str(SOURCE), "-o", str(lib)]])
+        steps = ([[*cc, *flags, "-c", str(SOURCE), "-o", str(obj)],
+                  [*cc, "-shared", str(obj), openmp, "-o", str(lib)]] if openmp else
+                 [[*cc, *flags, "-shared", str(SOURCE), "-o", str(lib)]])
         for step in steps:
             run = subprocess.run(step, capture_output=True, text=True)
             if run.returncode:
-                raise OSError(f"{' '.join(step)} failed: {run.stderr.strip()[-500:]}")
+                said = (run.stderr.strip() or run.stdout.strip())[-500:] or "nothing printed"
+                raise OSError(f"{shlex.join(step)} failed with exit status {run.returncode}: "
+                              f"{said}")
+        Path(tmp, "stamp").write_text(sha256_file(lib).hex())
         os.replace(lib, target)
+        os.replace(Path(tmp, "stamp"), _stamp(target))
+
+
+def _load(library: Path) -> ctypes.CDLL:
+    """The library at ``library``, built first if it is missing or differs from what was built."""
+    try:
+        intact = _stamp(library).read_text().strip() == sha256_file(library).hex()
+    except OSError:
+        intact = False
+    if not intact:
+        _build(library)
+    return ctypes.CDLL(str(library))
+
+
+def _load_private(name: str) -> ctypes.CDLL:
+    """Built in a new private temporary folder, loaded, and the folder removed (a loaded library
+    stays mapped): for when the cache cannot be written."""
+    folder = Path(tempfile.mkdtemp(prefix="vggfeat-kernels-"))
+    try:
+        _build(folder / name)
+        return ctypes.CDLL(str(folder / name))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @functools.cache
 def load_kernels() -> ctypes.CDLL | None:
     """The compiled transforms, built on first use (about a second) and kept in
-    :func:`kernel_dir`; None, with a :class:`KernelBuildWarning`, where they cannot be built."""
+    :func:`kernel_dir`; None, with a :class:`KernelBuildWarning`, where they cannot be built or
+    loaded."""
     # -march=native: a library built for one CPU may not run on another sharing the cache.
     key = hashlib.sha256(SOURCE.read_bytes() + f"{platform.machine()} {cpu_name()} "
                          f"{_loaded_openmp()} {os.environ.get('CC', 'cc')}".encode()).hexdigest()
-    name = f"winograd-{key[:16]}.so"
-    # The cache, or a private temporary folder where the cache is read-only.
-    private = Path(tempfile.gettempdir()) / f"vggfeat-{getattr(os, 'getuid', lambda: 0)()}"
-    for folder in (kernel_dir() / "kernels", private):
-        path = folder / name
+    name, folder = f"winograd-{key[:16]}.so", kernel_dir() / "kernels"
+    try:
         try:
-            if not path.exists():
-                _build(path)
-            lib = ctypes.CDLL(str(path))
-            break
+            lib = _load(folder / name)
         except OSError as err:
-            if err.errno is not None and folder != private:  # the file system's, not the build's
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink(missing_ok=True)  # one that does not load is built again next time
-            warnings.warn(f"the Winograd CPU kernels could not be built ({err}); Winograd layers "
-                          "run on torch ops, and --backend auto keeps torch's convolution",
-                          KernelBuildWarning, stacklevel=2)
-            return None
+            if err.errno is None:  # the compiler's or the loader's failure, not the cache's
+                raise
+            lib = _load_private(name)
+            warnings.warn(f"the kernel cache {folder} cannot be written ({err}); the Winograd "
+                          "kernels were built for this run only: set VGGFEAT_CACHE to a writable "
+                          "folder to keep them", KernelBuildWarning, stacklevel=2)
+    except OSError as err:
+        warnings.warn(f"the Winograd CPU kernels could not be built or loaded ({err}); Winograd "
+                      "layers run on torch ops, and --backend auto runs torch's convolution",
+                      KernelBuildWarning, stacklevel=2)
+        return None
     size, ptr = ctypes.c_long, ctypes.c_void_p
     lib.wino_input.argtypes = [ptr, ptr] + [size] * 6
     lib.wino_output.argtypes = [ptr, ptr, ptr] + [size] * 6 + [ctypes.c_int]
@@ -209,7 +255,8 @@ class WinogradConv2d(nn.Conv2d):
     and as ``nn.Conv2d`` otherwise (GPU, autocast, gradients).
 
     Built by :meth:`from_conv`, it shares the original layer's weight and bias (the original is
-    not changed) and holds their Winograd transform, ``u``.  With ``relu``, the layer also
+    not changed) and holds their Winograd transform, ``u`` (made again if the weights change in
+    place, e.g. by an optimiser step).  With ``relu``, the layer also
     applies the ReLU that follows it (the backend then drops that ReLU).  ``choose(layer, x)``,
     if given, decides per call between :meth:`fast` and :meth:`eager` (the ``auto`` backend's
     measured choice).
@@ -223,10 +270,13 @@ class WinogradConv2d(nn.Conv2d):
                     device="meta")
         layer.weight, layer.bias = conv.weight, conv.bias
         layer.register_buffer("u", filter_transform(conv.weight), persistent=False)
+        layer.u_version = conv.weight._version
         layer.relu, layer.choose = relu, choose
         return layer
 
     def fast(self, x: Tensor) -> Tensor:
+        if self.u_version != self.weight._version:  # the weights were changed in place since
+            self.u, self.u_version = filter_transform(self.weight), self.weight._version
         return winograd_conv3x3(x, self.u, self.bias, relu=self.relu)
 
     def eager(self, x: Tensor) -> Tensor:
@@ -234,7 +284,7 @@ class WinogradConv2d(nn.Conv2d):
         return y.relu_() if self.relu else y
 
     def forward(self, x: Tensor) -> Tensor:
-        if fast_path_applies(x, self.u) and (self.choose is None or self.choose(self, x)):
+        if fast_path_applies(x, self.weight) and (self.choose is None or self.choose(self, x)):
             return self.fast(x)
         return self.eager(x)
 
