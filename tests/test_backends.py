@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -219,6 +220,25 @@ def test_compiler_may_have_arguments_and_failures_say_why(fresh_kernels, monkeyp
     winograd.load_kernels.cache_clear()
     with pytest.warns(winograd.KernelBuildWarning, match="exit status 1: nothing printed"):
         assert winograd.load_kernels() is None
+    monkeypatch.setenv("CC", "true")  # succeeds, writes nothing
+    winograd.load_kernels.cache_clear()
+    with pytest.warns(winograd.KernelBuildWarning, match="wrote no library") as caught:
+        # said when the backend is chosen, before a progress bar starts
+        assert resolve_backend("winograd", device=torch.device("cpu"), amp_dtype=None)
+    assert len(caught) == 1  # not mistaken for a cache that cannot be written
+
+
+def test_a_folder_in_the_way_of_the_library_or_its_stamp_is_replaced(fresh_kernels):
+    assert winograd.load_kernels() is not None
+    (library,) = fresh_kernels.glob("winograd-*.so")
+    stamp = library.with_name(library.name + ".sha256")
+    stamp.unlink()
+    stamp.mkdir()
+    winograd.load_kernels.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert winograd.load_kernels() is not None
+    assert stamp.is_file()
 
 
 def test_winograd_layers_follow_weights_changed_in_place():

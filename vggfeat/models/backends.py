@@ -61,8 +61,11 @@ def resolve_backend(backend: str, *, device: torch.device, amp_dtype: torch.dtyp
         where = f"{device.type} with {amp_dtype}" if amp_dtype else device.type
         raise ConfigError(f"the winograd backend runs float32 on CPUs, not on {where}: use the "
                           "eager or auto backend (--backend eager)")
+    # Kernels are built (or found missing, with a warning) now, before any progress bar starts.
     if backend == "auto" and (not cpu_fp32 or load_kernels() is None):
         return "eager"
+    if backend == "winograd":
+        load_kernels()
     return backend
 
 

@@ -100,7 +100,10 @@ def _loaded_openmp() -> str | None:
 
 def _compiler() -> list[str]:
     """``$CC`` (default ``cc``), split as a shell would: ``CC="ccache gcc"`` works."""
-    cc = shlex.split(os.environ.get("CC") or "cc")
+    try:
+        cc = shlex.split(os.environ.get("CC") or "cc")
+    except ValueError as err:
+        raise OSError(f"CC={os.environ['CC']!r} cannot be read as a command: {err}") from None
     if not cc or shutil.which(cc[0]) is None:
         raise OSError(f"no C compiler: {os.environ.get('CC') or 'cc'!r} is not on PATH (set CC "
                       "to one)")
@@ -130,10 +133,13 @@ def _build(target: Path) -> None:
                  [[*cc, *flags, "-shared", str(SOURCE), "-o", str(lib)]])
         for step in steps:
             run = subprocess.run(step, capture_output=True, text=True)
+            said = (run.stderr.strip() or run.stdout.strip())[-500:] or "nothing printed"
             if run.returncode:
-                said = (run.stderr.strip() or run.stdout.strip())[-500:] or "nothing printed"
-                raise OSError(f"{shlex.join(step)} failed with exit status {run.returncode}: "
-                              f"{said}")
+                how = (f"was killed by signal {-run.returncode}" if run.returncode < 0 else
+                       f"failed with exit status {run.returncode}")
+                raise OSError(f"{shlex.join(step)} {how}: {said}")
+        if not lib.is_file():
+            raise OSError(f"{shlex.join(steps[-1])} wrote no library: {said}")
         Path(tmp, "stamp").write_text(sha256_file(lib).hex())
         os.replace(lib, target)
         os.replace(Path(tmp, "stamp"), _stamp(target))
@@ -146,6 +152,9 @@ def _load(library: Path) -> ctypes.CDLL:
     except OSError:
         intact = False
     if not intact:
+        for path in (library, _stamp(library)):
+            if path.is_dir():  # in the way of the library or its stamp
+                shutil.rmtree(path, ignore_errors=True)
         _build(library)
     return ctypes.CDLL(str(library))
 
@@ -168,7 +177,7 @@ def load_kernels() -> ctypes.CDLL | None:
     loaded."""
     # -march=native: a library built for one CPU may not run on another sharing the cache.
     key = hashlib.sha256(SOURCE.read_bytes() + f"{platform.machine()} {cpu_name()} "
-                         f"{_loaded_openmp()} {os.environ.get('CC', 'cc')}".encode()).hexdigest()
+                         f"{_loaded_openmp()} {os.environ.get('CC') or 'cc'}".encode()).hexdigest()
     name, folder = f"winograd-{key[:16]}.so", kernel_dir() / "kernels"
     try:
         try:
@@ -256,7 +265,8 @@ class WinogradConv2d(nn.Conv2d):
 
     Built by :meth:`from_conv`, it shares the original layer's weight and bias (the original is
     not changed) and holds their Winograd transform, ``u`` (made again if the weights change in
-    place, e.g. by an optimiser step).  With ``relu``, the layer also
+    place through the parameter, e.g. by an optimiser step; not after changes through
+    ``.data``).  With ``relu``, the layer also
     applies the ReLU that follows it (the backend then drops that ReLU).  ``choose(layer, x)``,
     if given, decides per call between :meth:`fast` and :meth:`eager` (the ``auto`` backend's
     measured choice).
