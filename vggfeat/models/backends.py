@@ -34,8 +34,8 @@ from .vgg import PRE, VGG, DenseLinear
 from .winograd import (
     SOURCE,
     WinogradConv2d,
-    fast_path_applies,
     cpu_name,
+    fast_path_applies,
     kernel_dir,
     load_kernels,
     winograd_eligible,
