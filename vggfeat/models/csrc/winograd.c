@@ -24,8 +24,37 @@ typedef struct {
     int relu;
 } job_t;
 
+/* The 1-D input transform over n channels: o[a·os] = Σ_r Bᵀ[a][r] d[r·is]. */
+static inline void bt6(const float *restrict d, long is, float *restrict o, long os, long n) {
+    for (long c = 0; c < n; c++) {
+        const float d0 = d[c], d1 = d[is + c], d2 = d[2 * is + c], d3 = d[3 * is + c],
+                    d4 = d[4 * is + c], d5 = d[5 * is + c];
+        o[c] = 4 * d0 - 5 * d2 + d4;
+        o[os + c] = -4 * (d1 + d2) + d3 + d4;
+        o[2 * os + c] = 4 * (d1 - d2) - d3 + d4;
+        o[3 * os + c] = 2 * (d3 - d1) - d2 + d4;
+        o[4 * os + c] = 2 * (d1 - d3) - d2 + d4;
+        o[5 * os + c] = 4 * d1 - 5 * d3 + d5;
+    }
+}
+
+/* The 1-D output transform over n channels: o[p·os] = Σ_r Aᵀ[p][r] m[r·is] (+ bias). */
+static inline void at6(const float *restrict m, long is, float *restrict o, long os, long n,
+                       const float *restrict bias) {
+    for (long c = 0; c < n; c++) {
+        const float p = m[is + c] + m[2 * is + c], q = m[is + c] - m[2 * is + c];
+        const float r = m[3 * is + c] + m[4 * is + c], w = m[3 * is + c] - m[4 * is + c];
+        const float b = bias ? bias[c] : 0.0f;
+        o[c] = m[c] + p + r + b;
+        o[os + c] = q + 2 * w + b;
+        o[2 * os + c] = p + 4 * r + b;
+        o[3 * os + c] = q + 8 * w + m[5 * is + c] + b;
+    }
+}
+
 static void input_tiles(const job_t *a) {
     const long H = a->H, W = a->W, C = a->C, th = (H + 3) / 4, tw = (W + 3) / 4;
+    const long stride = a->count * C;
     float d[36][CB], u[36][CB];
     for (long t = a->first; t < a->last; t++) {
         const long g = a->t0 + t, n = g / (th * tw), i = (g / tw) % th, j = g % tw;
@@ -42,34 +71,10 @@ static void input_tiles(const job_t *a) {
                                sizeof(float) * cb);
                 }
             }
-            /* columns: u[a][s] = Σ_r Bᵀ[a][r] d[r][s] */
-            for (int s = 0; s < 6; s++) {
-                float *d0 = d[s], *d1 = d[6 + s], *d2 = d[12 + s], *d3 = d[18 + s],
-                      *d4 = d[24 + s], *d5 = d[30 + s];
-                for (long c = 0; c < cb; c++) {
-                    u[s][c] = 4 * d0[c] - 5 * d2[c] + d4[c];
-                    u[6 + s][c] = -4 * (d1[c] + d2[c]) + d3[c] + d4[c];
-                    u[12 + s][c] = 4 * (d1[c] - d2[c]) - d3[c] + d4[c];
-                    u[18 + s][c] = 2 * (d3[c] - d1[c]) - d2[c] + d4[c];
-                    u[24 + s][c] = 2 * (d1[c] - d3[c]) - d2[c] + d4[c];
-                    u[30 + s][c] = 4 * d1[c] - 5 * d3[c] + d5[c];
-                }
-            }
-            /* rows: V[a][b] = Σ_s u[a][s] B[s][b], written to V[a·6+b][t][c] */
-            const long stride = a->count * C;
-            for (int r = 0; r < 6; r++) {
-                float *u0 = u[r * 6], *u1 = u[r * 6 + 1], *u2 = u[r * 6 + 2], *u3 = u[r * 6 + 3],
-                      *u4 = u[r * 6 + 4], *u5 = u[r * 6 + 5];
-                float *v = a->dst + (r * 6) * stride + t * C + c0;
-                for (long c = 0; c < cb; c++) {
-                    v[c] = 4 * u0[c] - 5 * u2[c] + u4[c];
-                    v[stride + c] = -4 * (u1[c] + u2[c]) + u3[c] + u4[c];
-                    v[2 * stride + c] = 4 * (u1[c] - u2[c]) - u3[c] + u4[c];
-                    v[3 * stride + c] = 2 * (u3[c] - u1[c]) - u2[c] + u4[c];
-                    v[4 * stride + c] = 2 * (u1[c] - u3[c]) - u2[c] + u4[c];
-                    v[5 * stride + c] = 4 * u1[c] - 5 * u3[c] + u5[c];
-                }
-            }
+            for (int s = 0; s < 6; s++) /* columns: u[a][s] = Σ_r Bᵀ[a][r] d[r][s] */
+                bt6(d[s], 6 * CB, u[s], 6 * CB, cb);
+            for (int r = 0; r < 6; r++) /* rows, written to V[a·6+b][t][c] */
+                bt6(u[r * 6], CB, a->dst + (r * 6) * stride + t * C + c0, stride, cb);
         }
     }
 }
@@ -82,39 +87,14 @@ static void output_tiles(const job_t *a) {
         const long g = a->t0 + t, n = g / (th * tw), i = (g / tw) % th, j = g % tw;
         for (long k0 = 0; k0 < K; k0 += CB) {
             const long kb = K - k0 < CB ? K - k0 : CB;
-            /* columns: u[p][s] = Σ_r Aᵀ[p][r] m[r][s] */
-            for (int s = 0; s < 6; s++) {
-                const float *m0 = a->src + s * stride + t * K + k0, *m1 = m0 + 6 * stride,
-                            *m2 = m0 + 12 * stride, *m3 = m0 + 18 * stride,
-                            *m4 = m0 + 24 * stride, *m5 = m0 + 30 * stride;
-                for (long k = 0; k < kb; k++) {
-                    const float p = m1[k] + m2[k], q = m1[k] - m2[k];
-                    const float r = m3[k] + m4[k], w = m3[k] - m4[k];
-                    u[s][k] = m0[k] + p + r;
-                    u[6 + s][k] = q + 2 * w;
-                    u[12 + s][k] = p + 4 * r;
-                    u[18 + s][k] = q + 8 * w + m5[k];
-                }
-            }
-            /* rows, plus bias, then the ReLU if fused */
-            for (int r0 = 0; r0 < 4; r0++) {
-                float *u0 = u[r0 * 6], *u1 = u[r0 * 6 + 1], *u2 = u[r0 * 6 + 2],
-                      *u3 = u[r0 * 6 + 3], *u4 = u[r0 * 6 + 4], *u5 = u[r0 * 6 + 5];
-                const float *b = a->bias ? a->bias + k0 : 0;
-                for (long k = 0; k < kb; k++) {
-                    const float p = u1[k] + u2[k], q = u1[k] - u2[k];
-                    const float r = u3[k] + u4[k], w = u3[k] - u4[k];
-                    const float bk = b ? b[k] : 0.0f;
-                    o[r0 * 4][k] = u0[k] + p + r + bk;
-                    o[r0 * 4 + 1][k] = q + 2 * w + bk;
-                    o[r0 * 4 + 2][k] = p + 4 * r + bk;
-                    o[r0 * 4 + 3][k] = q + 8 * w + u5[k] + bk;
-                }
-                if (a->relu)
-                    for (int s = 0; s < 4; s++)
-                        for (long k = 0; k < kb; k++)
-                            o[r0 * 4 + s][k] = o[r0 * 4 + s][k] > 0.0f ? o[r0 * 4 + s][k] : 0.0f;
-            }
+            for (int s = 0; s < 6; s++) /* columns: u[p][s] = Σ_r Aᵀ[p][r] m[r][s] */
+                at6(a->src + s * stride + t * K + k0, 6 * stride, u[s], 6 * CB, kb, 0);
+            for (int r = 0; r < 4; r++) /* rows, plus bias */
+                at6(u[r * 6], CB, o[r * 4], CB, kb, a->bias ? a->bias + k0 : 0);
+            if (a->relu)
+                for (int p = 0; p < 16; p++)
+                    for (long k = 0; k < kb; k++)
+                        o[p][k] = o[p][k] > 0.0f ? o[p][k] : 0.0f;
             for (int r0 = 0; r0 < 4; r0++) {
                 const long y = 4 * i + r0;
                 if (y >= H) break;
