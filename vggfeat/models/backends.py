@@ -35,9 +35,9 @@ from .winograd import (
     SOURCE,
     WinogradConv2d,
     cpu_name,
-    fast_path_applies,
     kernel_dir,
     load_kernels,
+    takes_fast_path,
     winograd_eligible,
 )
 
@@ -106,10 +106,7 @@ class GemmDenseLinear(DenseLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         dense = x.shape[-2:] != (self.kernel_size, self.kernel_size)  # crop mode: a GEMM already
-        if dense and fast_path_applies(x, self.weight) and (self.choose is None
-                                                            or self.choose(self, x)):
-            return self.fast(x)
-        return self.eager(x)
+        return self.fast(x) if dense and takes_fast_path(self, x) else self.eager(x)
 
 
 def with_backend(model: VGG, backend: str, *, reads: Iterable[str] | None = None,

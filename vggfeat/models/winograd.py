@@ -251,12 +251,15 @@ def winograd_eligible(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
-def fast_path_applies(x: Tensor, weight: Tensor) -> bool:
-    """Whether a CPU backend layer may take its fast path: float32 on the CPU, no autocast and
-    no autograd (the fast paths compute values only)."""
+def takes_fast_path(layer: nn.Module, x: Tensor) -> bool:
+    """Whether a CPU backend layer (``fast``, ``eager``, ``weight``, ``choose``) runs ``fast``
+    on ``x``: float32 on the CPU, no autocast and no autograd (the fast paths compute values
+    only), and ``choose(layer, x)`` agrees where the layer has one (the ``auto`` backend)."""
+    weight = layer.weight
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and (layer.choose is None or layer.choose(layer, x)))
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -266,10 +269,9 @@ class WinogradConv2d(nn.Conv2d):
     Built by :meth:`from_conv`, it shares the original layer's weight and bias (the original is
     not changed) and holds their Winograd transform, ``u`` (made again if the weights change in
     place through the parameter, e.g. by an optimiser step; not after changes through
-    ``.data``).  With ``relu``, the layer also
-    applies the ReLU that follows it (the backend then drops that ReLU).  ``choose(layer, x)``,
-    if given, decides per call between :meth:`fast` and :meth:`eager` (the ``auto`` backend's
-    measured choice).
+    ``.data``).  With ``relu``, the layer also applies the ReLU that follows it (the backend
+    then drops that ReLU).  ``choose(layer, x)``, if given, decides per call between
+    :meth:`fast` and :meth:`eager` (the ``auto`` backend's measured choice).
     """
 
     @classmethod
@@ -294,9 +296,7 @@ class WinogradConv2d(nn.Conv2d):
         return y.relu_() if self.relu else y
 
     def forward(self, x: Tensor) -> Tensor:
-        if fast_path_applies(x, self.weight) and (self.choose is None or self.choose(self, x)):
-            return self.fast(x)
-        return self.eager(x)
+        return self.fast(x) if takes_fast_path(self, x) else self.eager(x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
