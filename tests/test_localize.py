@@ -86,6 +86,14 @@ def test_bad_boxes_are_dropped_and_reported_by_file(tmp_path):
     assert len(table.get("img1").wnids) == 1 and table.bad[0][0].endswith("LOC_val_solution.csv:2")
 
 
+def test_a_non_numeric_image_size_in_an_xml_file_is_an_error_naming_file_and_field(tmp_path):
+    xml = ilsvrc_xml(tmp_path / "a.xml", "a", (100, 100), [(WNIDS[0], (10, 10, 60, 50))])
+    xml.write_text(xml.read_text().replace("<width>100</width>", "<width>abc</width>"))
+    with pytest.raises(InputError, match=r"a.xml: <size><width> is 'abc', not a whole number "
+                                         r"of pixels"):
+        read_boxes(tmp_path)
+
+
 def test_a_training_box_outside_its_image_is_reported_with_the_image(tmp_path):
     from vggfeat.localize.run import LocImages
     from vggfeat.localize.train import Localization

@@ -89,10 +89,7 @@ def _read_xml(file: Path, table: BoxTable) -> None:
         root = ET.parse(file).getroot()
     except (OSError, ET.ParseError) as err:
         raise InputError(f"{file}: not a readable Pascal-VOC XML box file ({err})") from err
-    size = None
-    width, height = root.findtext("size/width"), root.findtext("size/height")
-    if width and height:
-        size = (int(float(width)), int(float(height)))
+    size = _image_size(root, file)
     name = (root.findtext("filename") or file.stem).strip()
     wnids, boxes = [], []
     for k, obj in enumerate(root.iter("object")):
@@ -109,6 +106,21 @@ def _read_xml(file: Path, table: BoxTable) -> None:
         wnids.append(wnid)
         boxes.append(box)
     _add(table, Path(name).stem if "." in name else name, wnids, boxes, size)
+
+
+def _image_size(root: ET.Element, file: Path) -> tuple[int, int] | None:
+    """The (width, height) an XML file records, None when it records none."""
+    fields = {}
+    for field_name in ("width", "height"):
+        text = (root.findtext(f"size/{field_name}") or "").strip()
+        try:
+            fields[field_name] = int(float(text)) if text else None
+        except (ValueError, OverflowError):  # also "nan" and "inf", which int() refuses
+            raise InputError(f"{file}: <size><{field_name}> is {text!r}, not a whole number of "
+                             "pixels; fix the file or move it out of the box folder") from None
+    if fields["width"] is None or fields["height"] is None:
+        return None
+    return fields["width"], fields["height"]
 
 
 def _read_csv(path: Path, *, ordered: bool) -> BoxTable:
