@@ -25,6 +25,7 @@ from vggfeat.localize import (
     encode,
     euclidean_loss,
     greedy_merge,
+    gt_class_errors,
     iou,
     load_localizer,
     localized,
@@ -211,9 +212,13 @@ def test_iou_and_the_localisation_metric_on_hand_computed_cases():
     assert iou([[0, 0, 10, 10]], [[20, 20, 30, 30]]).item() == 0
     truth = ImageBoxes(["cat", "cat", "dog"], np.array([[0, 0, 100, 100], [200, 0, 300, 100],
                                                         [0, 200, 100, 300]], np.float32))
-    good_cat, good_dog = (210, 0, 300, 100), (0, 200, 100, 250)  # IoU 0.9 and exactly 0.5
+    good_cat, good_dog = (210, 0, 300, 100), (0, 200, 100, 251)  # IoU 0.9 and 0.51
+    half_dog = (0, 200, 100, 250)  # IoU exactly 0.5
     assert localized([("cat", good_cat)], truth, 1)
-    assert localized([("dog", good_dog)], truth, 1)  # IoU ≥ 0.5 counts
+    assert localized([("dog", good_dog)], truth, 1)
+    assert not localized([("dog", half_dog)], truth, 1)  # the paper's rule: IoU above 0.5
+    assert gt_class_errors(np.array([half_dog, good_dog], np.float32),
+                           [truth.of_class("dog")] * 2).tolist() == [1.0, 0.0]
     assert not localized([("cat", good_dog)], truth, 5)  # right place, wrong class
     assert not localized([("dog", good_cat)], truth, 5)
     guesses = [("bird", good_cat), ("dog", (0, 0, 50, 50)), ("cat", good_cat)]

@@ -1,10 +1,10 @@
 """The ILSVRC localisation metric.
 
 An image counts as localised by a set of (class, box) guesses when one of them has a class of the
-image and overlaps a ground-truth box of that class with IoU ≥ 0.5.  The top-5 error uses the first
-5 guesses, the top-1 error the first one.  The centre-crop protocol (Table 8) scores one box per
+image and overlaps a ground-truth box of that class with IoU above 0.5 (strictly: the paper's
+rule, Appendix A).  The top-5 error uses the first 5 guesses, the top-1 error the first one.  The centre-crop protocol (Table 8) scores one box per
 image, made for the ground-truth class: it is wrong when its IoU with every ground-truth box of
-that class is below 0.5.
+that class is 0.5 or less.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ IOU_THRESHOLD = 0.5
 
 def hit(wnid: str, box, truth: ImageBoxes, *, threshold: float = IOU_THRESHOLD) -> bool:
     """Whether one guess is right: its class is among the image's and it overlaps one of that
-    class's boxes with IoU ≥ ``threshold``."""
+    class's boxes with IoU > ``threshold``."""
     same = truth.of_class(wnid)
-    return bool(len(same)) and bool((iou(np.asarray(box)[None], same) >= threshold).any())
+    return bool(len(same)) and bool((iou(np.asarray(box)[None], same) > threshold).any())
 
 
 def localized(guesses: list[tuple[str, object]], truth: ImageBoxes, k: int, *,
@@ -82,6 +82,6 @@ def score_submission(submission: BoxTable, truth: BoxTable) -> LocScore:
 def gt_class_errors(boxes: np.ndarray, truths: list[np.ndarray], *,
                     threshold: float = IOU_THRESHOLD) -> np.ndarray:
     """Per image, 1 when the box (N×4) overlaps none of its ground-truth boxes (list of K×4) with
-    IoU ≥ ``threshold``, else 0."""
-    return np.array([0.0 if len(t) and float(iou(b[None], t).max()) >= threshold else 1.0
+    IoU > ``threshold``, else 0."""
+    return np.array([0.0 if len(t) and float(iou(b[None], t).max()) > threshold else 1.0
                      for b, t in zip(np.asarray(boxes), truths)])
