@@ -14,7 +14,9 @@ box (cut out and extracted like any image).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -46,12 +48,44 @@ VOC_SCALES = (256, 384, 512, 640, 768)
 ACTION_SETTINGS = ("image", "image+box")
 
 
+# The two ways VOC ranks images: Table 11's VOC-2007 figures are 11-point mAP, VOC-2012's are
+# the area under the precision/recall curve.
+AP_TITLES = {"11point": "mAP, 11-point (%)", "area": "mAP, area (%)"}
+CLASS_RECALL = "mean class recall (%)"
+
+
 @dataclass(frozen=True)
-class Protocol:
-    """One column of Table 11.
+class FixedSets:
+    """A dataset's official image sets, as a protocol uses them.
 
     Attributes:
-        title: column heading; metric: what the numbers are (percent).
+        fit: trains the classifiers compared when choosing C.
+        val: scores them; the chosen C is then trained on ``fit`` and ``val`` together.  None:
+            C is chosen on a held-out 20% of ``fit``, and the classifier trained on all of it.
+        test: scored in the result.
+    """
+
+    fit: str
+    val: str | None
+    test: str
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name in (self.fit, self.val, self.test) if name)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """One column of Table 11 (or Table 12's VOC-2012 action), with what sets it apart.
+
+    Attributes:
+        title: column heading.
+        read: ``read(protocol, root, crops, progress)`` reads the images and labels from the
+            dataset's root in its official layout.
+        ap: multi-label protocols: the AP scored (a key of ``AP_TITLES``); None for a
+            multi-class protocol scored by mean class recall.
+        sets: multi-label protocols: the official sets that train, choose C and score.
+        person_boxes: samples are annotated people, described with or without their box.
         train_per_class, test_per_class: Caltech-style per-class split sizes (None: all the rest).
         splits: number of seeded random splits (1 for VOC's fixed sets).
         paper: Table 11's (mean, std) per net, in %.
@@ -61,8 +95,11 @@ class Protocol:
 
     name: str
     title: str
-    metric: str
-    multilabel: bool = False
+    read: Callable[[Protocol, Path, str | os.PathLike | None, bool], Dataset] = field(
+        repr=False, compare=False)
+    ap: str | None = None
+    sets: FixedSets | None = None
+    person_boxes: bool = False
     train_per_class: int | None = None
     test_per_class: int | None = None
     splits: int = 1
@@ -71,38 +108,14 @@ class Protocol:
     scales: tuple[int, ...] = DENSE_SCALES
     note: str = ""
 
+    @property
+    def multilabel(self) -> bool:
+        return self.ap is not None
 
-PROTOCOLS = {p.name: p for p in (
-    Protocol("voc2007", "VOC-2007", "mAP, 11-point (%)", multilabel=True,
-             paper={"Net-D": (89.3, None), "Net-E": (89.3, None), "Net-D & Net-E": (89.7, None)},
-             aggregate="mean", scales=VOC_SCALES,
-             note="train on trainval, test on test; C per class chosen on val after training "
-                  "on train"),
-    Protocol("voc2012", "VOC-2012", "mAP, area (%)", multilabel=True,
-             paper={"Net-D": (89.0, None), "Net-E": (89.0, None), "Net-D & Net-E": (89.3, None)},
-             aggregate="mean", scales=VOC_SCALES,
-             note="the paper's figures are on the test set, scored by the VOC evaluation server; "
-                  "here: train on train, score val, C per class chosen on 20% of train"),
-    Protocol("voc2012-action", "VOC-2012 action", "mAP, area (%)", multilabel=True,
-             paper={"Net-D & Net-E, image": (79.2, None),
-                    "Net-D & Net-E, image+box": (84.0, None)},
-             aggregate="mean", scales=VOC_SCALES,
-             note="one sample per annotated person, AP per action over people; the paper's "
-                  "figures (Table 12) are on the test set, scored by the VOC evaluation server; "
-                  "here: train on train, score val, C per action chosen on 20% of train"),
-    Protocol("caltech101", "Caltech-101", "mean class recall (%)", train_per_class=30,
-             test_per_class=50, splits=3,
-             paper={"Net-D": (91.8, 1.0), "Net-E": (92.3, 0.5), "Net-D & Net-E": (92.7, 0.5)},
-             aggregate="stack",
-             note="30 training images per class, up to 50 test; 20% of training held out for C"),
-    Protocol("caltech256", "Caltech-256", "mean class recall (%)", train_per_class=60, splits=3,
-             paper={"Net-D": (85.0, 0.2), "Net-E": (85.1, 0.3), "Net-D & Net-E": (86.2, 0.3)},
-             aggregate="stack",
-             note="60 training images per class, the rest test; 20% of training held out for C"),
-    Protocol("folder", "folder", "mean class recall (%)", splits=3,
-             note=f"stratified split, {FOLDER_TRAIN_FRACTION:.0%} of each class for training "
-                  "unless --train-per-class; 20% of training held out for C"),
-)}
+    @property
+    def metric(self) -> str:
+        """What the numbers are (percent)."""
+        return AP_TITLES[self.ap] if self.ap else CLASS_RECALL
 
 
 def get_protocol(name: str) -> Protocol:
@@ -166,31 +179,26 @@ def load_dataset(protocol: str, root: str | os.PathLike, *,
     For ``voc2012-action`` the people's boxes are cut out into ``crops`` (default
     ``VOC2012/PersonCrops/``) the first time, so their descriptors can be extracted.
     """
-    get_protocol(protocol)
-    root = Path(root).expanduser()
-    if protocol == "voc2012-action":
-        return _voc_actions(root, crops, progress=progress)
-    if protocol in ("voc2007", "voc2012"):
-        year = protocol[3:]
-        names = ("train", "val", "test") if year == "2007" else ("train", "val")
-        parts = {name: read_voc(root, year, name) for name in names}
-        paths, labels, sets = [], [], {}
-        for name, part in parts.items():
-            sets[name] = np.arange(len(paths), len(paths) + len(part))
-            paths += part.paths
-            labels.append(part.labels)
-        if len(set(paths)) != len(paths):
-            raise InputError(f"{root}: an image is listed in two of the sets {names}")
-        return Dataset(paths, np.concatenate(labels), list(VOC_CLASSES), sets)
-    if protocol in ("caltech101", "caltech256"):
-        return _from_image_list(class_folders(caltech_root(root, protocol)))
-    if protocol == "folder":
-        return _from_image_list(class_folders(root))
-    raise AssertionError(f"no dataset reader for protocol {protocol!r}")
+    spec = get_protocol(protocol)
+    return spec.read(spec, Path(root).expanduser(), crops, progress)
 
 
-def _voc_actions(root: Path, crops: str | os.PathLike | None, *, progress: bool) -> Dataset:
-    parts = {name: read_voc_actions(root, name) for name in ("train", "val")}
+def _read_voc(year: str, spec: Protocol, root: Path, crops, progress: bool) -> Dataset:
+    names = spec.sets.names
+    parts = {name: read_voc(root, year, name) for name in names}
+    paths, labels, sets = [], [], {}
+    for name, part in parts.items():
+        sets[name] = np.arange(len(paths), len(paths) + len(part))
+        paths += part.paths
+        labels.append(part.labels)
+    if len(set(paths)) != len(paths):
+        raise InputError(f"{root}: an image is listed in two of the sets {names}")
+    return Dataset(paths, np.concatenate(labels), list(VOC_CLASSES), sets)
+
+
+def _read_voc_actions(spec: Protocol, root: Path, crops: str | os.PathLike | None,
+                      progress: bool) -> Dataset:
+    parts = {name: read_voc_actions(root, name) for name in spec.sets.names}
     folder = crops or voc_root(root, "2012", "Action") / "PersonCrops"
     paths, labels, sets, boxes = [], [], {}, []
     for name, part in parts.items():
@@ -203,8 +211,56 @@ def _voc_actions(root: Path, crops: str | os.PathLike | None, *, progress: bool)
     return Dataset(paths, np.concatenate(labels), list(VOC_ACTIONS), sets, boxes)
 
 
+def _read_caltech(spec: Protocol, root: Path, crops, progress: bool) -> Dataset:
+    return _from_image_list(class_folders(caltech_root(root, spec.name)))
+
+
+def _read_folders(spec: Protocol, root: Path, crops, progress: bool) -> Dataset:
+    return _from_image_list(class_folders(root))
+
+
 def _from_image_list(images: ImageList) -> Dataset:
     return Dataset(images.paths, np.asarray(images.labels), list(images.class_names))
+
+
+# VOC-2007: the official train/val choose C, trainval trains, test scores.  VOC-2012's test
+# labels are not public: val is the test set, and C is chosen on 20% of train.
+VOC2007_SETS = FixedSets(fit="train", val="val", test="test")
+VOC2012_SETS = FixedSets(fit="train", val=None, test="val")
+
+PROTOCOLS = {p.name: p for p in (
+    Protocol("voc2007", "VOC-2007", partial(_read_voc, "2007"), ap="11point",
+             sets=VOC2007_SETS,
+             paper={"Net-D": (89.3, None), "Net-E": (89.3, None), "Net-D & Net-E": (89.7, None)},
+             aggregate="mean", scales=VOC_SCALES,
+             note="train on trainval, test on test; C per class chosen on val after training "
+                  "on train"),
+    Protocol("voc2012", "VOC-2012", partial(_read_voc, "2012"), ap="area", sets=VOC2012_SETS,
+             paper={"Net-D": (89.0, None), "Net-E": (89.0, None), "Net-D & Net-E": (89.3, None)},
+             aggregate="mean", scales=VOC_SCALES,
+             note="the paper's figures are on the test set, scored by the VOC evaluation server; "
+                  "here: train on train, score val, C per class chosen on 20% of train"),
+    Protocol("voc2012-action", "VOC-2012 action", _read_voc_actions, ap="area",
+             sets=VOC2012_SETS, person_boxes=True,
+             paper={"Net-D & Net-E, image": (79.2, None),
+                    "Net-D & Net-E, image+box": (84.0, None)},
+             aggregate="mean", scales=VOC_SCALES,
+             note="one sample per annotated person, AP per action over people; the paper's "
+                  "figures (Table 12) are on the test set, scored by the VOC evaluation server; "
+                  "here: train on train, score val, C per action chosen on 20% of train"),
+    Protocol("caltech101", "Caltech-101", _read_caltech, train_per_class=30,
+             test_per_class=50, splits=3,
+             paper={"Net-D": (91.8, 1.0), "Net-E": (92.3, 0.5), "Net-D & Net-E": (92.7, 0.5)},
+             aggregate="stack",
+             note="30 training images per class, up to 50 test; 20% of training held out for C"),
+    Protocol("caltech256", "Caltech-256", _read_caltech, train_per_class=60, splits=3,
+             paper={"Net-D": (85.0, 0.2), "Net-E": (85.1, 0.3), "Net-D & Net-E": (86.2, 0.3)},
+             aggregate="stack",
+             note="60 training images per class, the rest test; 20% of training held out for C"),
+    Protocol("folder", "folder", _read_folders, splits=3,
+             note=f"stratified split, {FOLDER_TRAIN_FRACTION:.0%} of each class for training "
+                  "unless --train-per-class; 20% of training held out for C"),
+)}
 
 
 def dataset_from_features(path: str | os.PathLike) -> Dataset:
@@ -284,9 +340,9 @@ def run_protocol(protocol: str, dataset: Dataset, files: list[str | os.PathLike]
     spec = get_protocol(protocol)
     if classifier not in CLASSIFIERS:
         raise InputError(f"classifier must be one of {CLASSIFIERS}, got {classifier!r}")
-    if (setting is not None or dataset.boxes is not None) and protocol != "voc2012-action":
+    if (setting is not None or dataset.boxes is not None) and not spec.person_boxes:
         raise InputError(f"setting and person boxes belong to voc2012-action, not {protocol}")
-    setting = setting or ("image+box" if protocol == "voc2012-action" else "")
+    setting = setting or ("image+box" if spec.person_boxes else "")
     if setting and setting not in ACTION_SETTINGS:
         raise InputError(f"setting must be one of {', '.join(ACTION_SETTINGS)}, got {setting!r}")
     X, keep, described, used = descriptors(files, dataset, aggregate=aggregate,
@@ -298,22 +354,35 @@ def run_protocol(protocol: str, dataset: Dataset, files: list[str | os.PathLike]
         both = keep & keep_box
         X = np.hstack([X[both[keep]], X_box[both[keep_box]]])
         keep = both
-    dropped = [p for p, k in zip(dataset.paths, keep) if not k]
     data = dataset.subset(keep)
     grid = tuple(C_grid or C_GRIDS[classifier])
-    run = _run_multilabel if spec.multilabel else _run_multiclass
-    result = run(spec, data, X, classifier=classifier, grid=grid, seed=seed,
-                 splits=splits or spec.splits,
-                 train_per_class=train_per_class or spec.train_per_class,
-                 test_per_class=test_per_class or spec.test_per_class)
-    result.features, result.dropped, result.setting = described, dropped, setting
-    result.aggregate = "+".join(dict.fromkeys(used))
-    return result
+    if spec.multilabel:
+        scored = _run_multilabel(spec, data, X, classifier=classifier, grid=grid, seed=seed)
+    else:
+        scored = _run_multiclass(data, X, classifier=classifier, grid=grid, seed=seed,
+                                 splits=splits or spec.splits,
+                                 train_per_class=train_per_class or spec.train_per_class,
+                                 test_per_class=test_per_class or spec.test_per_class)
+    return TransferResult(
+        protocol=spec.name, classifier=classifier, aggregate="+".join(dict.fromkeys(used)),
+        features=described, metric=spec.metric,
+        dropped=[p for p, k in zip(dataset.paths, keep) if not k], setting=setting, **scored)
 
 
-def _run_multiclass(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier: str,
-                    grid: tuple[float, ...], seed: int, splits: int, train_per_class: int | None,
-                    test_per_class: int | None) -> TransferResult:
+def _sizes(data: Dataset, train_idx, val_idx, test_idx) -> dict[str, int]:
+    return {"classes": len(data.class_names), "train": len(train_idx), "val": len(val_idx),
+            "test": len(test_idx)}
+
+
+def _split_paths(data: Dataset, fit_idx, val_idx, test_idx) -> dict[str, list[str]]:
+    return {name: [data.paths[i] for i in idx] for name, idx in
+            (("fit", fit_idx), ("val", val_idx), ("test", test_idx))}
+
+
+def _run_multiclass(data: Dataset, X: np.ndarray, *, classifier: str, grid: tuple[float, ...],
+                    seed: int, splits: int, train_per_class: int | None,
+                    test_per_class: int | None) -> dict:
+    """The scores of ``splits`` seeded splits, as :class:`TransferResult` fields."""
     y = data.labels
     scores, per_class, chosen, split_paths = [], [], [], []
     for s in range(splits):
@@ -334,28 +403,27 @@ def _run_multiclass(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
                                             labels=np.arange(len(data.class_names)),
                                             zero_division=0))
         chosen.append(C)
-        split_paths.append({name: [data.paths[i] for i in idx] for name, idx in
-                            (("fit", fit_idx), ("val", val_idx), ("test", test_idx))})
-    return TransferResult(
-        spec.name, classifier, "", [], spec.metric, scores,
-        dict(zip(data.class_names, np.mean(per_class, axis=0).round(2).tolist())),
+        split_paths.append(_split_paths(data, fit_idx, val_idx, test_idx))
+    return dict(
+        scores=scores,
+        per_class=dict(zip(data.class_names, np.mean(per_class, axis=0).round(2).tolist())),
         extra={"accuracy of the last split (%)": float(100 * np.mean(predicted == y[test_idx]))},
-        chosen_C=chosen,
-        sizes={"classes": len(data.class_names), "train": len(train_idx), "val": len(val_idx),
-               "test": len(test_idx)},
-        splits=split_paths)
+        chosen_C=chosen, sizes=_sizes(data, train_idx, val_idx, test_idx), splits=split_paths)
 
 
 def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier: str,
-                    grid: tuple[float, ...], seed: int, **_) -> TransferResult:
-    if spec.name == "voc2007":  # the official train/val choose C, trainval trains, test scores
-        fit_idx, val_idx = data.sets["train"], data.sets["val"]
+                    grid: tuple[float, ...], seed: int) -> dict:
+    """One classifier per class on the protocol's fixed sets, as :class:`TransferResult` fields."""
+    fixed = spec.sets
+    if fixed.val:
+        fit_idx, val_idx = data.sets[fixed.fit], data.sets[fixed.val]
         train_idx = np.concatenate([fit_idx, val_idx])
-        test_idx = data.sets["test"]
-    else:  # VOC2012's test labels are not public: val is the test set, C comes from train
-        train_idx, test_idx = data.sets["train"], data.sets["val"]
+    else:
+        train_idx = data.sets[fixed.fit]
         fit_idx, val_idx = holdout(train_idx, None, fraction=HOLDOUT, seed=seed)
-    ap11, ap_area, chosen = {}, {}, []
+    test_idx = data.sets[fixed.test]
+    ap = {metric: {} for metric in AP_TITLES}
+    chosen = []
     for k, name in enumerate(data.class_names):
         y = data.labels[:, k]
         # "difficult" images are left out of training, as in VOC (and ignored by voc_ap)
@@ -364,19 +432,17 @@ def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
                         lambda m, Xv, yv: voc_ap(yv, m.decision_function(Xv)), seed=seed)
         model = train(classifier, C, X[train_k], y[train_k], seed=seed)
         s = model.decision_function(X[test_idx])
-        ap11[name] = 100 * voc_ap(y[test_idx], s, metric="11point")
-        ap_area[name] = 100 * voc_ap(y[test_idx], s, metric="area")
+        for metric in AP_TITLES:
+            ap[metric][name] = 100 * voc_ap(y[test_idx], s, metric=metric)
         chosen.append(C)
-    main, other = (ap11, ap_area) if spec.name == "voc2007" else (ap_area, ap11)
-    other_name = "mAP, area (%)" if spec.name == "voc2007" else "mAP, 11-point (%)"
-    return TransferResult(
-        spec.name, classifier, "", [], spec.metric, [float(np.mean(list(main.values())))],
-        {k: round(v, 2) for k, v in main.items()},
-        extra={other_name: float(np.mean(list(other.values())))}, chosen_C=chosen,
-        sizes={"classes": len(data.class_names), "train": len(train_idx), "val": len(val_idx),
-               "test": len(test_idx)},
-        splits=[{name: [data.paths[i] for i in idx] for name, idx in
-                 (("fit", fit_idx), ("val", val_idx), ("test", test_idx))}])
+    main = ap[spec.ap]
+    return dict(
+        scores=[float(np.mean(list(main.values())))],
+        per_class={k: round(v, 2) for k, v in main.items()},
+        extra={AP_TITLES[m]: float(np.mean(list(v.values()))) for m, v in ap.items()
+               if m != spec.ap},
+        chosen_C=chosen, sizes=_sizes(data, train_idx, val_idx, test_idx),
+        splits=[_split_paths(data, fit_idx, val_idx, test_idx)])
 
 
 def descriptor_spec(protocol: str, *, layer: str = "fc7",
