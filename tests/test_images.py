@@ -118,3 +118,22 @@ def test_gather_lists_and_files(tmp_path, image_folder):
     (tmp_path / "bad.csv").write_text("file\nx.jpg\n")
     with pytest.raises(InputError, match="needs a 'path' column"):
         gather_images([tmp_path / "bad.csv"])
+
+
+def test_csv_lists_with_a_bom_a_missing_path_or_a_missing_label(tmp_path, image_folder):
+    bom = tmp_path / "excel.csv"  # spreadsheet programs save "CSV UTF-8" with a byte-order mark
+    bom.write_bytes("path,label\nimages/cat/0.jpg,kitty\nimages/dog/0.jpg,pup\n".encode("utf-8-sig"))
+    listed = gather_images([bom])
+    assert listed.class_names == ["kitty", "pup"] and listed.labels == [0, 1]
+    (tmp_path / "short.csv").write_text("path,label\nimages/cat/0.jpg,kitty\n\n,pup\n")
+    with pytest.raises(InputError, match=r"short\.csv line 4 has no path"):
+        gather_images([tmp_path / "short.csv"])
+    (tmp_path / "ragged.csv").write_text("label,path\nkitty,images/cat/0.jpg\npup\n")
+    with pytest.raises(InputError, match=r"ragged\.csv line 3 has no path"):
+        gather_images([tmp_path / "ragged.csv"])
+    (tmp_path / "gap.csv").write_text("path,label\nimages/cat/0.jpg,kitty\nimages/cat/1.jpg\n"
+                                      "images/dog/0.jpg,\n")
+    with pytest.warns(UserWarning, match=r"gap\.csv line 3 \(images/cat/1\.jpg\) has no label"
+                                         r".*2 of its 3 rows.*none of its images"):
+        unlabelled = gather_images([tmp_path / "gap.csv"])
+    assert len(unlabelled) == 3 and unlabelled.labels is None

@@ -145,20 +145,33 @@ def _scan_folder(root: Path, skipped: list[tuple[str, str]]) -> list[tuple[str, 
 
 
 def _read_list(list_file: Path) -> list[tuple[str, str | None]]:
-    base = list_file.parent
-    entries: list[tuple[str, str | None]] = []
-    with open(list_file, newline="", encoding="utf-8", errors="surrogateescape") as f:
+    # utf-8-sig: spreadsheet programs save "CSV UTF-8" with a byte-order mark before the header.
+    with open(list_file, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         if list_file.suffix.lower() == ".csv":
-            reader = csv.DictReader(f)
-            if not reader.fieldnames or "path" not in reader.fieldnames:
-                raise InputError(f"{list_file}: a CSV list needs a 'path' column (and optionally "
-                                 f"'label'); its header is {reader.fieldnames}")
-            for row in reader:
-                entries.append((os.path.abspath(base / row["path"]), row.get("label") or None))
-        else:
-            for line in f:
-                if line.strip() and not line.lstrip().startswith("#"):
-                    entries.append((os.path.abspath(base / line.strip()), None))
-    if entries and any(label is None for _, label in entries):
-        entries = [(p, None) for p, _ in entries]
+            return _read_csv(list_file, f)
+        return [(os.path.abspath(list_file.parent / line.strip()), None) for line in f
+                if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _read_csv(list_file: Path, f) -> list[tuple[str, str | None]]:
+    """(path, label) rows of a CSV list; labels only when every row has one (else a warning)."""
+    reader = csv.DictReader(f)
+    if not reader.fieldnames or "path" not in reader.fieldnames:
+        raise InputError(f"{list_file}: a CSV list needs a 'path' column (and optionally "
+                         f"'label'); its header is {reader.fieldnames}")
+    entries, unlabelled = [], []
+    for row in reader:
+        if not (row["path"] or "").strip():
+            raise InputError(f"{list_file} line {reader.line_num} has no path; fill it in or "
+                             "remove the row")
+        entries.append((os.path.abspath(list_file.parent / row["path"]), row.get("label") or None))
+        if entries[-1][1] is None:
+            unlabelled.append((reader.line_num, row["path"]))
+    if "label" in reader.fieldnames and unlabelled:
+        line, path = unlabelled[0]
+        warnings.warn(f"{list_file} line {line} ({printable(path)}) has no label "
+                      f"({len(unlabelled)} of its {len(entries)} rows have none), so none of its "
+                      "images gets a label; fill in the labels (or drop the label column) to "
+                      "keep them", UserWarning, stacklevel=4)
+        return [(p, None) for p, _ in entries]
     return entries
