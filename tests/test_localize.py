@@ -504,13 +504,25 @@ def test_shipped_localisation_recipes_record_their_table_rows():
 
     recipes = {p.stem: load_recipe(p, LocRecipe)
                for p in (Path(__file__).parent.parent / "recipes").glob("loc-*.yaml")}
-    assert sorted(recipes) == ["loc-D-256", "loc-D-256-pcr-fc", "loc-D-256-scr-fc", "loc-D-384"]
+    assert sorted(recipes) == ["loc-D-256", "loc-D-384", "loc-D-384-pcr-fc", "loc-D-384-scr-fc"]
     for name, r in recipes.items():
         assert (r.arch, r.lr, r.batch_size) == ("D", 1e-3, 256)
         assert r.weights == f"runs/D-{r.train_scale}/final.safetensors"
+        assert name.startswith(f"loc-D-{r.train_scale}")
         assert (r.head, r.finetune) == (("scr" if "scr" in name else "pcr"),
                                         ("fc" if name.endswith("-fc") else "all"))
-        assert r.table_row.startswith("Table 8" if "256" in name else "Table 9")
+    # Table 8's three nets were trained (and tested) at S = 384; Table 9 has both S.
+    table8 = {name for name, r in recipes.items() if "Table 8" in r.table_row}
+    assert table8 == {"loc-D-384", "loc-D-384-pcr-fc", "loc-D-384-scr-fc"}
+    assert all(recipes[name].train_scale == 384 and "S=384" in recipes[name].table_row
+               for name in table8)
+    assert {name for name, r in recipes.items() if "Table 9" in r.table_row} == \
+        {"loc-D-256", "loc-D-384"}
+    # Table 9's fusion runs the S=256 net at Q=256 and the S=384 net at Q=352,384.
+    assert (recipes["loc-D-256"].test_scales, recipes["loc-D-384"].test_scales) == \
+        ((256,), (352, 384))
+    with pytest.raises(vggfeat.errors.RecipeError, match="test_scales must be a list of scales"):
+        LocRecipe(test_scales=[200])
     with pytest.raises(vggfeat.errors.RecipeError, match="head must be scr or pcr"):
         LocRecipe(head="boxes")
 

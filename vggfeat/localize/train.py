@@ -23,6 +23,7 @@ from ..data.boxes import BoxTable, inside_image, read_boxes
 from ..data.folders import labelled_folder
 from ..data.sources import ImageList
 from ..errors import InputError, RecipeError
+from ..models.configs import INPUT_SIZE
 from ..models.finetune import freeze
 from ..models.runner import memory_format_of
 from ..models.vgg import VGG
@@ -47,11 +48,14 @@ class LocRecipe(Recipe):
             every layer.
         weights: the classification net to start from (every layer but fc8).
         lr: 10⁻³ (Appendix A), for a batch of 256.
+        test_scales: the scales Q at which ``vggfeat localize evaluate --method dense`` runs
+            this net by default (recorded in its weights with the recipe); None: Q = S.
     """
 
     head: str = "pcr"
     finetune: str = "all"
     lr: float | None = 1e-3
+    test_scales: tuple[int, ...] | None = None
     resume_fixed: ClassVar[tuple[str, ...]] = Recipe.resume_fixed + ("head", "finetune")
 
     def __post_init__(self) -> None:
@@ -60,6 +64,14 @@ class LocRecipe(Recipe):
             raise RecipeError(f"head must be scr or pcr, got {self.head!r}")
         if self.finetune not in FINETUNE:
             raise RecipeError(f"finetune must be fc or all, got {self.finetune!r}")
+        if self.test_scales is not None:
+            scales = self.test_scales if isinstance(self.test_scales, (list, tuple)) else [
+                self.test_scales]
+            if not scales or not all(isinstance(q, int) and not isinstance(q, bool) and
+                                     q >= INPUT_SIZE for q in scales):
+                raise RecipeError(f"test_scales must be a list of scales Q ≥ {INPUT_SIZE} px, "
+                                  f"got {self.test_scales!r}")
+            object.__setattr__(self, "test_scales", tuple(scales))
 
 
 class Localization(Task):
