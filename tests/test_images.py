@@ -137,3 +137,26 @@ def test_csv_lists_with_a_bom_a_missing_path_or_a_missing_label(tmp_path, image_
                                          r".*2 of its 3 rows.*none of its images"):
         unlabelled = gather_images([tmp_path / "gap.csv"])
     assert len(unlabelled) == 3 and unlabelled.labels is None
+
+
+def test_vggfeat_max_pixels_governs_over_pillows_own_limit(tmp_path, monkeypatch):
+    """VGGFEAT_MAX_PIXELS raises the limit as well as lowering it: Pillow's module-wide limit
+    (here shrunk to 10,000 px so that a small image stands for a 95-megapixel one) must not refuse
+    an image first, also past twice that limit, where Pillow raises instead of warning."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 10_000)
+    over = write_image(tmp_path / "over.png", size=(100, 150))  # 1.5 × Pillow's limit: a warning
+    far_over = write_image(tmp_path / "far.png", size=(100, 250))  # 2.5 ×: Pillow's error
+    monkeypatch.setenv("VGGFEAT_MAX_PIXELS", "30000")
+    assert read_image(over).shape == (3, 100, 150)
+    assert read_image(far_over).shape == (3, 100, 250)
+    assert PILImage.MAX_IMAGE_PIXELS == 10_000  # lifted only while vggfeat reads
+    monkeypatch.setenv("VGGFEAT_MAX_PIXELS", "20000")
+    with pytest.raises(BadImage, match=r"decompression bomb.* 20000 p"):
+        read_image(far_over)
+    assert read_image(over).shape == (3, 100, 150)
+    assert read_image(over, max_pixels=16_000).shape == (3, 100, 150)
+    with pytest.raises(BadImage, match=r"decompression bomb.* 14000 p"):
+        read_image(over, max_pixels=14_000)
+    assert PILImage.MAX_IMAGE_PIXELS == 10_000

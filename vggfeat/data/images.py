@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +43,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ten
     try:
         if path.stat().st_size == 0:
             raise BadImage("empty file")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_limit_at_least(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 if img.width * img.height > max_pixels:
@@ -64,6 +66,36 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ten
         raise BadImage(f"unreadable image ({reason})") from err
     except (ValueError, SyntaxError, struct.error) as err:
         raise BadImage(f"corrupt image ({type(err).__name__}: {err})") from err
+
+
+_limit_lock = threading.Lock()
+_limits_in_use: list[int] = []  # max_pixels of the reads now lifting Pillow's limit
+_pillow_own_limit: list[int | None] = []  # Pillow's limit before the first of them
+
+
+@contextmanager
+def _pillow_limit_at_least(max_pixels: int):
+    """Lift Pillow's module-wide pixel limit to ``max_pixels`` while an image is read.
+
+    Pillow refuses an image over its own limit (``Image.MAX_IMAGE_PIXELS``) in ``Image.open``,
+    before vggfeat sees the size, so ``VGGFEAT_MAX_PIXELS`` could lower the limit but never raise
+    it.  Reads in several threads share one lift (the largest limit asked for), and Pillow's own
+    value comes back when the last one ends.
+    """
+    with _limit_lock:
+        own = _pillow_own_limit[0] if _limits_in_use else Image.MAX_IMAGE_PIXELS
+        lift = own is not None and max_pixels > own
+        if lift:
+            _pillow_own_limit[:] = [own]
+            _limits_in_use.append(max_pixels)
+            Image.MAX_IMAGE_PIXELS = max(_limits_in_use)
+    try:
+        yield
+    finally:
+        if lift:
+            with _limit_lock:
+                _limits_in_use.remove(max_pixels)
+                Image.MAX_IMAGE_PIXELS = max(_limits_in_use) if _limits_in_use else own
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
