@@ -532,11 +532,87 @@ def test_dense_guesses_only_classes_the_pcr_net_boxes(tmp_path):
     cls_net.weights_meta["class_names"] = WNIDS[:2]
     image = torch.randint(0, 255, (3, 240, 256), dtype=torch.uint8)
     partly = attach_head(tiny_vgg("A", num_classes=8), box_head("pcr", [WNIDS[0], WNIDS[2]]))
-    guesses = Localizer(partly, cls_net, scales=(224,))(image)
+    with pytest.warns(UserWarning, match="1 of the classifier's 2 classes have no box"):
+        guesses = Localizer(partly, cls_net, scales=(224,))(image)
     assert [g.wnid for g in guesses] == [WNIDS[0]]
     other = attach_head(tiny_vgg("A", num_classes=4), box_head("pcr", [WNIDS[2]]))
     with pytest.raises(vggfeat.errors.ConfigError, match="none of which the classification net"):
         Localizer(other, cls_net)
+
+
+def test_a_pcr_net_of_fewer_classes_ranks_only_those_and_warns_once(tmp_path):
+    """The classifier prefers two classes the PCR net cannot box: the guesses still come, from
+    the class it can box, and one warning says how many classes differ."""
+    cls_net = tiny_vgg("A", num_classes=3)
+    cls_net.weights_meta["class_names"] = WNIDS
+    with torch.no_grad():
+        cls_net.head.fc8.weight.zero_()
+        cls_net.head.fc8.bias.copy_(torch.tensor([0.0, 5.0, 4.0]))
+    partly = attach_head(tiny_vgg("A", num_classes=4), box_head("pcr", [WNIDS[0]]))
+    with pytest.warns(UserWarning) as caught:
+        localizer = Localizer(partly, cls_net, scales=(224,), top_k=2)
+    assert len(caught) == 1
+    assert "2 of the classifier's 3 classes have no box" in str(caught[0].message)
+    image = torch.randint(0, 255, (3, 240, 256), dtype=torch.uint8)
+    guesses = localizer(image)
+    assert [g.wnid for g in guesses] == [WNIDS[0]] and guesses[0].score < 0.1
+
+
+def test_each_localisation_net_runs_at_its_own_test_scales(tmp_path):
+    """Table 9's fusion: the S=256 net at Q=256, the S=384 net at the Q its recipe records;
+    --scales is every net's Q."""
+    def net(meta):
+        model = attach_head(tiny_vgg("A", num_classes=4), box_head("scr", WNIDS[:2]))
+        model.weights_meta.update(meta)
+        return model
+
+    cls_net = tiny_vgg("A", num_classes=2)
+    cls_net.weights_meta["class_names"] = WNIDS[:2]
+    s256 = net({"train_scale": "256"})
+    s384 = net({"train_scale": "384", "recipe": {"test_scales": [352, 384]}})
+    localizer = Localizer([s256, s384], vggfeat.localize.Classifier(cls_net, "dense", (256,)))
+    assert localizer.net_scales == [(256,), (352, 384)] and localizer.scales == (256, 352, 384)
+    assert localizer.settings()["scales"] == [[256], [352, 384]]
+    image = torch.randint(0, 255, (3, 240, 320), dtype=torch.uint8)
+    views, size = localizer.unpack(localizer.prepare(image))
+    ran = []
+    for runner in localizer.locs:
+        forward = runner.model.score_map
+        runner.model.score_map = lambda x, f=forward, r=runner: ran.append(
+            (localizer.locs.index(r), x.shape[-2])) or f(x)
+    assert len(localizer.dense(views, size)) == 2
+    assert ran == [(0, 256), (1, 352), (1, 384)]  # each net at its own scales only
+    assert Localizer([s256, s384], cls_net, scales=(288,)).net_scales == [(288,), (288,)]
+    assert Localizer(s384, method="center-crop").net_scales == [(384,)]  # Table 8: Q = S
+
+
+def test_class_scores_are_vggfeat_evaluates_fusion_of_several_classifiers(tmp_path):
+    """Two classification nets, each with its own method and scales: the class scores are the
+    posteriors that `vggfeat evaluate` computes and fuses for the same image."""
+    from vggfeat.evaluate import evaluate, fuse
+    from vggfeat.localize.predict import Classifier, parse_classifier
+
+    path = write_image(tmp_path / "a.png", size=(240, 300))
+    nets = [tiny_vgg("A", seed=k, num_classes=2) for k in (1, 2)]
+    for n in nets:
+        n.weights_meta["class_names"] = WNIDS[:2]
+    members = [Classifier(nets[0], "dense", (256, 320)), Classifier(nets[1], "multi-crop", (256,))]
+    loc = load_localizer(constant_box_net(tmp_path))[0]
+    localizer = Localizer(loc, members, scales=(256,), device="cpu")
+    views, size = localizer.unpack(localizer.prepare(vggfeat.data.images.read_image(path)))
+    scores = localizer.class_scores(dict(zip(localizer.view_scales, views)))
+    images = vggfeat.data.ImageList([str(path)], [0], WNIDS[:2])
+    fused = fuse([evaluate(images, m.net, method=m.method, scales=m.scales, workers=0,
+                           device="cpu", progress=False) for m in members])
+    np.testing.assert_allclose(scores.numpy(), fused.posteriors[0], rtol=1e-5, atol=1e-6)
+    guesses = localizer.dense(views, size)
+    assert {g.wnid: g.score for g in guesses} == pytest.approx(
+        {WNIDS[k]: float(fused.posteriors[0, k]) for k in range(2)}, rel=1e-5)
+    assert parse_classifier("runs/a@b.safetensors@dense+multi-crop@256,384,512") == \
+        ("runs/a@b.safetensors", "dense+multi-crop", (256, 384, 512))
+    assert parse_classifier("torchvision") == ("torchvision", "dense", None)
+    with pytest.raises(vggfeat.errors.ConfigError, match="scales must be ≥ 224"):
+        parse_classifier("timm@128")
 
 
 def test_an_interrupted_localisation_run_resumes_to_the_same_weights(pasted, tmp_path, one_thread):

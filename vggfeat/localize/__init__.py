@@ -4,9 +4,9 @@ from .geometry import BoxAugment, decode, encode, iou
 from .merge import best_boxes, greedy_merge, match_scores
 from .metric import gt_class_errors, localized, score_guesses, score_submission
 from .net import HEADS, BoxHead, box_head, euclidean_loss, load_localizer, localization_net
-from .predict import METHODS, Guess, Localizer, localize
+from .predict import METHODS, Classifier, Guess, Localizer, localize, parse_classifier
 
 __all__ = ["BoxAugment", "decode", "encode", "iou", "best_boxes", "greedy_merge", "match_scores",
            "gt_class_errors", "localized", "score_guesses", "score_submission", "HEADS",
            "BoxHead", "box_head", "euclidean_loss", "load_localizer", "localization_net",
-           "METHODS", "Guess", "Localizer", "localize"]
+           "METHODS", "Classifier", "Guess", "Localizer", "localize", "parse_classifier"]

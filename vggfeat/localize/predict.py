@@ -2,19 +2,22 @@
 
 * ``center-crop``: the image rescaled so its smallest side is Q, its central 224 crop through the
   net in crop mode; the box of a given (ground-truth) class.
-* ``dense``: at each scale Q, the localisation nets run fully convolutionally on the image and its
-  flip, and every map position gives a box per class (one for SCR), mapped back to the original
-  image.  The classification net runs densely on the same views: its spatially averaged,
-  flip-averaged softmax (as ``vggfeat evaluate --method dense``), averaged over scales, picks the
-  top-5 classes, and its per-position softmax scores each position's box.  For each of those
-  classes the boxes of all scales, flips and localisation nets are merged greedily
-  (:mod:`.merge`); the merged box with the highest accumulated class score is the guess for that
-  class.  The 5 guesses are ranked by that score.
+* ``dense``: each localisation net runs fully convolutionally on the image and its flip at its
+  own test scales Q (:func:`default_scales`), and every map position gives a box per class (one
+  for SCR), mapped back to the original image.  The classification system, one net or the fusion
+  of several, each with its own method and scales (:class:`Classifier`), gives the image's class
+  posterior exactly as ``vggfeat evaluate`` does (each net's posterior averaged over its scales,
+  the nets' posteriors averaged).  Its top-5 classes, among those the localisation nets can box,
+  are the guesses' classes.  For each of them the boxes of all scales, flips and localisation
+  nets are merged greedily (:mod:`.merge`); the merged box that gathers the most boxes (the
+  highest accumulated class score) is the guess for that class, rated by the class's posterior.
+  The 5 guesses are ranked by that score.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +28,9 @@ from ..data.folders import net_class_names
 from ..data.images import read_image, rescale_views
 from ..devices import default_device
 from ..errors import ConfigError
-from ..evaluate.methods import flip_averaged_posteriors
+from ..evaluate.methods import Evaluator
+from ..evaluate.run import default_scales as classifier_scales
+from ..evaluate.run import model_train_scale
 from ..models.configs import INPUT_SIZE
 from ..models.factory import vgg
 from ..models.runner import DeviceRunner
@@ -35,6 +40,7 @@ from .merge import DEFAULT_THRESHOLD, best_boxes
 from .net import BoxHead, class_boxes, head_of, load_localizer
 
 METHODS = ("center-crop", "dense")
+CLASSIFIER_METHODS = ("dense", "multi-crop", "dense+multi-crop")
 TOP_K = 5
 
 
@@ -45,16 +51,81 @@ class Guess:
     class_index: int  # in the classification net's class order
     wnid: str
     box: tuple[float, float, float, float]
-    score: float  # accumulated class score of the merged box, per predicted box (0–1)
+    score: float  # the class's posterior by the classification system (1.0 for center-crop)
 
 
 def default_scales(method: str, model: VGG) -> tuple[int, ...]:
-    """Q = the training scale S the localisation net records (Table 9's single-scale rows), else
-    256 for ``center-crop`` and 384 for ``dense``."""
+    """A localisation net's test scales Q.
+
+    ``dense``: the ``test_scales`` its recipe records (``recipes/loc-D-384.yaml``: 352,384, as in
+    Table 9's fusion), else Q = the training scale S it records (Table 9's single-scale rows),
+    else 384.  ``center-crop``: Q = S (Table 8), else 256.
+    """
+    recipe = model.weights_meta.get("recipe")
+    recorded = recipe.get("test_scales") if isinstance(recipe, dict) else None
+    if method == "dense" and isinstance(recorded, (list, tuple)) and recorded and \
+            all(isinstance(q, int) for q in recorded):
+        return tuple(recorded)
     s = model.weights_meta.get("train_scale")
     if isinstance(s, (int, str)) and str(s).isdigit():
         return (int(s),)
     return (256,) if method == "center-crop" else (384,)
+
+
+@dataclass(frozen=True)
+class Classifier:
+    """One net of the classification system that picks and rates the dense protocol's classes.
+
+    ``method``: ``dense``, ``multi-crop`` or ``dense+multi-crop`` (as ``vggfeat evaluate
+    --method``); ``scales``: its test scales Q (default: ``vggfeat evaluate``'s, the paper's for
+    the S its weights record).  The paper's best system (Sect. 4.5) is D and E trained at
+    S∈[256;512], ``dense+multi-crop`` at Q=256,384,512, fused.
+    """
+
+    net: VGG
+    method: str = "dense"
+    scales: tuple[int, ...] | None = None
+
+    def test_scales(self) -> tuple[int, ...]:
+        return tuple(self.scales or classifier_scales(self.method, model_train_scale(self.net)))
+
+
+def parse_classifier(spec: str) -> tuple[str, str, tuple[int, ...] | None]:
+    """``WEIGHTS[@METHOD][@Q,Q,…]`` → (weights, method, scales), e.g.
+    ``runs/E-256-512/final.safetensors@dense+multi-crop@256,384,512`` or ``torchvision``."""
+    parts = os.fspath(spec).split("@")
+    method, scales = "dense", None
+    while len(parts) > 1:  # peel method and scales off the end; a path may hold an "@"
+        last = parts[-1].replace(" ", "")
+        if last in CLASSIFIER_METHODS:
+            method = last
+        elif last and all(q.isdigit() for q in last.split(",")):
+            scales = tuple(int(q) for q in last.split(","))
+        else:
+            break
+        parts.pop()
+    weights = "@".join(parts)
+    if not weights:
+        raise ConfigError(f"classification net {spec!r}: give WEIGHTS[@METHOD][@Q,Q,…], e.g. "
+                          "torchvision@dense@256,384,512")
+    if scales is not None and min(scales) < INPUT_SIZE:
+        raise ConfigError(f"classification net {spec!r}: scales must be ≥ {INPUT_SIZE}, got "
+                          f"{','.join(map(str, scales))}")
+    return weights, method, scales
+
+
+def _as_classifiers(cls_net) -> list[Classifier]:
+    nets = [] if cls_net is None else [cls_net] if isinstance(cls_net, (VGG, Classifier)) \
+        else list(cls_net)
+    out = [c if isinstance(c, Classifier) else Classifier(c) for c in nets]
+    for c in out:
+        if c.method not in CLASSIFIER_METHODS:
+            raise ConfigError(f"a classification net of the dense protocol runs "
+                              f"{', '.join(CLASSIFIER_METHODS)}, not {c.method!r}")
+        if min(c.test_scales()) < INPUT_SIZE:
+            raise ConfigError(f"classification scales must be ≥ {INPUT_SIZE}, got "
+                              f"{c.test_scales()}")
+    return out
 
 
 def class_names_of(model: VGG) -> list[str]:
@@ -68,17 +139,22 @@ def class_names_of(model: VGG) -> list[str]:
 
 
 class Localizer:
-    """Localisation nets (one or more, same protocol) and, for ``dense``, a classification net.
+    """Localisation nets (one or more, same protocol) and, for ``dense``, a classification system
+    (one net or several fused, see :class:`Classifier`).
 
-    Call :meth:`dense` or :meth:`center_crop` on views made by :func:`rescale_views`, or
-    :meth:`__call__` on an image file or uint8 tensor for its top-5 guesses.
+    Call :meth:`dense` or :meth:`center_crop` on views made by :meth:`prepare`, or
+    :meth:`__call__` on an image file or uint8 tensor for its top-5 guesses.  ``scales``, when
+    given, is every localisation net's Q; by default each net runs at its own
+    (:func:`default_scales`).  ``backend`` says how the nets' layers run
+    (:mod:`vggfeat.models.backends`).
     """
 
-    def __init__(self, loc_nets: VGG | list[VGG], cls_net: VGG | None = None, *,
-                 method: str = "dense", scales: tuple[int, ...] | None = None, top_k: int = TOP_K,
+    def __init__(self, loc_nets: VGG | list[VGG], cls_net=None, *, method: str = "dense",
+                 scales: tuple[int, ...] | None = None, top_k: int = TOP_K,
                  merge_threshold: float = DEFAULT_THRESHOLD,
                  device: str | torch.device | None = None, batch_size: int = 8,
-                 amp: str | None = None, channels_last: bool = True) -> None:
+                 amp: str | None = None, channels_last: bool = True,
+                 backend: str = "auto") -> None:
         loc_nets = [loc_nets] if isinstance(loc_nets, VGG) else list(loc_nets)
         if method not in METHODS:
             raise ConfigError(f"unknown localisation protocol {method!r}; choose "
@@ -87,51 +163,100 @@ class Localizer:
             raise ConfigError("give at least one localisation net")
         if method == "center-crop" and len(loc_nets) > 1:
             raise ConfigError("the center-crop protocol scores one localisation net at a time")
-        if method == "dense" and cls_net is None:
+        classifiers = _as_classifiers(cls_net) if method == "dense" else []
+        if method == "dense" and not classifiers:
             raise ConfigError("dense localisation needs a classification net for the class "
                               "scores (--cls-weights)")
         self.heads: list[BoxHead] = [head_of(m) for m in loc_nets]
         run = dict(device=device or default_device(), batch_size=batch_size, amp=amp,
-                   channels_last=channels_last)
+                   channels_last=channels_last, backend=backend)
         self.locs = [DeviceRunner(m, **run) for m in loc_nets]
-        self.cls = DeviceRunner(cls_net, **run) if cls_net is not None else None
+        self.classifiers = classifiers
+        self.cls = [Evaluator(c.net, c.method, **run) for c in classifiers]
+        self.cls_scales = [c.test_scales() for c in classifiers]
         self.method = method
-        self.scales = tuple(scales or default_scales(method, loc_nets[0]))
+        self.net_scales = [tuple(scales or default_scales(method, m)) for m in loc_nets]
+        self.scales = tuple(sorted({q for qs in self.net_scales for q in qs}))
         if min(self.scales) < INPUT_SIZE:
             raise ConfigError(f"localisation needs scales Q ≥ {INPUT_SIZE} (the net's window), "
                               f"got {self.scales}")
         if method == "center-crop" and len(self.scales) > 1:
             raise ConfigError(f"the center-crop protocol uses one scale, got {self.scales}")
+        # Every view an image needs, once: the localisation nets' and the classifiers' scales.
+        self.view_scales = tuple(sorted({*self.scales, *(q for qs in self.cls_scales
+                                                          for q in qs)}))
         self.top_k, self.merge_threshold = top_k, merge_threshold
-        self.class_names = class_names_of(cls_net) if cls_net is not None else \
+        self.class_names = self._classifier_classes() if classifiers else \
             list(self.heads[0].class_names)
-        # Column of each classification class in each PCR head (-1: the head lacks the class).
-        self._columns = []
-        for head in self.heads:
-            index = {name: k for k, name in enumerate(head.class_names)}
-            columns = np.array([0 if head.kind == "scr" else index.get(name, -1)
-                                for name in self.class_names])
-            if (columns < 0).all():
-                raise ConfigError(f"the PCR localisation net boxes {len(head.class_names)} classes "
-                                  f"({', '.join(head.class_names[:3])} …), none of which the "
-                                  "classification net predicts; use a classifier of the same "
-                                  "classes")
-            self._columns.append(columns)
+        self._columns = [self._head_columns(head) for head in self.heads]
+        # Classes some localisation net can box: only these are ranked (SCR boxes every class).
+        self.localizable = np.any([c >= 0 for c in self._columns], axis=0)
+        if method == "dense":
+            self._warn_about_class_sets()
+
+    def _classifier_classes(self) -> list[str]:
+        names = [class_names_of(c.net) for c in self.classifiers]
+        if any(n != names[0] for n in names[1:]):
+            raise ConfigError("the classification nets predict different classes; fuse nets "
+                              "of the same classes")
+        return names[0]
+
+    def _head_columns(self, head: BoxHead) -> np.ndarray:
+        """Column of each classification class in a head's boxes (-1: the head lacks it)."""
+        index = {name: k for k, name in enumerate(head.class_names)}
+        columns = np.array([0 if head.kind == "scr" else index.get(name, -1)
+                            for name in self.class_names])
+        if (columns < 0).all():
+            raise ConfigError(f"the PCR localisation net boxes {len(head.class_names)} classes "
+                              f"({', '.join(head.class_names[:3])} …), none of which the "
+                              "classification net predicts; use a classifier of the same "
+                              "classes")
+        return columns
+
+    def _warn_about_class_sets(self) -> None:
+        """One warning when the classifier's classes and the boxed ones differ."""
+        boxed = {n for h in self.heads for n in h.class_names} \
+            if all(h.kind == "pcr" for h in self.heads) else set(self.class_names)
+        unboxed = int((~self.localizable).sum())
+        unknown = len(boxed - set(self.class_names))
+        if unboxed or unknown:
+            warnings.warn(
+                f"{unboxed} of the classifier's {len(self.class_names)} classes have no box in "
+                f"the localisation net(s), which box {len(boxed)} classes"
+                + (f" ({unknown} of them not among the classifier's)" if unknown else "")
+                + f": guesses are ranked among the {int(self.localizable.sum())} classes both "
+                "know", stacklevel=3)
+
+    def settings(self) -> dict:
+        """What the guesses depend on (a journal of other settings is refused)."""
+        return {"method": self.method, "scales": [list(qs) for qs in self.net_scales],
+                "classifiers": [[c.method, list(qs)] for c, qs in
+                                zip(self.classifiers, self.cls_scales)],
+                "classes": len(self.class_names), "top_k": self.top_k,
+                "merge_threshold": self.merge_threshold,
+                "weights": [r.model.weights_meta.get("sha256") for r in [*self.locs, *self.cls]]}
 
     @classmethod
-    def from_weights(cls, weights: str | os.PathLike | list, cls_weights: str | None = None,
+    def from_weights(cls, weights: str | os.PathLike | list, cls_weights: str | list | None = None,
                      **kwargs) -> Localizer:
-        """From weights files: localisation net(s) and, for ``dense``, a classification net."""
+        """From weights files: localisation net(s) and, for ``dense``, the classification
+        net(s), each ``WEIGHTS[@METHOD][@Q,Q,…]`` (:func:`parse_classifier`)."""
         paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
         loc_nets = [load_localizer(p)[0] for p in paths]
-        cls_net = vgg(weights=cls_weights) if cls_weights is not None else None
-        return cls(loc_nets, cls_net, **kwargs)
+        specs = [] if cls_weights is None else [cls_weights] \
+            if isinstance(cls_weights, (str, os.PathLike)) else list(cls_weights)
+        classifiers = []
+        for spec in specs:
+            source, method, scales = parse_classifier(spec)
+            classifiers.append(Classifier(vgg(weights=source), method, scales))
+        return cls(loc_nets, classifiers or None, **kwargs)
 
     def prepare(self, image: Tensor) -> list[Tensor]:
-        """uint8 3×H×W → one view per scale, then the original size as a tensor (H, W): what
+        """uint8 3×H×W → one view per scale of :attr:`view_scales`, then the original size as a tensor (H, W): what
         the data loader workers do (a list of tensors, as the loader pins them)."""
         crop = INPUT_SIZE if self.method == "center-crop" else None
-        return [*rescale_views(image, self.scales, crop=crop), torch.tensor(image.shape[-2:])]
+        return [*rescale_views(image, self.view_scales, crop=crop),
+                torch.tensor(image.shape[-2:])]
 
     @staticmethod
     def unpack(prepared: list[Tensor]) -> tuple[list[Tensor], tuple[int, int]]:
@@ -178,66 +303,73 @@ class Localizer:
 
     @torch.inference_mode()
     def dense(self, views: list[Tensor], size: tuple[int, int]) -> list[Guess]:
-        """Top-k guesses of one image from its per-scale views (uint8 3×Hq×Wq)."""
+        """Top-k guesses of one image from its views at :attr:`view_scales` (uint8 3×Hq×Wq)."""
+        by_scale = dict(zip(self.view_scales, views))
+        posterior = self.class_scores(by_scale)
+        ranked = posterior.masked_fill(torch.as_tensor(~self.localizable), -1.0)
+        k = min(self.top_k, int(self.localizable.sum()))
+        top = ranked.topk(k).indices.tolist()
+        found = self._net_boxes(by_scale, size)
+        groups = []  # per top class: every box predicted for it
+        for c in top:
+            groups.append(torch.cat([boxes[:, col].reshape(-1, 4) for boxes, columns in found
+                                     if (col := columns[c]) >= 0]))
+        n = max(len(b) for b in groups)
+        padded, valid = np.zeros((len(top), n, 4)), np.zeros((len(top), n), bool)
+        for g, b in enumerate(groups):
+            padded[g, :len(b)], valid[g, :len(b)] = b, True
+        # Every box of a class carries that class's score, so the merged box holding the most
+        # boxes has the highest accumulated score.
+        best, _ = best_boxes(padded, valid.astype(np.float64), threshold=self.merge_threshold,
+                             valid=valid)
+        guesses = [Guess(c, self.class_names[c], tuple(float(v) for v in best[g]),
+                         float(posterior[c])) for g, c in enumerate(top)]
+        return sorted(guesses, key=lambda guess: -guess.score)
+
+    def class_scores(self, views: dict[int, Tensor]) -> Tensor:
+        """The classification system's posterior (K) of one image from its views by scale: each
+        net's as ``vggfeat evaluate --method`` gives it (averaged over the net's scales), the
+        nets' averaged as ``vggfeat evaluate --fuse`` does."""
+        rows = [runner([[views[q] for q in scales]])[0]
+                for runner, scales in zip(self.cls, self.cls_scales)]
+        return torch.stack(rows).mean(0)
+
+    def _net_boxes(self, views: dict[int, Tensor], size: tuple[int, int]
+                   ) -> list[tuple[Tensor, np.ndarray]]:
+        """Per localisation net and each of its scales: its boxes 2×B×h×w×4 (image and flip,
+        original pixels) and the net's box column of each class."""
         h, w = size
-        posterior = torch.zeros(len(self.class_names))
-        per_position = []  # per (scale, net): boxes 2×B×h×w×4 and class scores 2×C×h×w
-        for q, view in zip(self.scales, views):
-            g = view_geometry(h, w, q)
-            with self.cls.autocast():
-                x = self.cls.network_input(view[None])
-                maps = self.cls.model.score_map(torch.cat([x, x.flip(-1)])).float()
-            posterior += flip_averaged_posteriors(maps, 1)[0].cpu()
-            probs = maps.softmax(1).cpu()  # 2×C×h×w, flipped view second (not mirrored back)
-            for runner, head in zip(self.locs, self.heads):
+        found = []
+        for runner, scales, columns in zip(self.locs, self.net_scales, self._columns):
+            for q in scales:
+                view = views[q]
                 with runner.autocast():
                     x = runner.network_input(view[None])
                     out = runner.model.score_map(torch.cat([x, x.flip(-1)])).float().cpu()
-                maps4 = out.unflatten(1, (-1, 4))  # 2×B×4×h×w
-                found = to_original(dense_boxes(maps4, view.shape[-1]), g, w, h)
-                per_position.append((found, probs))
-        posterior /= len(self.scales)
-        top = posterior.topk(min(self.top_k, len(posterior))).indices.tolist()
-        boxes, scores = [], []  # per top class: every box for it, and its class scores
-        for c in top:
-            group_boxes, group_scores = [], []
-            for (found, probs), columns in zip(per_position, self._columns * len(self.scales)):
-                col = columns[c]
-                if col < 0:
-                    continue
-                group_boxes.append(found[:, col].reshape(-1, 4))  # (2·h·w)×4
-                group_scores.append(probs[:, c].reshape(-1))
-            boxes.append(torch.cat(group_boxes) if group_boxes else torch.zeros(0, 4))
-            scores.append(torch.cat(group_scores) if group_scores else torch.zeros(0))
-        n = max(1, max(len(s) for s in scores))  # a class no PCR net boxes has no boxes
-        padded = np.zeros((len(top), n, 4))
-        padded_scores = np.zeros((len(top), n))
-        valid = np.zeros((len(top), n), bool)
-        for g, (b, s) in enumerate(zip(boxes, scores)):
-            padded[g, :len(s)], padded_scores[g, :len(s)], valid[g, :len(s)] = b, s, True
-        best, rating = best_boxes(padded, padded_scores, threshold=self.merge_threshold,
-                                  valid=valid)
-        guesses = [Guess(c, self.class_names[c], tuple(float(v) for v in best[g]),
-                         float(rating[g] / max(valid[g].sum(), 1)))
-                   for g, c in enumerate(top) if valid[g].any()]
-        return sorted(guesses, key=lambda guess: -guess.score)
+                boxes = dense_boxes(out.unflatten(1, (-1, 4)), view.shape[-1])  # 2×B×h×w×4
+                found.append((to_original(boxes, view_geometry(h, w, q), w, h), columns))
+        return found
 
 
 def localize(image: str | os.PathLike | Tensor, *, weights: str | os.PathLike | list,
-             cls_weights: str = "torchvision", scales: tuple[int, ...] | None = None,
-             top_k: int = TOP_K, device: str | None = None) -> list[Guess]:
+             cls_weights: str | list[str] = "torchvision", scales: tuple[int, ...] | None = None,
+             top_k: int = TOP_K, device: str | None = None, backend: str = "auto"
+             ) -> list[Guess]:
     """The top-5 (class, box, score) guesses for one image, in one call.
 
     Args:
         image: an image file or a uint8 RGB tensor 3×H×W.
         weights: localisation net weights file(s) (made by ``vggfeat localize train``).
-        cls_weights: the classification net (``torchvision``, ``timm`` or a weights file).
-        scales: test scales Q (default: the localisation net's training S, else 384).
+        cls_weights: the classification net(s), each ``WEIGHTS[@METHOD][@Q,Q,…]`` with WEIGHTS
+            ``torchvision``, ``timm`` or a file (several: their posteriors are fused).
+        scales: test scales Q of every localisation net (default: each net's own, see
+            :func:`default_scales`).
         device: where the nets run (default: cuda when available).
+        backend: how the nets' layers run: ``auto``, ``eager`` or ``winograd``.
 
     Returns:
         Up to ``top_k`` :class:`Guess` es, best first; boxes in pixels of the original image.
     """
     localizer = Localizer.from_weights(weights, cls_weights, method="dense", scales=scales,
-                                       top_k=top_k, device=device)
+                                       top_k=top_k, device=device, backend=backend)
     return localizer(image)

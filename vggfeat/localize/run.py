@@ -62,16 +62,20 @@ def images_with_boxes(folder: str | os.PathLike, boxes: BoxTable) -> LocImages:
 @dataclass
 class LocResult:
     method: str
-    scales: tuple[int, ...]
+    scales: tuple[int, ...]  # every localisation net's scales together
     paths: list[str]
     guesses: list[list[Guess]]  # per image, best first (center-crop: the ground-truth class's)
     metrics: dict
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    settings: dict = field(default_factory=dict)  # Localizer.settings(): each net's scales …
 
     def summary(self) -> dict:
+        nets = {k: self.settings[k] for k in ("scales", "classifiers") if k in self.settings}
         return {**{k: round(v, 3) for k, v in self.metrics.items()}, "images": len(self.paths),
                 "failed": len(self.failed), "method": self.method, "scales": list(self.scales),
+                **({"net_scales": nets["scales"]} if "scales" in nets else {}),
+                **({"classifiers": nets["classifiers"]} if nets.get("classifiers") else {}),
                 "seconds": round(self.seconds, 1)}
 
 
@@ -146,7 +150,7 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
         wrong = gt_class_errors(boxes, [t.of_class(gs[0].wnid) for t, gs in zip(truths, guesses)])
         metrics = {"gt_class_loc_error": 100.0 * float(wrong.mean())}
     return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
-                     metrics, failed, time.monotonic() - start)
+                     metrics, failed, time.monotonic() - start, localizer.settings())
 
 
 def _outside(path: str, truth: ImageBoxes, size: tuple[int, int]) -> str | None:
@@ -165,11 +169,7 @@ def _read_journal(journal: str | os.PathLike, localizer: Localizer) -> dict[str,
     A journal of other settings is refused; a line cut short by a kill is ignored.
     """
     journal = Path(journal)
-    settings = {"method": localizer.method, "scales": list(localizer.scales),
-                "classes": len(localizer.class_names), "top_k": localizer.top_k,
-                "merge_threshold": localizer.merge_threshold,
-                "weights": [r.model.weights_meta.get("sha256") for r in
-                            [*localizer.locs, *([localizer.cls] if localizer.cls else [])]]}
+    settings = localizer.settings()
     if not journal.exists() or journal.stat().st_size == 0:
         journal.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
         return {}
