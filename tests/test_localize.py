@@ -474,9 +474,11 @@ def test_cli_evaluate_dense_and_center_crop_then_score_the_submission(pasted, tr
                  classifier, "--data", pasted, "--boxes", pasted / "LOC_val_solution.csv",
                  "--scales", "256,288", "--json", tmp_path / "dense.json", "--predictions",
                  tmp_path / "pred.csv", "--pictures", tmp_path / "pictures", "--workers", "0",
-                 "--quiet")
+                 "--backend", "eager", "--quiet")
     summary = json.loads((tmp_path / "dense.json").read_text())
     assert summary["images"] == 16 and summary["method"] == "dense"
+    assert summary["backend"] == "eager" and summary["net_scales"] == [[256, 288], [256, 288]]
+    assert summary["cls_weights"] == [str(classifier)] and not list(tmp_path.glob("*.lock"))
     assert summary["scales"] == [256, 288] and "top5_loc_error" in out
     assert summary["top5_loc_error"] <= summary["top1_loc_error"]
     rows = (tmp_path / "pred.csv").read_text().splitlines()
@@ -679,6 +681,23 @@ def test_a_killed_evaluation_goes_on_from_its_journal(pasted, tmp_path, one_thre
 
 
 # -- messages -------------------------------------------------------------------------------
+
+def test_a_second_evaluation_writing_the_same_predictions_stops_with_one_line(tmp_path, capsys):
+    from vggfeat.cache.lock import OutputLock
+    from vggfeat.cli.main import main
+
+    write_image(tmp_path / "val" / "a.JPEG")
+    write_loc_csv(tmp_path / "boxes.csv", {"a": [(WNIDS[0], (10, 10, 200, 150))]})
+    predictions = tmp_path / "pred.csv"
+    with OutputLock(predictions), pytest.raises(SystemExit) as stop:  # as a first run would
+        main(["localize", "evaluate", "--weights", str(constant_box_net(tmp_path)), "--data",
+              str(tmp_path), "--boxes", str(tmp_path / "boxes.csv"), "--method", "center-crop",
+              "--predictions", str(predictions), "--workers", "0", "--quiet"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"Error: {predictions} is being written by process ")
+    assert not predictions.exists() and not list(tmp_path.glob("*.partial.jsonl"))
+
 
 def test_the_new_fc8_warning_speaks_of_box_outputs_for_a_localisation_net(tmp_path):
     classifier = vggfeat.save_weights(tiny_vgg("A", num_classes=3), tmp_path / "cls.safetensors",

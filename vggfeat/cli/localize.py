@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from .options import IntList, device_options
+from .options import IntList, backend_option, device_options
 from .train import recipe_from_flags, report_run, run_options
 
 
@@ -84,8 +84,13 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
 @click.option("--weights", "loc_weights", multiple=True, required=True,
               type=click.Path(exists=True, dir_okay=False),
               help="localisation net weights (repeat --weights to merge several nets' boxes)")
-@click.option("--cls-weights", default="torchvision", show_default=True,
-              help="classification net for the dense protocol: torchvision, timm or a file")
+@click.option("--cls-weights", "cls_weights", multiple=True,
+              help="classification net for the dense protocol's class scores, as "
+                   "WEIGHTS[@METHOD][@Q,Q,…]: WEIGHTS torchvision, timm or a file; METHOD dense, "
+                   "multi-crop or dense+multi-crop; Q as vggfeat evaluate's default. Repeat it "
+                   "to fuse several nets, e.g. D.safetensors@dense+multi-crop --cls-weights "
+                   "E.safetensors@dense+multi-crop (the paper's best system) [default: "
+                   "torchvision@dense@256,384,512]")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="folder with val/ (flat images, or one sub-folder per class)")
 @click.option("--boxes", "boxes_path", required=True, type=click.Path(exists=True),
@@ -93,7 +98,9 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
 @click.option("--method", type=click.Choice(["center-crop", "dense"]), default="dense",
               show_default=True)
 @click.option("--scales", type=IntList(), default=None,
-              help="test scales Q [default: the net's training S; else 256 (center-crop) or 384]")
+              help="test scales Q of every localisation net [default: each net's own: the "
+                   "test_scales its recipe records, else its training S; else 256 (center-crop) "
+                   "or 384]")
 @click.option("--merge-threshold", type=float, default=None,
               help="greedy merge: merge boxes whose match score is below this [default: 1.0]")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the summary here")
@@ -103,15 +110,19 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
               help="draw the predicted and true boxes on each image into this folder")
 @device_options
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
+@backend_option
 @click.option("--quiet", is_flag=True)
 def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales, merge_threshold,
-                     json_out, predictions, pictures, batch_size, workers, device, amp,
+                     json_out, predictions, pictures, batch_size, workers, device, amp, backend,
                      quiet) -> None:
     """Localisation error on val images with known boxes: center-crop with the ground-truth
     class (Table 8), or dense with the top-5 classes and greedy merging (Tables 9–10)."""
+    from contextlib import ExitStack
+
+    from ..cache.lock import OutputLock
     from ..data.boxes import read_boxes
     from ..localize.merge import DEFAULT_THRESHOLD
-    from ..localize.predict import Localizer
+    from ..localize.predict import DEFAULT_CLASSIFIER, Localizer
     from ..localize.run import (
         draw_all,
         evaluate_localization,
@@ -120,37 +131,46 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
         write_summary,
     )
 
-    table = read_boxes(boxes_path)
-    _report_bad_boxes(table)
-    images = images_with_boxes(Path(data) / "val", table)
-    if images.without_boxes:
-        click.echo(f"{len(images.without_boxes)} image(s) without boxes left out, e.g. "
-                   f"{images.without_boxes[0]}", err=True)
-    localizer = Localizer.from_weights(
-        list(loc_weights), cls_weights if method == "dense" else None, method=method,
-        scales=scales, merge_threshold=merge_threshold or DEFAULT_THRESHOLD,
-        device=device, batch_size=batch_size, amp=amp)
-    # Finished images are kept beside the output as the run goes: run the same command again
-    # after a kill and it goes on where it stopped.
-    output = predictions or json_out
-    journal = Path(f"{output}.partial.jsonl") if output else None
-    result = evaluate_localization(localizer, images, batch_size=batch_size, workers=workers,
-                                   progress=not quiet, journal=journal)
-    for path, reason in result.failed:
-        click.echo(f"skipped {path}: {reason}", err=True)
-    weights = {"weights": list(loc_weights),
-               "cls_weights": cls_weights if method == "dense" else None}
-    if json_out:
-        write_summary(result, json_out, **weights)
-    if predictions:
-        write_predictions(result, predictions)
-    if pictures:
-        draw_all(result, images, pictures)
-    if journal is not None:
-        journal.unlink()
+    cls_weights = list(cls_weights or [DEFAULT_CLASSIFIER]) if method == "dense" else None
+    outputs = [p for p in (predictions, json_out) if p]
+    with ExitStack() as held:
+        # One run per output: a second one writing the same file stops here, naming the first.
+        for path in dict.fromkeys(Path(p).resolve() for p in outputs):
+            held.enter_context(OutputLock(path))
+        table = read_boxes(boxes_path)
+        _report_bad_boxes(table)
+        images = images_with_boxes(Path(data) / "val", table)
+        if images.without_boxes:
+            click.echo(f"{len(images.without_boxes)} image(s) without boxes left out, e.g. "
+                       f"{images.without_boxes[0]}", err=True)
+        localizer = Localizer.from_weights(
+            list(loc_weights), cls_weights, method=method, scales=scales,
+            merge_threshold=merge_threshold or DEFAULT_THRESHOLD, device=device,
+            batch_size=batch_size, amp=amp, backend=backend)
+        # Finished images are kept beside the output as the run goes: run the same command
+        # again after a kill and it goes on where it stopped.
+        journal = Path(f"{outputs[0]}.partial.jsonl") if outputs else None
+        result = evaluate_localization(localizer, images, batch_size=batch_size,
+                                       workers=workers, progress=not quiet, journal=journal)
+        for path, reason in result.failed:
+            click.echo(f"skipped {path}: {reason}", err=True)
+        empty = [p for p, guesses in zip(result.paths, result.guesses) if not guesses]
+        if empty:
+            click.echo(f"{len(empty)} image(s) got no guess (an empty prediction, scored as "
+                       f"wrong), e.g. {empty[0]}", err=True)
+        weights = {"weights": list(loc_weights), "cls_weights": cls_weights,
+                   "backend": localizer.locs[0].backend}
+        if json_out:
+            write_summary(result, json_out, **weights)
+        if predictions:
+            write_predictions(result, predictions)
+        if pictures:
+            draw_all(result, images, pictures)
+        if journal is not None:
+            journal.unlink()
     errors = ", ".join(f"{k} {v:.2f}%" for k, v in result.metrics.items())
-    click.echo(f"{method} Q={','.join(map(str, result.scales))} on {len(result.paths)} images: "
-               f"{errors}")
+    scales = " + ".join(",".join(map(str, qs)) for qs in localizer.net_scales)
+    click.echo(f"{method} Q={scales} on {len(result.paths)} images: {errors}")
 
 
 @localize_group.command("score")

@@ -41,6 +41,10 @@ from .net import BoxHead, class_boxes, head_of, load_localizer
 
 METHODS = ("center-crop", "dense")
 CLASSIFIER_METHODS = ("dense", "multi-crop", "dense+multi-crop")
+# The class scores of the dense protocol by default: torchvision's VGG-16 (config D), dense at
+# vggfeat evaluate's scales for a net of unknown S, 256,384,512.  The paper's own (Sect. 4.5)
+# fuses D and E, dense+multi-crop: pass both nets to reproduce it.
+DEFAULT_CLASSIFIER = "torchvision@dense@256,384,512"
 TOP_K = 5
 
 
@@ -352,7 +356,7 @@ class Localizer:
 
 
 def localize(image: str | os.PathLike | Tensor, *, weights: str | os.PathLike | list,
-             cls_weights: str | list[str] = "torchvision", scales: tuple[int, ...] | None = None,
+             cls_weights: str | list[str] = DEFAULT_CLASSIFIER, scales: tuple[int, ...] | None = None,
              top_k: int = TOP_K, device: str | None = None, backend: str = "auto"
              ) -> list[Guess]:
     """The top-5 (class, box, score) guesses for one image, in one call.
