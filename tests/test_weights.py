@@ -248,3 +248,61 @@ def test_init_from_a_file(tmp_path):
     assert torch.equal(deep.head.fc8.bias, net_a.head.fc8.bias)
     with pytest.raises(ValueError, match="must be a net A"):
         vggfeat.vgg("D", width_mult=1 / 16, fc_dim=32, init_from_a=tiny_vgg("B"))
+
+
+def test_non_finite_weights_are_refused_naming_the_tensor(tmp_path, image_folder, capsys):
+    from vggfeat.cli import main
+
+    model = tiny_vgg("A")
+    with torch.no_grad():
+        model.head.fc7.weight[3, 1] = float("nan")
+    path = vggfeat.save_weights(model, tmp_path / "nan.safetensors")
+    with pytest.raises(WeightsError, match=r"nan\.safetensors.*head\.fc7\.weight.*1 NaN"):
+        vggfeat.vgg(weights=path)
+    state = to_torchvision(tiny_vgg("A").state_dict(), tiny_vgg("A"))
+    state["features.0.bias"][:2] = float("inf")
+    torch.save(state, tmp_path / "inf.pth")
+    with pytest.raises(WeightsError, match=r"inf\.pth.*features\.0\.bias.*2 infinite"):
+        vggfeat.vgg("A", weights=tmp_path / "inf.pth", width_mult=1 / 16, fc_dim=32)
+    out = tmp_path / "f.h5"
+    with pytest.raises(SystemExit) as stop:
+        main(["extract", str(image_folder), "-o", str(out), "--weights", str(path), "--device",
+              "cpu"])
+    assert stop.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err
+    assert "head.fc7.weight" in err and "Traceback" not in err
+
+
+def _with_metadata(source, path, **changes):
+    """A copy of a vggfeat weights file with some metadata entries replaced."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(source), framework="pt") as f:
+        metadata = {**f.metadata(), **changes}
+    save_file(load_file(str(source)), str(path), metadata=metadata)
+    return path
+
+
+def test_metadata_that_is_not_json_names_the_file(tiny_weights, tmp_path):
+    for key in ("config", "meta", "preprocessing"):
+        bad = _with_metadata(tiny_weights, tmp_path / f"bad-{key}.safetensors", **{key: "{oops"})
+        with pytest.raises(WeightsError, match=rf"bad-{key}\.safetensors.*'{key}'.*not valid"):
+            vggfeat.vgg(weights=bad)
+    odd = _with_metadata(tiny_weights, tmp_path / "odd.safetensors", config='{"arch": "D"}')
+    with pytest.raises(WeightsError, match=r"odd\.safetensors.*'config'.*not valid"):
+        vggfeat.vgg(weights=odd)
+    not_a_dict = _with_metadata(tiny_weights, tmp_path / "list.safetensors", preprocessing="[1]")
+    with pytest.raises(WeightsError, match=r"list\.safetensors.*'preprocessing'.*not valid"):
+        vggfeat.vgg(weights=not_a_dict)
+
+
+def test_metadata_contradicting_the_tensors_names_the_file_and_the_fix(tiny_weights, tmp_path):
+    import json
+
+    config = {"arch": "E", "batch_norm": False, "num_classes": 1000, "width_mult": 1 / 16,
+              "fc_dim": 32}  # the tensors are a tiny D
+    wrong = _with_metadata(tiny_weights, tmp_path / "wrong.safetensors", config=json.dumps(config))
+    with pytest.raises(WeightsError, match=r"wrong\.safetensors.*records VGG E .*its tensors.*"
+                                           r"VGG D \(vgg16.*save_file"):
+        vggfeat.vgg(weights=wrong)

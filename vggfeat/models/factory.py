@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, WeightsError
+from ..errors import ConfigError, InputError, WeightsError
 from .configs import FC_DIM, NUM_CLASSES, parse_arch
 from .convert import describe_config, infer_config, to_vggfeat
 from .init import init_weights, preinit_from_a
@@ -48,6 +48,7 @@ class _Weights:
     config: dict
     provenance: dict
     preprocessing: Preprocessing | None  # None: as the file's layout implies
+    recorded: bool = False  # the config comes from the file's vggfeat metadata, not its shapes
 
 
 def vgg(arch: str | None = None, *, weights=None, pretrained: bool | None = None,
@@ -96,7 +97,7 @@ def vgg(arch: str | None = None, *, weights=None, pretrained: bool | None = None
         loaded = (_hub_weights(source, arch, options, download=download, progress=progress)
                   if source in HUB_SOURCES else _file_weights(Path(source), arch, options))
         model = VGG(**loaded.config, dropout=dropout)
-        converted, fmt = to_vggfeat(loaded.state_dict, model)
+        converted, fmt = _fit(loaded, model)
         model.load_state_dict(converted)
         model.preprocessing = loaded.preprocessing or (CAFFE if fmt == "caffe" else IMAGENET)
         model.weights_meta = {**loaded.provenance, "layout": fmt}
@@ -187,8 +188,9 @@ def _hub_weights(source: str, arch: str | None, options: dict, *, download: bool
 def _file_weights(path: Path, arch: str | None, options: dict) -> _Weights:
     """A weights file and the config it holds: recorded by vggfeat, else read from its shapes."""
     state_dict, meta = read_weights_file(path)
-    if meta.get("format") == FORMAT_TAG:
-        config = json.loads(meta["config"])
+    recorded = meta.get("format") == FORMAT_TAG
+    if recorded:
+        config = _recorded_config(meta, path)
     else:
         try:
             config = infer_config(state_dict, prefer=arch)
@@ -207,10 +209,67 @@ def _file_weights(path: Path, arch: str | None, options: dict) -> _Weights:
                                f"{options[key]}; drop {key} or pick the matching file")
     provenance = {"source": "file", "file": str(path.resolve()), "sha256": sha256(path)}
     if "meta" in meta:
-        provenance = {**json.loads(meta["meta"]), **provenance}
-    preprocessing = (Preprocessing.from_json(meta["preprocessing"]) if "preprocessing" in meta
-                     else None)
-    return _Weights(state_dict, config, provenance, preprocessing)
+        provenance = {**_metadata_entry(meta, "meta", path, json.loads, dict), **provenance}
+    preprocessing = (_metadata_entry(meta, "preprocessing", path, Preprocessing.from_json,
+                                     Preprocessing) if "preprocessing" in meta else None)
+    return _Weights(state_dict, config, provenance, preprocessing, recorded)
+
+
+def _rewrite_advice(path: Path) -> str:
+    """What to do about a vggfeat file whose metadata is wrong (without metadata, vggfeat reads
+    the config from the tensor shapes)."""
+    return ("export the file again (vggfeat.save_weights), or copy its tensors without the "
+            f"metadata (safetensors.torch.save_file(safetensors.torch.load_file('{path}'), "
+            "'NEW.safetensors')) so that vggfeat reads the config from their shapes (the "
+            "preprocessing is then ImageNet's unless you pass another)")
+
+
+def _metadata_entry(meta: dict, key: str, path: Path, parse, kind: type):
+    """``parse(meta[key])``, or a :class:`WeightsError` naming the file and the entry."""
+    try:
+        value = parse(meta[key])
+        if not isinstance(value, kind):
+            raise TypeError(f"a {type(value).__name__}, not a {kind.__name__}")
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # JSON of the wrong shape
+        raise WeightsError(f"{path}: its vggfeat metadata entry '{key}' is not valid ({err}); "
+                           f"{_rewrite_advice(path)}") from err
+    return value
+
+
+def _recorded_config(meta: dict, path: Path) -> dict:
+    """The config a vggfeat file records: the :class:`VGG` arguments, all of them and no more."""
+    def parse(text: str) -> dict:
+        config = json.loads(text)
+        if not isinstance(config, dict) or set(config) != {"arch", *ARCH_OPTIONS, "num_classes"}:
+            raise ValueError(f"expected the keys arch, {', '.join(ARCH_OPTIONS)}, num_classes; "
+                             f"got {text[:120]}")
+        numbers = [config[k] for k in ("width_mult", "fc_dim", "num_classes")]
+        if not all(isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers):
+            raise ValueError(f"width_mult, fc_dim and num_classes must be numbers; got {numbers}")
+        parse_arch(config["arch"], batch_norm=config["batch_norm"])
+        return config
+
+    return _metadata_entry(meta, "config", path, parse, dict)
+
+
+def _fit(loaded: _Weights, model: VGG) -> tuple[dict, str]:
+    """``to_vggfeat`` for loaded weights; a misfit names the file and what to do about it."""
+    try:
+        return to_vggfeat(loaded.state_dict, model)
+    except InputError as err:
+        file = loaded.provenance.get("file")
+        if loaded.provenance.get("source") != "file":  # a hub file: damaged or replaced
+            raise WeightsError(f"{file}: {err}; delete the file and run again to download it "
+                               "anew") from err
+        if not loaded.recorded:
+            raise WeightsError(f"{file}: {err}") from err
+        try:
+            actual = f"are those of {describe_config(infer_config(loaded.state_dict))}"
+        except ValueError:
+            actual = "fit no VGG config"
+        raise WeightsError(f"{file}: its metadata records {describe_config(loaded.config)}, but "
+                           f"its tensors do not fit it ({err}); its tensors {actual}. The "
+                           f"metadata is wrong: {_rewrite_advice(file)}") from err
 
 
 def _new_head(model: VGG, num_classes: int, *, init: str, seed: int | None) -> None:

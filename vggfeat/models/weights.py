@@ -134,10 +134,12 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
         try:
             with safe_open(str(path), framework="pt") as f:
                 metadata = f.metadata() or {}
-            return load_file(str(path)), metadata
+            state_dict = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:  # empty, truncated or not safetensors
             raise WeightsError(f"cannot read weights file {path}: it is not a complete .safetensors "
                                f"file ({err}); download or export it again") from err
+        _refuse_non_finite(state_dict, path)
+        return state_dict, metadata
     with open(path, "rb") as f:
         head = f.read(2)
     # torch.save writes a zip archive ("PK"), older torch a bare pickle (protocol byte 0x80).
@@ -159,7 +161,25 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
             obj = obj[wrapper]
     if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
         raise WeightsError(f"{path} does not hold a state dict of tensors")
+    _refuse_non_finite(obj, path)
     return obj, {}
+
+
+def _refuse_non_finite(state_dict: dict[str, Tensor], path: Path) -> None:
+    """NaN or infinite weights turn every output into NaN without any error: refuse them here."""
+    for key, value in state_dict.items():
+        if not value.is_floating_point():
+            continue
+        finite = torch.isfinite(value)
+        if bool(finite.all()):
+            continue
+        nan = int(torch.isnan(value).sum())
+        infinite = value.numel() - int(finite.sum()) - nan
+        counts = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (infinite, "infinite"))
+                              if n)
+        raise WeightsError(f"weights file {path}: tensor {key} holds {counts} value(s) (of "
+                           f"{value.numel()}), so every output would be NaN; use an earlier "
+                           "checkpoint of the run that wrote it, or download or export it again")
 
 
 def sha256(path: str | os.PathLike) -> str:
