@@ -155,8 +155,8 @@ def test_unknown_layer_lists_valid_ones():
     assert "norm1" in tiny_vgg("A-LRN").layer_names and "conv5_4" in tiny_vgg("E").layer_names
 
 
-def test_feature_info_metadata():
-    info = {i["name"]: i for i in tiny_vgg("D").feature_info}
+def test_layer_info_metadata():
+    info = {i["name"]: i for i in tiny_vgg("D").layer_info}
     assert info["conv3_3"] == {"name": "conv3_3", "num_chs": 16, "reduction": 4,
                                "module": "features.relu3_3"}
     assert info["pool5"]["reduction"] == 32 and info["fc7"]["num_chs"] == 32

@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import timm
 import torch
 import torchvision
 from conftest import tiny_vgg
@@ -80,6 +81,36 @@ def test_forward_intermediates_are_the_stage_ends_by_name():
         model.forward_intermediates(X224, indices=[6])
 
 
+@pytest.mark.parametrize("name", ["vgg11", "vgg16", "vgg19_bn"])
+def test_feature_info_is_timms_entry_by_entry(name):
+    """timm's meaning: one entry per stage end (5 conv stages, then pool5), as features_only and
+    out_indices consumers read it; the per-layer table is layer_info."""
+    with torch.device("meta"):  # shapes and metadata only: no weights are allocated
+        ref = timm.create_model(name, pretrained=False)
+        ours = vggfeat.VGG(name)
+    assert len(ours.feature_info) == len(ref.feature_info) == 6
+    for a, b in zip(ours.feature_info, ref.feature_info):
+        assert (a["num_chs"], a["reduction"]) == (b["num_chs"], b["reduction"])
+        # the same kind of module (the ReLU before each pool, then pool5) under vggfeat's names
+        assert type(ours.get_submodule(a["module"])) is type(ref.get_submodule(b["module"]))
+    info = timm.models.FeatureInfo(ours.feature_info, out_indices=(1, 3))
+    assert info.channels() == [128, 512] and info.reduction() == [2, 8]
+    assert [i["name"] for i in ours.layer_info] == [  # every layer, as before: now layer_info
+        n for n in ours.layer_names if not n.endswith(":pre") and n != "prob"]
+
+
+def test_forward_intermediates_are_indexed_like_feature_info():
+    model = tiny_vgg("D")
+    with torch.no_grad():
+        maps = model.forward_intermediates(X224, intermediates_only=True)
+        last_two = model.forward_intermediates(X224, indices=[-2, -1], intermediates_only=True)
+    assert [m.shape[1] for m in maps] == [i["num_chs"] for i in model.feature_info]
+    assert [224 // m.shape[-1] for m in maps] == [i["reduction"] for i in model.feature_info]
+    named = model.forward_layers(X224, [i["name"] for i in model.feature_info[-2:]])
+    for a, b in zip(last_two, named.values()):
+        torch.testing.assert_close(a, b)
+
+
 def test_reset_and_get_classifier_as_timm(timm_pair):
     _, loaded = timm_pair
     model = vggfeat.vgg(weights=loaded.weights_meta["file"]).eval()
@@ -91,7 +122,7 @@ def test_reset_and_get_classifier_as_timm(timm_pair):
         assert model(X224).shape == (2, 3)
         torch.testing.assert_close(model.forward_head(model.forward_features(X224), pre_logits=True),
                                    fc7)
-    assert model.feature_info[-1]["num_chs"] == 3
+    assert model.layer_info[-1]["num_chs"] == 3
     model.reset_classifier(0)  # timm: no classifier, the model returns pooled pre-logits
     assert isinstance(model.get_classifier(), torch.nn.Identity)
     assert "fc8" not in model.layer_names and "prob" not in model.layer_names

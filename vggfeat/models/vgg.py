@@ -10,7 +10,9 @@ convolutions (as timm's ``ConvMlp`` does), so
 The contract is timm's: :meth:`VGG.forward_features` (image → pool5) then :meth:`VGG.forward_head`
 (pool5 → pooled N×num_classes logits); :meth:`VGG.forward_head_dense` keeps the head's output
 as a map.  timm's ``reset_classifier``, ``get_classifier`` and ``forward_intermediates`` behave as in
-timm.  Any named layer can be read with :meth:`VGG.forward_layers`.
+timm.  ``feature_info`` is timm's: the stage ends that ``forward_intermediates`` returns;
+``layer_info`` describes every named layer, and any of them can be read with
+:meth:`VGG.forward_layers`.
 """
 
 from __future__ import annotations
@@ -142,15 +144,24 @@ class VGG(nn.Module):
     # -- metadata -------------------------------------------------------------------------------
 
     def _index_layers(self) -> None:
-        """Positions and feature_info of the readable layers (again after a new classifier)."""
+        """Positions, layer_info and feature_info of the readable layers (again after a new
+        classifier)."""
         self.num_classes = self.config["num_classes"]
         taps = {k: v for k, v in self._tap_modules.items() if k != "fc8" or self.num_classes}
-        self._modules_in_order = [*self.features.named_children(), *self.head.named_children()]
         position = {name: i for i, (name, _) in enumerate(self._modules_in_order)}
         self._taps = {layer: position[module] for layer, module in taps.items()}
-        self.feature_info = self._feature_info(taps)
+        self.layer_info = self._layer_info(taps)
+        # timm's meaning: one entry per intermediate of forward_intermediates (the stage ends).
+        names = [name for name, _ in self.features.named_children()]
+        stage_ends = {f"features.{names[i]}" for i in self._stage_ends}
+        self.feature_info = [info for info in self.layer_info if info["module"] in stage_ends]
 
-    def _feature_info(self, taps: dict[str, str]) -> list[dict]:
+    @property
+    def _modules_in_order(self) -> list[tuple[str, nn.Module]]:
+        """(name, module) of the feature and head layers in network order, as they are now."""
+        return [*self.features.named_children(), *self.head.named_children()]
+
+    def _layer_info(self, taps: dict[str, str]) -> list[dict]:
         """timm-style description of each readable layer: channels, stride (px) and module."""
         info, reduction, channels = [], 1, 3
         for name, module in self.features.named_children():
@@ -186,7 +197,7 @@ class VGG(nn.Module):
         base = self.check_layer(name).removesuffix(PRE)
         if base == "prob":
             return self.num_classes
-        return next(info["num_chs"] for info in self.feature_info if info["name"] == base)
+        return next(info["num_chs"] for info in self.layer_info if info["name"] == base)
 
     # -- forward contract ----------------------------------------------------------------------
 
