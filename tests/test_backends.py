@@ -241,6 +241,20 @@ def test_a_folder_in_the_way_of_the_library_or_its_stamp_is_replaced(fresh_kerne
     assert stamp.is_file()
 
 
+def test_backend_copy_shares_parameters_but_not_the_callers_state():
+    model = tiny_vgg("D")
+    fast = with_backend(model, "winograd", reads=["fc7"])
+    assert isinstance(model.features.conv1_1, torch.nn.Conv2d)  # the caller's layers stay
+    assert fast.features.conv1_1.weight is model.features.conv1_1.weight
+    assert fast.layer_info == model.layer_info and fast.feature_info == model.feature_info
+    fast.reset_classifier(3)  # a new head on the copy leaves the caller's net as it was
+    assert model.config["num_classes"] == model.num_classes == 1000
+    assert "fc8" in model.layer_names and model.head.fc8.weight.shape[0] == 1000
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 224, 224)).shape == (1, 1000)
+        assert fast(torch.randn(1, 3, 224, 224)).shape == (1, 3)
+
+
 def test_winograd_layers_follow_weights_changed_in_place():
     conv = torch.nn.Conv2d(4, 6, 3, padding=1)
     layer = WinogradConv2d.from_conv(conv)

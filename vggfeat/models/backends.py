@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import math
 import platform
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..choices import BACKENDS
 from ..errors import ConfigError
 from ..fileio import write_json_atomic
 from .vgg import PRE, VGG, DenseLinear
@@ -41,7 +43,6 @@ from .winograd import (
     winograd_eligible,
 )
 
-BACKENDS = ("auto", "eager", "winograd")
 # Largest im2col copy of a dense fc layer's input windows (bytes).
 IM2COL_BYTES = 256 * 2**20
 
@@ -139,11 +140,11 @@ def with_backend(model: VGG, backend: str, *, reads: Iterable[str] | None = None
     head = OrderedDict((name, GemmDenseLinear.from_dense(layer, choose=choose)
                         if type(layer) is DenseLinear else layer)
                        for name, layer in model.head.named_children())
-    new = copy.copy(model)
-    # A shallow copy shares the module dict: give the copy its own before replacing layers.
-    new._modules = dict(model._modules)
+    # A copy of the net's structure and metadata that shares its parameters and buffers; layers
+    # keep their names, so the copy's layer positions and layer_info are the original's.
+    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    new = copy.deepcopy(model, shared)
     new.features, new.head = nn.Sequential(features), nn.Sequential(head)
-    new._index_layers()
     return new
 
 
