@@ -29,6 +29,76 @@ def test_help_and_version_import_nothing_heavy(flag):
         assert all(name in out.stdout for name in COMMANDS)
 
 
+# Every command's help, and mistakes answered from the arguments alone: none may wait for torch.
+QUICK_ANSWERS = [
+    *([name, "--help"] for name in COMMANDS),
+    *(["localize", name, "--help"] for name in ("train", "evaluate", "score")),
+    ["extract", "img", "-o", "feats.npy"],
+    ["extract", "img", "-o", "f.h5", "--layer", "fc9"],
+    ["extract", "img", "-o", "f.h5", "--layer", "conv3_4", "--arch", "D"],
+    ["extract", "img", "-o", "f.h5", "--backend", "gpu"],
+    ["extract", "img", "-o", "f.h5", "--device", "tpu"],
+    ["extract", "img", "-o", "f.h5", "--arch", "vgg17"],
+    ["transfer", "f.h5", "--protocol", "folder", "--layer", "FC7"],
+    ["transfer", "f.h5", "--protocol", "imagenet"],
+    ["evaluate", "--method", "dense+crop"],
+    ["scoremap", "nope.jpg", "-o", "map.png"],
+    ["train", "--data", ".", "--arch", "Z"],
+    ["localize", "train", "--data", ".", "--boxes", ".", "--head", "xyz"],
+    ["localize", "evaluate", "--weights", "nope.safetensors"],
+    ["info", "--arch", "F"],
+]
+
+
+def test_help_and_argument_errors_answer_without_torch(tmp_path):
+    code = f"""
+import contextlib, io, sys
+from vggfeat.cli import main
+for argv in {QUICK_ANSWERS!r}:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(argv)
+        except SystemExit as stop:
+            code = stop.code
+        else:
+            code = 0
+    loaded = [m for m in {HEAVY!r} if m in sys.modules]
+    print(repr((argv, code, loaded, out.getvalue())))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
+    results = [eval(line) for line in out.stdout.splitlines()]
+    assert len(results) == len(QUICK_ANSWERS), out.stderr
+    for argv, code, loaded, text in results:
+        assert loaded == [], (argv, loaded)
+        if "--help" in argv:
+            assert code == 0 and "Usage:" in text, (argv, text)
+        else:
+            assert code == 2 and "Error: " in text and "Traceback" not in text, (argv, text)
+
+
+@pytest.mark.parametrize("layer, arch, hint", [
+    ("FC7", None, "did you mean 'fc7'?"),
+    ("fc9", None, "did you mean 'fc8'?"),
+    ("conv3_4", "D", "for VGG D; did you mean 'conv3_3'?"),
+    ("conv1_1:PRE", "E", "did you mean 'conv1_1:pre'?"),
+])
+def test_a_mistyped_layer_gets_the_closest_name(layer, arch, hint, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["extract", "img", "-o", "f.h5", "--layer", layer, *(["--arch", arch] if arch else [])])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert hint in err and "valid layers" not in err, err
+
+
+def test_a_layer_far_from_any_name_lists_them_all(capsys):
+    with pytest.raises(SystemExit):
+        main(["extract", "img", "-o", "f.h5", "--layer", "bottleneck", "--arch", "D"])
+    err = capsys.readouterr().err
+    assert "valid layers: conv1_1:pre, conv1_1," in err and "conv3_4" not in err
+
+
 def test_every_listed_command_exists():
     ctx = click.Context(cli)
     for name in COMMANDS:

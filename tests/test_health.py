@@ -87,12 +87,12 @@ def test_all_user_errors_share_one_base_and_keep_their_old_types():
 
 
 def _failing_info(monkeypatch, error):
-    import vggfeat.cli.info
+    import vggfeat.models  # where ``vggfeat info`` finds it when it runs
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(vggfeat.cli.info, "count_params", fail)
+    monkeypatch.setattr(vggfeat.models, "count_params", fail)
 
 
 def test_cli_shows_user_errors_as_one_line(monkeypatch, capsys):
@@ -212,3 +212,16 @@ def test_docs_link_only_files_of_the_repository():
                 problems.append(f"{page.name}: {target}")
         problems += [f"{page.name}: {m}" for m in re.findall(r"/work/\S+", text)]
     assert not problems, problems
+
+
+def test_the_command_lines_choices_are_the_librarys():
+    """``--help`` and argument checks read vggfeat.choices (no torch); the code that acts on the
+    values must accept exactly those."""
+    from vggfeat import choices
+    from vggfeat.cache import store
+    from vggfeat.extract import run
+    from vggfeat.transfer.protocols import PROTOCOLS
+
+    assert choices.DTYPES == run.DTYPES
+    assert choices.HDF5_SUFFIXES == store.SUFFIXES
+    assert choices.PROTOCOLS == tuple(PROTOCOLS)

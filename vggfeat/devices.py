@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
+from typing import TYPE_CHECKING
 
-import torch
-
+from .choices import DEVICE_KINDS as KINDS
 from .errors import ConfigError
 
-KINDS = ("cpu", "cuda", "mps")
+if TYPE_CHECKING:
+    import torch
 
 
 def default_device() -> str:
     """Where a command runs when no device is given: the first CUDA GPU if PyTorch sees one."""
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -21,11 +25,22 @@ def default_workers() -> int:
     return max(1, min(8, (os.cpu_count() or 2) // 2))
 
 
+def check_device_name(device: str) -> str:
+    """``device`` if it is spelled as one (``cpu``, ``cuda``, ``cuda:1``, ``mps``), else a
+    :class:`ConfigError`: the part of :func:`resolve_device` that needs no torch, so the command
+    line answers a typo at once (whether this machine has the device is asked when it runs)."""
+    if not re.fullmatch(r"(?:%s)(?::\d+)?" % "|".join(KINDS), device):
+        raise ConfigError(f"unknown device {device!r}; use one of {', '.join(KINDS)} (or cuda:N)")
+    return device
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` → ``torch.device``, if this machine has it.
 
     Raises :class:`ConfigError` naming the device and what to use instead.
     """
+    import torch
+
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:

@@ -4,19 +4,7 @@ from __future__ import annotations
 
 import click
 
-from ..data.folders import folder_for_net
-from ..evaluate import (
-    METHODS,
-    evaluate,
-    fuse,
-    load_posteriors,
-    markdown_report,
-    plot_score_map,
-    save_posteriors,
-)
-from ..evaluate.run import write_json
-from ..fileio import write_text_atomic
-from ..models.factory import vgg
+from ..choices import METHODS
 from .options import IntList, backend_option, device_option, device_options, model_options
 
 
@@ -48,6 +36,12 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
                      json_out, report, posteriors_out, batch_size, workers, device, amp, backend,
                      quiet) -> None:
     """Top-1/top-5 error on ImageNet val with the paper's test methods (Tables 3–6)."""
+    from ..data.folders import folder_for_net
+    from ..evaluate import evaluate, fuse, load_posteriors, markdown_report, save_posteriors
+    from ..evaluate.run import write_json
+    from ..fileio import write_text_atomic
+    from ..models import vgg
+
     if fuse_files:
         result = fuse([load_posteriors(p) for p in fuse_files])
     else:
@@ -85,6 +79,9 @@ def evaluate_command(arch, weights, data, devkit, labels, method, scales, train_
 @device_option
 def scoremap_command(image, output, arch, weights, scale, class_index, device) -> None:
     """Draw the dense class score map of IMAGE's top class over the image (PNG)."""
+    from ..evaluate import plot_score_map
+    from ..models import vgg
+
     k, p = plot_score_map(vgg(arch, weights=weights), image, output, scale=scale,
                           class_index=class_index, device=device)
     click.echo(f"class {k} (p={p:.3f}) → {output}")

@@ -8,27 +8,31 @@ from pathlib import Path
 
 import click
 
-from ..cache.store import list_shards, parts_dir, read_index
-from ..extract.descriptor import (
-    AGGREGATES,
-    CROP_SCALES,
-    DENSE_SCALES,
-    POOLS,
-    DescriptorSpec,
+from ..choices import AGGREGATES, CROP_SCALES, DENSE_SCALES, DTYPES, POOLS
+from .options import (
+    HDF5Output,
+    IntList,
+    backend_option,
+    check_layer_option,
+    device_options,
+    model_options,
 )
-from ..extract.run import DTYPES, ExtractOptions, extract
-from .options import IntList, backend_option, device_options, model_options
 
 
 @click.command("extract")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+@click.option("-o", "--output", required=True, type=HDF5Output(),
               help="HDF5 file (.h5/.hdf5) to write or update (an unfinished run lives in "
                    "OUTPUT.parts/)")
 @click.option("--layer", default="fc7", show_default=True,
               help="layer to read: conv1_1 … conv5_4, pool1 … pool5, fc6, fc7, fc8, prob; "
                    "NAME:pre for the value before the ReLU")
 @model_options
+@click.option("--width-mult", type=click.FloatRange(0, min_open=True), default=None,
+              help="reduced-width net: every conv layer's channels times this (quick runs, "
+                   "with --weights random or weights of that width)")
+@click.option("--fc-dim", type=click.IntRange(1), default=None,
+              help="width of fc6/fc7 [default: 4096] (quick runs)")
 @click.option("--scales", type=IntList(), default=None,
               help=f"smallest-side sizes Q [default: {','.join(map(str, DENSE_SCALES))}; with "
                    f"--crop, the resize sizes, default {CROP_SCALES[0]}]")
@@ -60,9 +64,9 @@ from .options import IntList, backend_option, device_options, model_options
 @click.option("--strict", is_flag=True, help="fail on the first bad image instead of skipping it")
 @click.option("--quiet", is_flag=True,
               help="no progress bars (the summary and warnings are still printed)")
-def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate, flip, l2, dtype,
-                    crop, max_aspect, batch_size, workers, device, amp, backend, shard_size, overwrite,
-                    verify, retry_failed, strict, quiet) -> None:
+def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, scales, pool,
+                    aggregate, flip, l2, dtype, crop, max_aspect, batch_size, workers, device, amp,
+                    backend, shard_size, overwrite, verify, retry_failed, strict, quiet) -> None:
     """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists).
 
     Each image is rescaled to every Q in --scales, the net runs densely, the layer's map is
@@ -71,14 +75,22 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
     rerun on a finished OUTPUT updates it: rows of unchanged files are reused, new and changed
     files are computed, removed files are dropped.
     """
+    check_layer_option(layer, arch)
+    from ..extract import DescriptorSpec, ExtractOptions, extract
+    from ..models import vgg
+
     spec = DescriptorSpec(layer=layer, scales=scales, pool=pool, aggregate=aggregate, flip=flip,
                           l2=l2, crop=crop, max_aspect=max_aspect)
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
                              backend=backend,
                              overwrite=overwrite, verify=verify, retry_failed=retry_failed,
                              strict=strict, progress=not quiet, shard_images=shard_size)
+    # A reduced width is a different net: its config is recorded with the output, so a rerun
+    # with another width is refused like any other change of settings.
+    model = (vgg(arch, weights=weights, width_mult=width_mult, fc_dim=fc_dim, progress=not quiet)
+             if width_mult is not None or fc_dim is not None else None)
     try:
-        result = extract(list(paths), output, spec=spec, arch=arch, weights=weights,
+        result = extract(list(paths), output, spec=spec, model=model, arch=arch, weights=weights,
                          dtype=dtype, options=options)
     except SystemExit as stop:  # SIGTERM unwinds as exit status 143, after keeping the shards
         if stop.code == 128 + signal.SIGTERM and os.environ.get("RANK", "0") == "0":
@@ -106,6 +118,8 @@ def extract_command(paths, output, layer, arch, weights, scales, pool, aggregate
 
 
 def _report_stopped(output: Path) -> None:
+    from ..cache.store import list_shards, parts_dir, read_index
+
     parts = parts_dir(output)
     kept = sum(len(read_index(s).paths) for s in list_shards(parts)) if parts.is_dir() else 0
     click.echo(f"stopped by SIGTERM: {kept} images done so far are kept in {parts}; run the "

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
-import torch
 
 from ..models.configs import CFGS, COMMON_NAMES
-from ..models.stats import count_macs, count_params, weight_layers
-from ..models.vgg import VGG
-from ..models.weights import PRETRAINED
 from .options import Arch
+
+if TYPE_CHECKING:
+    from ..models.vgg import VGG
 
 
 def _meta_model(arch: str, batch_norm: bool = False) -> VGG:
+    import torch
+
+    from ..models import VGG
+
     with torch.device("meta"):  # shapes and counts only: no memory, no initialisation cost
         return VGG(arch, batch_norm=batch_norm)
 
@@ -23,6 +28,8 @@ def _meta_model(arch: str, batch_norm: bool = False) -> VGG:
               help="input side in px for the layer shapes (dense mode above 224)")
 def info_command(arch: str | None, size: int) -> None:
     """Weight layers, parameters and multiply-adds of every config (paper Table 2, exact)."""
+    from ..models import PRETRAINED, count_macs, count_params, weight_layers
+
     click.echo(f"{'config':<8}{'name':<11}{'weight layers':>14}{'parameters':>14}"
                f"{'MACs @224':>12}  pretrained")
     for config in CFGS:

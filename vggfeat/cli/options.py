@@ -1,12 +1,19 @@
-"""Click option types and options shared by several commands."""
+"""Click option types and options shared by several commands.
+
+Everything here is checked without torch (names come from :mod:`vggfeat.choices` and the configs
+table), so ``--help`` and argument errors answer at once; commands import the network code in
+their bodies.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
-from ..devices import resolve_device  # torch: already loaded by models below
-from ..models.backends import BACKENDS
-from ..models.configs import parse_arch
+from ..choices import BACKENDS, HDF5_SUFFIXES
+from ..devices import check_device_name, resolve_device
+from ..models.configs import check_layer_name, parse_arch
 
 
 class IntList(click.ParamType):
@@ -59,12 +66,38 @@ class Arch(Checked):
 
 
 class Device(Checked):
-    """A torch device this machine has, checked before any work starts."""
+    """A device this machine has, checked before any work starts: the name without torch, and
+    for a GPU whether there is one (asking needs torch, which a GPU run loads anyway)."""
 
     name = "DEVICE"
 
     def check(self, value) -> None:
-        resolve_device(value)
+        if check_device_name(value) != "cpu":
+            resolve_device(value)
+
+
+def check_layer_option(layer: str, arch: str | None) -> None:
+    """``--layer`` against the names of ``--arch`` (of any config when not given), with the
+    closest name suggested for a typo; called first thing in a command, before torch loads."""
+    try:
+        check_layer_name(layer, arch)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="'--layer'") from None
+
+
+class HDF5Output(click.Path):
+    """The HDF5 file a command writes (not a folder), refused at once when named otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__(dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        path = Path(value)
+        if path.suffix.lower() not in HDF5_SUFFIXES:
+            self.fail(f"{value} must be named .h5 or .hdf5: vggfeat writes HDF5 files "
+                      f"(e.g. {path.with_suffix('.h5').name})", param, ctx)
+        return value
 
 
 def device_option(f):

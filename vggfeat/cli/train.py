@@ -5,10 +5,14 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import click
 
-from ..train import Recipe, load_recipe, run_recipe, train
 from .options import Arch, Device, IntList
+
+if TYPE_CHECKING:
+    from ..train import Recipe
 
 
 def run_options(f):
@@ -68,6 +72,8 @@ def recipe_from_flags(cls: type[Recipe], recipe_file: str | None, out: str | Non
                       **overrides) -> Recipe:
     """The recipe file (or the resumed run's recipe, or the defaults of ``cls``), with the flags
     that were given on top."""
+    from ..train import load_recipe, run_recipe
+
     if recipe_file:
         recipe = load_recipe(recipe_file, cls)
     elif resume:
@@ -109,6 +115,8 @@ def train_command(data, recipe_file, out, arch, train_scale, epochs, batch_size,
     Runs on one device, or on several with torchrun (e.g. torchrun --nproc-per-node 8 -m vggfeat
     train …).  Kill it at any moment; --resume continues from the last checkpoint.
     """
+    from ..train import Recipe, train
+
     recipe = recipe_from_flags(
         Recipe, recipe_file, out, resume, train_scale, compile_, arch=arch, epochs=epochs,
         batch_size=batch_size, micro_batch=micro_batch, lr=lr, weights=weights, freeze=freeze,

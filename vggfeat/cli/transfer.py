@@ -6,19 +6,15 @@ from pathlib import Path
 
 import click
 
-from ..extract.descriptor import DENSE_SCALES
-from ..extract.run import extract
-from ..transfer import (
-    CLASSIFIERS,
-    PROTOCOLS,
-    dataset_from_features,
-    load_dataset,
-    markdown_report,
-    run_protocol,
-    write_report,
+from ..choices import CLASSIFIERS, DENSE_SCALES, PROTOCOLS, VOC_SCALES
+from .options import (
+    FloatList,
+    IntList,
+    backend_option,
+    check_layer_option,
+    device_options,
+    model_options,
 )
-from ..transfer.protocols import VOC_SCALES, descriptor_spec, extraction_inputs
-from .options import FloatList, IntList, device_options, model_options
 
 
 def _q(scales: tuple[int, ...]) -> str:
@@ -27,7 +23,7 @@ def _q(scales: tuple[int, ...]) -> str:
 
 @click.command("transfer")
 @click.argument("features", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--protocol", type=click.Choice(list(PROTOCOLS)), required=True,
+@click.option("--protocol", type=click.Choice(PROTOCOLS), required=True,
               help="voc2007, voc2012, voc2012-action (Table 12), caltech101, caltech256, or "
                    "folder (one folder per class)")
 @click.option("--data", type=click.Path(exists=True, file_okay=False),
@@ -64,21 +60,33 @@ def _q(scales: tuple[int, ...]) -> str:
                    f"[default: the paper's: VOC {_q(VOC_SCALES)}; others {_q(DENSE_SCALES)}]")
 @device_options
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None)
+@backend_option
 @click.option("--quiet", is_flag=True)
 def transfer_command(features, protocol, data, classifier, aggregate, splits, train_per_class,
                      test_per_class, C_grid, setting, crops, seed, report, arch, weights,
                      layer, scales,
-                     batch_size, workers, device, amp, quiet) -> None:
+                     batch_size, workers, device, amp, backend, quiet) -> None:
     """Train linear classifiers on the descriptors in FEATURES and score them as the paper did.
 
     Give two FEATURES files (e.g. of nets D and E) to stack their descriptors.  The results are
     printed as a Markdown table beside the paper's Table 11 (Table 12 for voc2012-action).
     """
+    check_layer_option(layer, arch)
     if data is None and protocol.startswith("voc"):
         raise click.UsageError("VOC labels come from the annotations: pass --data VOC_ROOT")
     is_action = protocol == "voc2012-action"
     if (setting or crops) and not is_action:
         raise click.UsageError("--setting and --crops apply to --protocol voc2012-action only")
+    from ..extract import extract
+    from ..transfer import (
+        dataset_from_features,
+        load_dataset,
+        markdown_report,
+        run_protocol,
+        write_report,
+    )
+    from ..transfer.protocols import descriptor_spec, extraction_inputs
+
     dataset = (load_dataset(protocol, data, crops=crops, progress=not quiet) if data
                else dataset_from_features(features[0]))
     missing = [f for f in features if not Path(f).exists()]
@@ -92,7 +100,7 @@ def transfer_command(features, protocol, data, classifier, aggregate, splits, tr
         spec = descriptor_spec(protocol, layer=layer, scales=scales)
         extract(extraction_inputs(dataset), output, spec=spec, arch=arch, weights=weights,
                 batch_size=batch_size, workers=workers, device=device, amp=amp,
-                progress=not quiet)
+                backend=backend, progress=not quiet)
     settings = ("image", "image+box") if is_action and setting in (None, "both") else (setting,)
     results = [run_protocol(protocol, dataset, list(features), classifier=classifier,
                             aggregate=agg, splits=splits, train_per_class=train_per_class,

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..choices import METHODS
 from ..errors import ConfigError, InputError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner, cudnn_benchmark
 from ..models.vgg import VGG
 
-METHODS = ("dense", "multi-crop", "dense+multi-crop", "center-crop")
 GRID = 5
 CENTER_CROP_RESIZE = 256
 

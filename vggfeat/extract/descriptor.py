@@ -15,16 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..choices import AGGREGATES, CROP_SCALES, DENSE_SCALES, POOLS
 from ..data.images import MAX_ASPECT, rescale_views
 from ..errors import ConfigError
 from ..models.configs import INPUT_SIZE
 from ..models.runner import DeviceRunner
 from ..models.vgg import VGG
-
-POOLS = ("avg", "max")
-AGGREGATES = ("mean", "stack")
-DENSE_SCALES = (256, 384, 512)
-CROP_SCALES = (256,)
 
 
 @dataclass(frozen=True)

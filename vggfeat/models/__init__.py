@@ -1,16 +1,52 @@
-"""The VGG family of Table 1: configs, network, initialisation, weights and their conversion."""
+"""The VGG family of Table 1: configs, network, initialisation, weights and their conversion.
+
+The configs (:mod:`.configs`, plain data) come at once; every other name is imported on first
+use, so checking an arch or layer name (the command line's ``--help`` and argument errors) does
+not load torch.
+"""
+
+import importlib
+import sys
+import types
 
 from .configs import CFGS, ArchSpec, parse_arch
-from .convert import detect_format, infer_config, to_torchvision, to_vggfeat
-from .factory import NewHeadWarning, vgg
-from .finetune import freeze
-from .init import init_weights, preinit_from_a
-from .preprocessing import CAFFE, IMAGENET, PAPER, Preprocessing, get_preprocessing
-from .stats import count_macs, count_params, weight_layers
-from .vgg import VGG, score_map_size
-from .weights import PRETRAINED, WeightsError, read_weights_file, save_weights
 
-__all__ = ["CFGS", "ArchSpec", "parse_arch", "detect_format", "infer_config", "to_torchvision",
-           "to_vggfeat", "vgg", "NewHeadWarning", "freeze", "init_weights", "preinit_from_a",
-           "CAFFE", "IMAGENET", "PAPER", "Preprocessing", "get_preprocessing", "count_macs", "count_params", "weight_layers", "VGG",
-           "score_map_size", "PRETRAINED", "WeightsError", "read_weights_file", "save_weights"]
+_LAZY = {"detect_format": "convert", "infer_config": "convert", "to_torchvision": "convert",
+         "to_vggfeat": "convert", "vgg": "factory", "NewHeadWarning": "factory",
+         "freeze": "finetune", "init_weights": "init", "preinit_from_a": "init",
+         "CAFFE": "preprocessing", "IMAGENET": "preprocessing", "PAPER": "preprocessing",
+         "Preprocessing": "preprocessing", "get_preprocessing": "preprocessing",
+         "count_macs": "stats", "count_params": "stats", "weight_layers": "stats", "VGG": "vgg",
+         "score_map_size": "vgg", "PRETRAINED": "weights", "WeightsError": "weights",
+         "read_weights_file": "weights", "save_weights": "weights"}
+
+__all__ = ["CFGS", "ArchSpec", "parse_arch", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:  # a submodule (vggfeat.models.stats …), imported on first use
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Models(types.ModuleType):
+    def __setattr__(self, name: str, value) -> None:
+        # Importing the submodule vggfeat.models.vgg binds it as an attribute of this package;
+        # the builder vggfeat.models.vgg() keeps the name, as it did when everything was imported.
+        if name == "vgg" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Models

@@ -8,6 +8,7 @@ and the reduced-width ones used for small experiments, is built from this one ta
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 
@@ -107,3 +108,52 @@ def layer_names(config: str) -> list[tuple[str, Layer]]:
             conv += 1
             names.append((f"conv{block}_{conv}", layer))
     return names
+
+
+PRE = ":pre"  # suffix of a layer name read before its ReLU
+HEAD_LAYERS = ("fc6" + PRE, "fc6", "fc7" + PRE, "fc7", "fc8", "prob")
+
+
+def readable_layers(config: str) -> list[str]:
+    """Every layer name a net of ``config`` can read out, in network order (``:pre`` ones
+    included, fc8 and prob for a net with a classifier)."""
+    names: list[str] = []
+    for name, layer in layer_names(config):
+        names += [name] if layer in ("M", "LRN") else [name + PRE, name]
+    return names + list(HEAD_LAYERS)
+
+
+def unknown_layer(name: str, valid: list[str], arch: str | None = None) -> ConfigError:
+    """The error for a layer name that is not in ``valid``: the closest name when one is close
+    (``FC7`` → ``fc7``), else every valid name."""
+    lowered = {v.lower(): v for v in valid}
+    close = ([lowered[name.lower()]] if name.lower() in lowered
+             else difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=0.6))
+    where = f" for VGG {arch}" if arch else ""
+    if close:
+        best = lowered.get(close[0], close[0])
+        return ConfigError(f"unknown layer {name!r}{where}; did you mean {best!r}? (vggfeat info "
+                           f"--arch {arch or 'D'} lists every layer)")
+    return ConfigError(f"unknown layer {name!r}{where}; valid layers: " + ", ".join(valid))
+
+
+def _network_order(name: str) -> tuple:
+    """Sort key placing the layer names of all configs together in network order."""
+    if name in HEAD_LAYERS:
+        return (6, 0, HEAD_LAYERS.index(name))
+    kind, block, conv = re.fullmatch(r"(conv|norm|pool)(\d)(?:_(\d))?", name.removesuffix(PRE)
+                                     ).groups()
+    rank = {"conv": 0, "norm": 1, "pool": 2}[kind]
+    return (int(block), rank, 2 * int(conv or 0) + (not name.endswith(PRE)))
+
+
+def check_layer_name(name: str, arch: str | None = None) -> str:
+    """Return ``name`` if a net of ``arch`` (any config when None) can read it; else raise
+    :class:`ConfigError` suggesting the closest name.  Needs no network, so the command line
+    checks ``--layer`` with it before loading one."""
+    spec = parse_arch(arch) if arch else None
+    valid = (readable_layers(spec.config) if spec else
+             sorted({n for c in CFGS for n in readable_layers(c)}, key=_network_order))
+    if name not in valid:
+        raise unknown_layer(name, valid, spec.name if spec else None)
+    return name

@@ -16,9 +16,9 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.svm import LinearSVC
 
+from ..choices import CLASSIFIERS
 from ..errors import ConfigError
 
-CLASSIFIERS = ("svm", "logreg")
 # Descriptors are L2-normalised, so useful C values are large-ish; grids are log-spaced.
 C_GRIDS = {"svm": tuple(10.0 ** np.arange(-2, 3)), "logreg": tuple(10.0 ** np.arange(-1, 5))}
 

@@ -24,6 +24,7 @@ from sklearn.metrics import recall_score
 from sklearn.preprocessing import normalize
 
 from ..cache.store import load_features
+from ..choices import VOC_SCALES
 from ..data.folders import caltech_root, class_folders
 from ..data.sources import ImageList, InputError
 from ..data.voc import (
@@ -42,8 +43,6 @@ from .transforms import AGGREGATES, ScaleAggregator
 
 HOLDOUT = 0.2  # share of each training split held out to choose C (the paper's 20%)
 FOLDER_TRAIN_FRACTION = 0.75
-# Appendix B: VOC descriptors over Q = 256…768 (Table 11's VOC figures), Caltech over 256…512.
-VOC_SCALES = (256, 384, 512, 640, 768)
 # Table 12's two descriptors of a person: the whole image, or the whole image and the person box.
 ACTION_SETTINGS = ("image", "image+box")
 
@@ -247,7 +246,8 @@ PROTOCOLS = {p.name: p for p in (
              aggregate="mean", scales=VOC_SCALES,
              note="one sample per annotated person, AP per action over people; the paper's "
                   "figures (Table 12) are on the test set, scored by the VOC evaluation server; "
-                  "here: train on train, score val, C per action chosen on 20% of train"),
+                  "here: train on train, score val, C per action chosen on 20% of the train "
+                  "images (all people of an image on one side)"),
     Protocol("caltech101", "Caltech-101", _read_caltech, train_per_class=30,
              test_per_class=50, splits=3,
              paper={"Net-D": (91.8, 1.0), "Net-E": (92.3, 0.5), "Net-D & Net-E": (92.7, 0.5)},
@@ -420,7 +420,9 @@ def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
         train_idx = np.concatenate([fit_idx, val_idx])
     else:
         train_idx = data.sets[fixed.fit]
-        fit_idx, val_idx = holdout(train_idx, None, fraction=HOLDOUT, seed=seed)
+        # People of one image go to the same side (their image descriptors are identical).
+        groups = np.asarray(data.paths) if spec.person_boxes else None
+        fit_idx, val_idx = holdout(train_idx, None, fraction=HOLDOUT, seed=seed, groups=groups)
     test_idx = data.sets[fixed.test]
     ap = {metric: {} for metric in AP_TITLES}
     chosen = []
