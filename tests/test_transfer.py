@@ -125,6 +125,10 @@ def test_per_class_split_sizes_disjoint_and_seeded():
     assert len(rest) == len(labels) - 120
     fit, val = holdout(train, labels, fraction=0.2, seed=0)
     assert np.bincount(labels[val]).tolist() == [6, 6, 6, 6] and not set(fit) & set(val)
+    images = np.arange(len(labels)) // 2  # two samples of each image
+    fit, val = holdout(train, None, fraction=0.2, seed=0, groups=images)
+    assert not set(images[fit]) & set(images[val])
+    assert sorted(np.concatenate([fit, val])) == sorted(train)
     assert sorted(np.concatenate([fit, val])) == sorted(train)
     with pytest.raises(InputError, match="class 0 has 31 images"):
         per_class_split(labels, n_train=31, n_test=None, seed=0)
@@ -155,6 +159,27 @@ def caltech_features(tmp_path, caltech):
     extract(extraction_inputs(dataset), out, spec=spec, model=tiny_vgg("D"), workers=0,
             progress=False)
     return dataset, out
+
+
+def test_transfer_extracts_with_the_backend_it_is_given(caltech, tiny_weights, tmp_path,
+                                                       monkeypatch):
+    import importlib
+
+    from vggfeat.cli import main
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        result = extract(*args, **kwargs)
+        seen.append((kwargs.get("backend"), result.backend))
+        return result
+
+    for module in ("vggfeat.extract", "vggfeat.extract.run", "vggfeat.cli.transfer"):
+        monkeypatch.setattr(importlib.import_module(module), "extract", spy, raising=False)
+    main(["transfer", str(tmp_path / "f.h5"), "--protocol", "folder", "--data", str(caltech),
+          "--weights", str(tiny_weights), "--scales", "224", "--workers", "0", "--C", "1",
+          "--splits", "1", "--backend", "eager", "--quiet"])
+    assert seen == [("eager", "eager")]
 
 
 def test_caltech_protocol_splits_scores_and_reproducibility(caltech_features):
@@ -361,6 +386,9 @@ def test_voc2012_action_protocol_both_settings_like_table_12(tmp_path, tiny_weig
     dataset = load_dataset("voc2012-action", tmp_path, crops=tmp_path / "crops", progress=False)
     box = run_protocol("voc2012-action", dataset, [features], setting="image+box", C_grid=(1.0,))
     assert box.mean > 90 and box.mean == pytest.approx(results[1]["mean"])
+    # C is chosen on held-out images, not people: no image has people on both sides.
+    assert not set(box.splits[0]["fit"]) & set(box.splits[0]["val"])
+    assert len(set(box.splits[0]["val"])) == 2 and len(box.splits[0]["val"]) == 4
     X, _, _, _ = descriptors([features], dataset, aggregate=None)
     assert X.shape[0] == 30 and len(set(dataset.paths)) == 15
     with pytest.raises(InputError, match="voc2012-action"):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.model_selection import train_test_split
+from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
 from ..data.sources import InputError
 
@@ -33,10 +33,22 @@ def fraction_split(labels: np.ndarray, *, train_fraction: float, seed: int
     return np.sort(train), np.sort(test)
 
 
-def holdout(train: np.ndarray, labels: np.ndarray | None, *, fraction: float = 0.2, seed: int
-            ) -> tuple[np.ndarray, np.ndarray]:
+def holdout(train: np.ndarray, labels: np.ndarray | None, *, fraction: float = 0.2, seed: int,
+            groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Hold out ``fraction`` of a training split (stratified when ``labels`` are given) to
-    choose hyper-parameters; returns (fit, validation) index arrays."""
+    choose hyper-parameters; returns (fit, validation) index arrays.
+
+    ``groups`` (one per sample of the whole dataset, e.g. the image of each person) keeps the
+    samples of a group on one side: ``fraction`` of the groups is held out.  Two people of one
+    image share the whole image's descriptor, so splitting them would score C on samples it
+    was fitted on.
+    """
+    if groups is not None:
+        if labels is not None:
+            raise ValueError("holdout by groups is not stratified: give labels or groups")
+        split = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        fit, val = next(split.split(train, groups=np.asarray(groups)[train]))
+        return np.sort(train[fit]), np.sort(train[val])
     fit, val = train_test_split(train, test_size=fraction, random_state=seed,
                                 stratify=None if labels is None else labels[train])
     return np.sort(fit), np.sort(val)
