@@ -135,7 +135,7 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
     outputs = [p for p in (predictions, json_out) if p]
     with ExitStack() as held:
         # One run per output: a second one writing the same file stops here, naming the first.
-        for path in dict.fromkeys(Path(p).resolve() for p in outputs):
+        for path in {Path(p).resolve(): p for p in outputs}.values():
             held.enter_context(OutputLock(path))
         table = read_boxes(boxes_path)
         _report_bad_boxes(table)

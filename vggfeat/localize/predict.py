@@ -246,13 +246,12 @@ class Localizer:
         """From weights files: localisation net(s) and, for ``dense``, the classification
         net(s), each ``WEIGHTS[@METHOD][@Q,Q,…]`` (:func:`parse_classifier`)."""
         paths = [weights] if isinstance(weights, (str, os.PathLike)) else list(weights)
-        loc_nets = [load_localizer(p)[0] for p in paths]
         specs = [] if cls_weights is None else [cls_weights] \
             if isinstance(cls_weights, (str, os.PathLike)) else list(cls_weights)
-        classifiers = []
-        for spec in specs:
-            source, method, scales = parse_classifier(spec)
-            classifiers.append(Classifier(vgg(weights=source), method, scales))
+        parsed = [parse_classifier(spec) for spec in specs]  # a typo fails before any loading
+        loc_nets = [load_localizer(p)[0] for p in paths]
+        classifiers = [Classifier(vgg(weights=source), method, scales)
+                       for source, method, scales in parsed]
         return cls(loc_nets, classifiers or None, **kwargs)
 
     def prepare(self, image: Tensor) -> list[Tensor]:
