@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import io
+import os
+import re
 import subprocess
 import sys
+import warnings
 
 import click
 import pytest
 import torch
-from conftest import write_image
+from conftest import run_cli, write_image
 
 from vggfeat.cli import main
 from vggfeat.cli.main import COMMANDS, cli
@@ -211,3 +215,40 @@ def test_packaging_extras_and_license():
     assert any(d.startswith("torch>=2.3") for d in project["dependencies"])  # torch.amp.GradScaler
     assert project["license"]["text"] == "BSD-3-Clause"
     assert (root / "LICENSE").read_text().startswith("BSD 3-Clause License")
+
+
+def test_a_bar_fed_fractions_counts_whole_images_and_never_overshoots():
+    from vggfeat.progress import IMAGE_BAR, ImageBar
+
+    out = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # tqdm's "clamping frac to range [0, 1]"
+        bar = ImageBar(total=4, unit="img", bar_format=IMAGE_BAR, file=out, mininterval=0,
+                       miniters=0, ncols=100)
+        for _ in range(4 * 7):
+            bar.update(1 / 7)  # seven passes' worth per image, as multi-scale runs report
+            assert bar.n <= 4 and bar.n == int(bar.n)
+        bar.close()
+    lines = out.getvalue().replace("\r", "\n")
+    assert "(+0.5)" in lines  # work on unfinished images shows beside the count
+    assert re.findall(r"\| (\S+)/4", lines)[-1] == "4" and "(+1.0)" not in lines
+    assert not re.search(r"\d\.\d+/4", lines) and "-00:00" not in lines
+
+
+def test_extract_at_reduced_width_shows_whole_images_and_refuses_another_width(image_folder,
+                                                                                tmp_path):
+    out = tmp_path / "f.h5"
+    tiny = ["--weights", "random", "--scales", "224,256", "--workers", "0", "--fc-dim", "32"]
+    proc = run_cli("extract", image_folder, "-o", out, *tiny, "--width-mult", "0.0625",
+                   "--batch-size", "3", env={**os.environ, "TQDM_MININTERVAL": "0"})
+    bars = proc.stderr.replace("\r", "\n")
+    counts = re.findall(r"\| *(\S+)/8 ", bars)
+    assert counts and counts[-1] == "8" and all(c.isdigit() for c in counts), bars
+    assert "clamping" not in bars and "-00:00" not in bars
+    from vggfeat.cache import read_attrs
+
+    assert '"width_mult": 0.0625' in read_attrs(out)["model_config"]
+    again = run_cli("extract", image_folder, "-o", out, *tiny, "--width-mult", "0.125", "--quiet",
+                    check=False)
+    assert again.returncode != 0 and "width_mult\": 0.125" in again.stderr, again.stderr
+    assert "Traceback" not in again.stderr
