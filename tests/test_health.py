@@ -225,3 +225,15 @@ def test_the_command_lines_choices_are_the_librarys():
     assert choices.DTYPES == run.DTYPES
     assert choices.HDF5_SUFFIXES == store.SUFFIXES
     assert choices.PROTOCOLS == tuple(PROTOCOLS)
+
+
+def test_dir_shows_the_library_not_its_plumbing():
+    import vggfeat
+    import vggfeat.models
+
+    for package in (vggfeat, vggfeat.models):
+        names = dir(package)
+        assert not {"importlib", "sys", "types", "_LAZY"} & set(names), names
+    assert {"vgg", "extract", "VGG", "load_features", "__version__"} <= set(dir(vggfeat))
+    assert {"vgg", "VGG", "parse_arch", "save_weights"} <= set(dir(vggfeat.models))
+    assert callable(vggfeat.extract) and callable(vggfeat.models.vgg)  # the functions

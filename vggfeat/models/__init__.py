@@ -5,9 +5,10 @@ use, so checking an arch or layer name (the command line's ``--help`` and argume
 not load torch.
 """
 
-import importlib
-import sys
-import types
+# Private names: ``dir(vggfeat.models)`` shows the library, not the modules this file uses.
+import importlib as _importlib
+import sys as _sys
+import types as _types
 
 from .configs import CFGS, ArchSpec, parse_arch
 
@@ -26,27 +27,28 @@ __all__ = ["CFGS", "ArchSpec", "parse_arch", *_LAZY]
 def __getattr__(name: str):
     if name not in _LAZY:  # a submodule (vggfeat.models.stats …), imported on first use
         try:
-            return importlib.import_module(f".{name}", __name__)
+            return _importlib.import_module(f".{name}", __name__)
         except ModuleNotFoundError as err:
             if err.name != f"{__name__}.{name}":
                 raise
             raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    value = getattr(_importlib.import_module(f".{_LAZY[name]}", __name__), name)
     globals()[name] = value
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    public = {n for n in globals() if not n.startswith("_") or n.startswith("__")}
+    return sorted(public | set(_LAZY))
 
 
-class _Models(types.ModuleType):
+class _Models(_types.ModuleType):
     def __setattr__(self, name: str, value) -> None:
         # Importing the submodule vggfeat.models.vgg binds it as an attribute of this package;
         # the builder vggfeat.models.vgg() keeps the name, as it did when everything was imported.
-        if name == "vgg" and isinstance(value, types.ModuleType):
+        if name == "vgg" and isinstance(value, _types.ModuleType):
             return
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Models
+_sys.modules[__name__].__class__ = _Models
