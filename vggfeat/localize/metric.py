@@ -2,9 +2,9 @@
 
 An image counts as localised by a set of (class, box) guesses when one of them has a class of the
 image and overlaps a ground-truth box of that class with IoU above 0.5 (strictly: the paper's
-rule, Appendix A).  The top-5 error uses the first 5 guesses, the top-1 error the first one.  The centre-crop protocol (Table 8) scores one box per
-image, made for the ground-truth class: it is wrong when its IoU with every ground-truth box of
-that class is 0.5 or less.
+rule, Appendix A).  The top-5 error uses the first 5 guesses, the top-1 error the first one.
+The centre-crop protocol (Table 8) scores one box per image, made for the ground-truth class: it
+is wrong when its IoU with every ground-truth box of that class is 0.5 or less.
 """
 
 from __future__ import annotations

@@ -255,8 +255,9 @@ class Localizer:
         return cls(loc_nets, classifiers or None, **kwargs)
 
     def prepare(self, image: Tensor) -> list[Tensor]:
-        """uint8 3×H×W → one view per scale of :attr:`view_scales`, then the original size as a tensor (H, W): what
-        the data loader workers do (a list of tensors, as the loader pins them)."""
+        """uint8 3×H×W → one view per scale of :attr:`view_scales`, then the original size as a
+        tensor (H, W): what the data loader workers do (a list of tensors, as the loader pins
+        them)."""
         crop = INPUT_SIZE if self.method == "center-crop" else None
         return [*rescale_views(image, self.view_scales, crop=crop),
                 torch.tensor(image.shape[-2:])]
@@ -355,9 +356,9 @@ class Localizer:
 
 
 def localize(image: str | os.PathLike | Tensor, *, weights: str | os.PathLike | list,
-             cls_weights: str | list[str] = DEFAULT_CLASSIFIER, scales: tuple[int, ...] | None = None,
-             top_k: int = TOP_K, device: str | None = None, backend: str = "auto"
-             ) -> list[Guess]:
+             cls_weights: str | list[str] = DEFAULT_CLASSIFIER,
+             scales: tuple[int, ...] | None = None, top_k: int = TOP_K,
+             device: str | None = None, backend: str = "auto") -> list[Guess]:
     """The top-5 (class, box, score) guesses for one image, in one call.
 
     Args:
