@@ -1,18 +1,59 @@
-"""Folder-per-class datasets (Caltech-101, Caltech-256, your own): one level, images only.
+"""Folder-per-class datasets (Caltech-101, Caltech-256, your own).
 
-Only the image files directly inside each class folder count.  Caltech-256's ``056.dog/greg/``
-holds copies of images already in ``056.dog/``; recursing would count them twice.
+:func:`image_folder` finds what ``vggfeat extract`` finds in a folder (images in sub-folders,
+recursively), as scikit-learn's ``(paths, y, class_names)``.  The Caltech protocols take one
+level, images only (:func:`class_folders`): Caltech-256's ``056.dog/greg/`` holds copies of
+images already in ``056.dog/``; recursing would count them twice.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
 
 from .imagenet import imagenet_classes, imagenet_folder, wnid_index
 from .sources import ImageList, InputError, gather_images, is_image_file
 
 CALTECH_FOLDERS = {"caltech101": "101_ObjectCategories", "caltech256": "256_ObjectCategories"}
+
+
+class LabelledImages(NamedTuple):
+    """Image paths, their integer labels, and the class name of each label."""
+
+    paths: list[str]
+    y: np.ndarray
+    class_names: list[str]
+
+
+def image_folder(root: str | os.PathLike) -> LabelledImages:
+    """The images of ``root/CLASS/…`` as ``(paths, y, class_names)``, ready for
+    :class:`vggfeat.sklearn.VGGFeatures` and scikit-learn::
+
+        paths, y, class_names = vggfeat.image_folder("photos/")
+        X = VGGFeatures(progress=True).fit_transform(paths)
+
+    The images and labels are the ones ``vggfeat extract root`` stores: every image file under
+    each first-level sub-folder (sorted, absolute paths), classes in sorted folder order
+    (torchvision's ``ImageFolder`` order), ``y[i]`` indexing ``class_names``.  Entries the scan
+    leaves out (a link that loops back, …) are named in a warning.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise InputError(f"image folder {root} does not exist")
+    images = gather_images([root])
+    if images.labels is None:
+        raise InputError(f"{root} is not a class-folder tree: put every image in the sub-folder "
+                         f"of its class ({root}/CLASS/…)")
+    if images.skipped:
+        path, reason = images.skipped[0]
+        more = f" and {len(images.skipped) - 1} more" if len(images.skipped) > 1 else ""
+        warnings.warn(f"{root}: left out {path} ({reason}){more}", stacklevel=2)
+    return LabelledImages(list(images.paths), np.asarray(images.labels, dtype=np.int64),
+                          list(images.class_names))
 
 
 def class_folders(root: str | os.PathLike) -> ImageList:
