@@ -237,3 +237,29 @@ def test_dir_shows_the_library_not_its_plumbing():
     assert {"vgg", "extract", "VGG", "load_features", "__version__"} <= set(dir(vggfeat))
     assert {"vgg", "VGG", "parse_arch", "save_weights"} <= set(dir(vggfeat.models))
     assert callable(vggfeat.extract) and callable(vggfeat.models.vgg)  # the functions
+
+
+# Functions still over the limit, in rooms being reworked; each goes once it is split.
+LONG_FUNCTIONS_EXEMPT = {"vggfeat/localize/run.py:evaluate_localization"}
+
+
+def test_no_function_is_longer_than_60_lines():
+    """Small functions: none of vggfeat's exceeds 60 lines from ``def`` to its end, not counting
+    its docstring."""
+    import ast
+
+    root = Path(__file__).parent.parent
+    too_long = []
+    for path in sorted((root / "vggfeat").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            length = node.end_lineno - node.lineno + 1
+            doc = node.body[0]
+            if isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant) \
+                    and isinstance(doc.value.value, str):
+                length -= doc.end_lineno - doc.lineno + 1
+            name = f"{path.relative_to(root).as_posix()}:{node.name}"
+            if length > 60 and name not in LONG_FUNCTIONS_EXEMPT:
+                too_long.append(f"{name} ({length} lines)")
+    assert not too_long, too_long
