@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 import timm
@@ -306,3 +307,61 @@ def test_metadata_contradicting_the_tensors_names_the_file_and_the_fix(tiny_weig
     with pytest.raises(WeightsError, match=r"wrong\.safetensors.*records VGG E .*its tensors.*"
                                            r"VGG D \(vgg16.*save_file"):
         vggfeat.vgg(weights=wrong)
+
+
+@pytest.fixture
+def no_network(tmp_path, monkeypatch):
+    """Empty hub caches, downloads allowed, and no network: no host name resolves."""
+    import socket
+
+    def unresolved(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("VGGFEAT_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "getaddrinfo", unresolved)
+    return tmp_path
+
+
+@pytest.mark.parametrize("source, arch, cached", [
+    ("torchvision", "D", r"vgg16-397923af\.pth .*torch[/\\]hub[/\\]checkpoints"),
+    ("timm", "A", r"models--timm--vgg11\.tv_in1k")])
+def test_no_network_is_said_at_once_with_the_offline_choices(no_network, source, arch, cached):
+    """The hubs' clients would retry for half a minute; the error comes at once and says what
+    works offline: the hub's file in its cache folder, a local weights file, random weights."""
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(WeightsError) as err:
+        vggfeat.vgg(arch, weights=source)
+    assert time.monotonic() - start < 5
+    message = str(err.value)
+    assert message.startswith("no network")
+    assert re.search(cached, message), message
+    assert "--weights random" in message and ".safetensors" in message
+
+
+def test_hub_weights_in_the_cache_load_at_once_without_network(no_network):
+    import time
+
+    ref = random_timm("vgg11")
+    repo = no_network / "hf" / "models--timm--vgg11.tv_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+              str(repo / "snapshots" / commit / "model.safetensors"))
+    start = time.monotonic()
+    model = vggfeat.vgg("A", weights="timm")
+    assert time.monotonic() - start < 15  # reading 0.5 GB; the hub's retries alone take 30 s
+    assert model.weights_meta["name"] == "timm/vgg11.tv_in1k"
+
+
+def test_disabled_downloads_name_the_offline_choices(offline_hubs):
+    for source in ("torchvision", "timm"):
+        with pytest.raises(WeightsError, match=r"VGGFEAT_OFFLINE.*--weights random") as err:
+            vggfeat.vgg("D", weights=source)
+        assert "no network" not in str(err.value)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import socket
+import threading
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 from torch import Tensor
@@ -72,7 +76,51 @@ def pretrained_for(spec: ArchSpec, source: str) -> PretrainedWeights:
 
 
 def offline(download: bool = True) -> bool:
-    return not download or any(os.environ.get(v, "") not in ("", "0") for v in OFFLINE_ENV)
+    return offline_reason(download) is not None
+
+
+def offline_reason(download: bool = True) -> str | None:
+    """Why downloads are disabled (``download=False`` or an offline variable), else ``None``."""
+    if not download:
+        return "download=False"
+    names = [v for v in OFFLINE_ENV if os.environ.get(v, "") not in ("", "0")]
+    return f"{names[0]} is set" if names else None
+
+
+# Seconds to wait for a hub's server: without a network, the hubs' own clients retry for half a
+# minute before their error; one connection attempt tells at once.
+PROBE_TIMEOUT = 3.0
+
+
+def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+    """Why the server of ``url`` (or the proxy the environment names for it) cannot be reached
+    now, or ``None`` when a TCP connection to it opens within ``timeout`` seconds."""
+    target = urlsplit(url)
+    proxy = urllib.request.getproxies().get(target.scheme)
+    if proxy and not urllib.request.proxy_bypass(target.hostname or ""):
+        target = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    host = target.hostname or ""
+    port = target.port or (443 if target.scheme == "https" else 80)
+    outcome: list[str | None] = []
+
+    def connect() -> None:  # in a thread: name resolution has no timeout of its own
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            outcome.append(None)
+        except OSError as err:
+            outcome.append(f"{host} cannot be reached ({err})")
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout + 1.0)
+    return outcome[0] if outcome else f"{host} did not answer within {timeout:g} s"
+
+
+def offline_choices(place_hub_file: str) -> str:
+    """The ways to run without a network, the hub's own file first."""
+    return (f"Offline, {place_hub_file}; or pass a local weights file (--weights my-vgg.safetensors, "
+            "or a .pth/.pt state dict); or use --weights random (weights='random'), an untrained "
+            "net, to try the pipeline")
 
 
 def fetch(weights: PretrainedWeights, *, download: bool = True, progress: bool = True) -> Path:
@@ -87,17 +135,23 @@ def _fetch_torch_hub(url: str, *, download: bool, progress: bool) -> Path:
     path = folder / Path(url).name
     if path.is_file():
         return path
-    if offline(download):
-        raise WeightsError(f"{path.name} is not in torch hub's cache and downloads are disabled; "
-                           f"put {path.name} (from {url}) into {folder}/ and run again")
+    choices = offline_choices(f"put {path.name} (from {url}) into {folder}/ (TORCH_HOME moves "
+                              "this folder)")
+    disabled = offline_reason(download)
+    if disabled:
+        raise WeightsError(f"{path.name} is not in torch hub's cache and downloads are disabled "
+                           f"({disabled}). {choices}")
+    problem = unreachable(url)
+    if problem:
+        raise WeightsError(f"no network: {problem}, and {path.name} is not in torch hub's cache. "
+                           f"{choices}")
     folder.mkdir(parents=True, exist_ok=True)
     match = torch.hub.HASH_REGEX.search(path.name)
     try:
         torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
                                        progress=progress)
     except Exception as err:  # network errors come in many types; the advice is the same
-        raise WeightsError(f"could not download {url} ({err}); put {path.name} into {folder}/ "
-                           "(or set TORCH_HOME) and run again") from err
+        raise WeightsError(f"could not download {url} ({err}). {choices}") from err
     return path
 
 
@@ -106,16 +160,26 @@ def _fetch_hf_hub(repo_id: str, filename: str, *, download: bool) -> Path:
 
     # Read at call time: huggingface_hub freezes its constants when first imported.
     cache = Path(os.environ.get("HF_HUB_CACHE") or constants.HF_HUB_CACHE)
+    disabled = offline_reason(download)
+    # Without a network, a file already in the cache is still used, without the hub's retries.
+    problem = None if disabled else unreachable(constants.ENDPOINT)
     try:
         return Path(hf_hub_download(repo_id, filename, cache_dir=cache,
-                                    local_files_only=offline(download)))
+                                    local_files_only=bool(disabled or problem)))
     except Exception as err:
         folder = cache / f"models--{repo_id.replace('/', '--')}"
-        raise WeightsError(
-            f"could not get {filename} of {repo_id} ({type(err).__name__}: {err}). With network "
-            f"access run again; offline, place it as {folder}/snapshots/<commit>/{filename} with "
-            f"the commit hash in {folder}/refs/main (the Hugging Face cache layout), or pass the "
-            "file path as weights") from err
+        choices = offline_choices(
+            f"copy the folder {folder.name} from the Hugging Face cache of a machine that has "
+            f"downloaded it into {cache}/ (HF_HUB_CACHE moves this folder), or place the file as "
+            f"{folder}/snapshots/<commit>/{filename} with the commit hash in {folder}/refs/main")
+        missing = f"{filename} of {repo_id} is not in the Hugging Face cache"
+        if problem:
+            raise WeightsError(f"no network: {problem}, and {missing}. {choices}") from err
+        if disabled:
+            raise WeightsError(f"{missing} and downloads are disabled ({disabled}). "
+                               f"{choices}") from err
+        raise WeightsError(f"could not get {filename} of {repo_id} ({type(err).__name__}: "
+                           f"{err}). {choices}") from err
 
 
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
