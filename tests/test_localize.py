@@ -615,6 +615,8 @@ def test_class_scores_are_vggfeat_evaluates_fusion_of_several_classifiers(tmp_pa
     assert parse_classifier("torchvision") == ("torchvision", "dense", None)
     with pytest.raises(vggfeat.errors.ConfigError, match="scales must be ≥ 224"):
         parse_classifier("timm@128")
+    with pytest.raises(vggfeat.errors.ConfigError, match="'dens' is neither a method"):
+        parse_classifier("torchvision@dens")
 
 
 def test_an_interrupted_localisation_run_resumes_to_the_same_weights(pasted, tmp_path, one_thread):

@@ -105,8 +105,11 @@ def parse_classifier(spec: str) -> tuple[str, str, tuple[int, ...] | None]:
             method = last
         elif last and all(q.isdigit() for q in last.split(",")):
             scales = tuple(int(q) for q in last.split(","))
-        else:
+        elif "/" in last or "." in last:  # part of a path
             break
+        else:
+            raise ConfigError(f"classification net {spec!r}: {last!r} is neither a method "
+                              f"({', '.join(CLASSIFIER_METHODS)}) nor scales such as 256,384")
         parts.pop()
     weights = "@".join(parts)
     if not weights:
