@@ -1,4 +1,4 @@
-"""All the GPU checks in one command: CUDA tests, training and extraction speed, bf16 accuracy, memory.
+"""All the GPU checks in one command: CUDA tests, training and extraction speed, bf16, memory.
 
     python benchmarks/gpu_check.py --out gpu-check            # one H100/H200: under 8 minutes
     python benchmarks/gpu_check.py --dry-run --out /tmp/gpuc  # every step at toy size on the CPU
@@ -67,7 +67,8 @@ def settings(args: argparse.Namespace) -> dict:
         "compile_backend": "eager" if dry else "inductor",
         "peak_tflops": args.peak_tflops,
         "scales": [256, 384, 512],
-        "sizes": [[64, 48], [48, 64], [64, 64]] if dry else [[1024, 768], [768, 1024], [1024, 1024]],
+        "sizes": ([[64, 48], [48, 64], [64, 64]] if dry
+                  else [[1024, 768], [768, 1024], [1024, 1024]]),
         "extract_images": args.extract_images or (4 if dry else 1024),
         "extract_batch_size": 2 if dry else 32,
         "warmup_images": 2 if dry else 96,  # untimed: each image shape meets cuDNN once
@@ -112,7 +113,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for item in args.step_seconds:
         name, _, seconds = item.partition("=")
         if name not in STEPS or not seconds.replace(".", "", 1).isdigit():
-            parser.error(f"--step-seconds {item!r}: use STEP=SECONDS with a step of {', '.join(STEPS)}")
+            parser.error(f"--step-seconds {item!r}: use STEP=SECONDS with a step of "
+                         f"{', '.join(STEPS)}")
         args.budgets[name] = float(seconds)
     if args.budget is None:
         args.budget = 270.0 if args.dry_run else 450.0
@@ -222,7 +224,8 @@ def _cell(text) -> str:
 
 def markdown(report: dict) -> str:
     env = report.get("environment", {})
-    lines = [f"GPU check, {report['date']}{' (dry run: toy sizes on the CPU)' if report['dry_run'] else ''}",
+    dry = " (dry run: toy sizes on the CPU)" if report["dry_run"] else ""
+    lines = [f"GPU check, {report['date']}{dry}",
              "",
              f"Hardware: {env.get('hardware', 'unknown (the worker did not start)')}; "
              f"{env.get('versions', '')}",

@@ -37,7 +37,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The tests that skip without a CUDA GPU, while no `cuda` marker is registered in pyproject.toml.
 CUDA_TESTS = ("tests/test_device.py::test_loader_batches_are_pinned_as_whole_stacks",
               "tests/test_device.py::test_cuda_training_steps_never_synchronise",
-              "tests/test_device.py::test_cuda_training_defaults_to_bf16_and_restores_backend_settings")
+              "tests/test_device.py::"
+              "test_cuda_training_defaults_to_bf16_and_restores_backend_settings")
 TORCHVISION_NAMES = {"A": "vgg11", "B": "vgg13", "D": "vgg16", "E": "vgg19"}
 
 
@@ -172,7 +173,8 @@ def step_train_reference(ctx: Context) -> dict:
         ours = json.loads(eager.read_text()).get("figures", {}).get("images_per_second")
         if ours:
             runs["vggfeat_eager_over_bf16"] = ours / runs["bf16_channels_last"]["images_per_second"]
-            summary += f"; vggfeat eager / torchvision bf16: {runs['vggfeat_eager_over_bf16']:.2f}×"
+            ratio = runs["vggfeat_eager_over_bf16"]
+            summary += f"; vggfeat eager / torchvision bf16: {ratio:.2f}×"
     return {"summary": summary, "memory": ", ".join(memory), "figures": runs}
 
 
@@ -299,10 +301,12 @@ def step_cuda_tests(ctx: Context) -> dict:
     suite = root if root.tag == "testsuite" else root.find("testsuite")
     counts = {k: int(suite.get(k, 0)) for k in ("tests", "failures", "errors", "skipped")}
     counts["passed"] = counts["tests"] - counts["failures"] - counts["errors"] - counts["skipped"]
-    summary = (f"pytest {' '.join(selection) if selection[0] == '-m' else f'{len(selection)} tests'}"
-               f": {counts['passed']} passed, {counts['failures'] + counts['errors']} failed, "
+    chosen = " ".join(selection) if selection[0] == "-m" else f"{len(selection)} tests"
+    failed = counts["failures"] + counts["errors"]
+    summary = (f"pytest {chosen}: {counts['passed']} passed, {failed} failed, "
                f"{counts['skipped']} skipped")
-    result = {"summary": summary, "memory": "", "figures": {**counts, "exit_status": proc.returncode}}
+    result = {"summary": summary, "memory": "",
+              "figures": {**counts, "exit_status": proc.returncode}}
     if proc.returncode != 0 or counts["tests"] == 0:
         result.update(status="failed", error=f"pytest exited with {proc.returncode}")
     elif ctx.device.type == "cuda" and counts["skipped"]:
@@ -326,7 +330,8 @@ def environment(device: torch.device) -> dict:
         hardware = (f"{props.name} ({props.total_memory / 2 ** 30:.0f} GiB), "
                     f"{os.cpu_count()} CPU cores")
     else:
-        hardware = f"no GPU: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores"
+        cpu = platform.processor() or platform.machine()
+        hardware = f"no GPU: {cpu}, {os.cpu_count()} CPU cores"
     versions = (f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN "
                 f"{torch.backends.cudnn.version()}, torchvision {torchvision.__version__}, "
                 f"Python {platform.python_version()}")
