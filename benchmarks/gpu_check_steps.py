@@ -162,7 +162,7 @@ def step_train_reference(ctx: Context) -> dict:
     for label, amp, channels_last in (("fp32", None, False), ("bf16_channels_last", "bf16", True)):
         rate, peak = _train(ctx, torchvision_vgg(s), amp=amp, channels_last=channels_last)
         runs[label] = {**_throughput(s, rate, flops), "peak_memory_gib": peak}
-        shown = "bf16 + channels_last" if amp else "fp32"
+        shown = "bf16 + channels_last" if amp else "fp32 (torch's default TF32 convolutions)"
         texts.append(f"{shown} {_rate_text(runs[label])}")
         memory.append(f"{shown.split()[0]} {_gib(peak)}")
     summary = (f"torchvision {TORCHVISION_NAMES.get(s['arch'], s['arch'])}"
