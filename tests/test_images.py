@@ -122,7 +122,7 @@ def test_gather_lists_and_files(tmp_path, image_folder):
 
 def test_csv_lists_with_a_bom_a_missing_path_or_a_missing_label(tmp_path, image_folder):
     bom = tmp_path / "excel.csv"  # spreadsheet programs save "CSV UTF-8" with a byte-order mark
-    bom.write_bytes("path,label\nimages/cat/0.jpg,kitty\nimages/dog/0.jpg,pup\n".encode("utf-8-sig"))
+    bom.write_text("path,label\nimages/cat/0.jpg,kitty\nimages/dog/0.jpg,pup\n", encoding="utf-8-sig")
     listed = gather_images([bom])
     assert listed.class_names == ["kitty", "pup"] and listed.labels == [0, 1]
     (tmp_path / "short.csv").write_text("path,label\nimages/cat/0.jpg,kitty\n\n,pup\n")

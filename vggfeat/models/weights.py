@@ -118,9 +118,9 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
 
 def offline_choices(place_hub_file: str) -> str:
     """The ways to run without a network, the hub's own file first."""
-    return (f"Offline, {place_hub_file}; or pass a local weights file (--weights my-vgg.safetensors, "
-            "or a .pth/.pt state dict); or use --weights random (weights='random'), an untrained "
-            "net, to try the pipeline")
+    return (f"Offline, {place_hub_file}; or pass a local weights file (--weights "
+            "my-vgg.safetensors, or a .pth/.pt state dict); or use --weights random "
+            "(weights='random'), an untrained net, to try the pipeline")
 
 
 def fetch(weights: PretrainedWeights, *, download: bool = True, progress: bool = True) -> Path:
