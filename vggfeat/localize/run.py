@@ -92,65 +92,95 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
     """
     start = time.monotonic()
     workers = default_workers() if workers is None else workers
-    names = localizer.class_names
-    index = {name: k for k, name in enumerate(names)}
+    _check_classes(localizer, images)
     done = _read_journal(journal, localizer) if journal is not None else {}
+    found: dict[int, list[Guess]] = {i: done[p] for i, p in enumerate(images.paths) if p in done}
     todo = np.array([i for i, p in enumerate(images.paths) if p not in done], dtype=np.int64)
     loader = image_loader(images.paths, todo, localizer.prepare, batch_size=batch_size,
                           workers=workers, pin_memory=localizer.locs[0].device.type == "cuda")
-    if localizer.method == "center-crop":
-        unknown = [(p, t.wnids[0]) for p, t in zip(images.paths, images.truths)
-                   if t.wnids[0] not in index]
-        if unknown:
-            raise InputError(f"{unknown[0][0]}: its class {unknown[0][1]} is not among the "
-                             f"{len(names)} classes of the localisation net ({len(unknown)} "
-                             "such images)")
-    found: dict[int, list[Guess]] = {i: done[p] for i, p in enumerate(images.paths) if p in done}
     failed = []
     with tqdm(total=len(images), initial=len(found), unit="img", disable=not progress,
               desc=f"localize {localizer.method}") as bar, \
             (open(journal, "a", encoding="utf-8") if journal is not None else nullcontext()) as log:
         for batch in loader:
-            good = [(i, localizer.unpack(item)) for i, item, _ in batch if item is not None]
-            failed += [(images.paths[i], r) for i, _, r in batch if r is not None]
-            bad = {i: _outside(images.paths[i], images.truths[i], size) for i, (_, size) in good}
-            failed += [(images.paths[i], r) for i, r in bad.items() if r]
-            good = [(i, item) for i, item in good if not bad[i]]
+            good, unusable = _scorable(batch, images, localizer)
+            failed += unusable
             bar.update(len(batch) - len(good))
-            if localizer.method == "dense":
-                for i, (views, size) in good:
-                    found[i] = localizer.dense(views, size)
-                    bar.update()  # one image at a time: the bar moves per image
-            elif good:
-                classes = [index[images.truths[i].wnids[0]] for i, _ in good]
-                boxes = localizer.center_crop([item[0] for _, item in good],
-                                              [item[1] for _, item in good],
-                                              torch.tensor(classes))
-                for (i, _), c, b in zip(good, classes, boxes):
-                    found[i] = [Guess(c, names[c], tuple(b.tolist()), 1.0)]
-                bar.update(len(good))
+            found.update(_guess(localizer, images, good, bar))
             if log is not None and good:
-                log.writelines(json.dumps({"path": images.paths[i], "guesses": [
-                    [g.class_index, g.wnid, *g.box, g.score] for g in found[i]]}) + "\n"
-                    for i, _ in good)
-                log.flush()
-                os.fsync(log.fileno())
+                _append_to_journal(log, {images.paths[i]: found[i] for i, _ in good})
     kept = sorted(found)
-    guesses = [found[i] for i in kept]
-    truths = [images.truths[i] for i in kept]
     if not kept:
         raise InputError("no image could be read; see the reasons above")
+    guesses = [found[i] for i in kept]
+    metrics = _metrics(localizer.method, guesses, [images.truths[i] for i in kept])
+    return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
+                     metrics, failed, time.monotonic() - start, localizer.settings())
+
+
+def _check_classes(localizer: Localizer, images: LocImages) -> None:
+    """The centre-crop protocol boxes each image's true class: the net must know it."""
+    if localizer.method != "center-crop":
+        return
+    known = set(localizer.class_names)
+    unknown = [(p, t.wnids[0]) for p, t in zip(images.paths, images.truths)
+               if t.wnids[0] not in known]
+    if unknown:
+        raise InputError(f"{unknown[0][0]}: its class {unknown[0][1]} is not among the "
+                         f"{len(known)} classes of the localisation net ({len(unknown)} "
+                         "such images)")
+
+
+def _scorable(batch, images: LocImages, localizer: Localizer) -> tuple[list, list]:
+    """The images of a loader batch that can be scored, as (index, (views, size)), and the
+    (path, reason) of those that cannot: unreadable, or with a true box outside the image."""
+    good = [(i, localizer.unpack(item)) for i, item, _ in batch if item is not None]
+    failed = [(images.paths[i], r) for i, _, r in batch if r is not None]
+    bad = {i: _outside(images.paths[i], images.truths[i], size) for i, (_, size) in good}
+    failed += [(images.paths[i], r) for i, r in bad.items() if r]
+    return [(i, item) for i, item in good if not bad[i]], failed
+
+
+def _guess(localizer: Localizer, images: LocImages, good: list, bar) -> dict[int, list[Guess]]:
+    """The guesses of the scorable images of a batch, by image index; moves the bar."""
+    found = {}
     if localizer.method == "dense":
+        for i, (views, size) in good:
+            found[i] = localizer.dense(views, size)
+            bar.update()  # one image at a time: the bar moves per image
+        return found
+    if not good:
+        return found
+    names = localizer.class_names
+    index = {name: k for k, name in enumerate(names)}
+    classes = [index[images.truths[i].wnids[0]] for i, _ in good]
+    boxes = localizer.center_crop([item[0] for _, item in good], [item[1] for _, item in good],
+                                  torch.tensor(classes))
+    for (i, _), c, b in zip(good, classes, boxes):
+        found[i] = [Guess(c, names[c], tuple(b.tolist()), 1.0)]
+    bar.update(len(good))
+    return found
+
+
+def _append_to_journal(log, guesses: dict[str, list[Guess]]) -> None:
+    """One line per image, on disk before the run goes on (a kill loses no finished image)."""
+    log.writelines(json.dumps({"path": path, "guesses": [
+        [g.class_index, g.wnid, *g.box, g.score] for g in gs]}) + "\n"
+        for path, gs in guesses.items())
+    log.flush()
+    os.fsync(log.fileno())
+
+
+def _metrics(method: str, guesses: list[list[Guess]], truths: list[ImageBoxes]) -> dict:
+    """Top-1/top-5 localisation error (dense), or the centre-crop error with the true class."""
+    if method == "dense":
         table = BoxTable({str(i): t for i, t in enumerate(truths)})
         score = score_guesses({str(i): [(g.wnid, g.box) for g in gs]
                                for i, gs in enumerate(guesses)}, table)
-        metrics = {"top1_loc_error": score.top1_loc_error, "top5_loc_error": score.top5_loc_error}
-    else:
-        boxes = np.array([gs[0].box for gs in guesses])
-        wrong = gt_class_errors(boxes, [t.of_class(gs[0].wnid) for t, gs in zip(truths, guesses)])
-        metrics = {"gt_class_loc_error": 100.0 * float(wrong.mean())}
-    return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
-                     metrics, failed, time.monotonic() - start, localizer.settings())
+        return {"top1_loc_error": score.top1_loc_error, "top5_loc_error": score.top5_loc_error}
+    boxes = np.array([gs[0].box for gs in guesses])
+    wrong = gt_class_errors(boxes, [t.of_class(gs[0].wnid) for t, gs in zip(truths, guesses)])
+    return {"gt_class_loc_error": 100.0 * float(wrong.mean())}
 
 
 def _outside(path: str, truth: ImageBoxes, size: tuple[int, int]) -> str | None:
