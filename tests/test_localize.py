@@ -353,7 +353,7 @@ def test_protocols_map_boxes_back_to_the_original_image(tmp_path):
     assert sorted(g.wnid for g in guesses) == WNIDS[:2]
     for g in guesses:
         assert g.box == pytest.approx((48, 16, 272, 240), abs=1e-3)
-    assert sum(g.score for g in guesses) == pytest.approx(1.0, abs=1e-5)  # both classes' posteriors
+    assert sum(g.score for g in guesses) == pytest.approx(1.0, abs=1e-5)  # the 2 posteriors
     for method, scales in (("center-crop", (200,)), ("center-crop", (256, 384)), ("dense", (128,))):
         with pytest.raises(vggfeat.errors.ConfigError, match="scale"):
             Localizer(load_localizer(loc)[0], vggfeat.vgg(weights=classifier), method=method,
