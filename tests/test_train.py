@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -31,6 +32,7 @@ from vggfeat.train import (
     train_transform,
 )
 from vggfeat.train.augment import augment
+from vggfeat.train.checkpoint import CHECKPOINT
 
 RECIPES = Path(__file__).parent.parent / "recipes"
 # A reduced-width net A through the same builder; ImageNet-style input scaling keeps a tiny net
@@ -223,6 +225,35 @@ def test_sigkill_and_resume_gives_the_same_weights(tmp_path, colours):
         assert torch.equal(value, expected[key]), key
 
 
+def test_checkpoint_holds_every_field_of_the_loop_state(tmp_path):
+    from dataclasses import fields
+
+    from vggfeat.train.checkpoint import TrainState, state_entries, state_from_entries
+
+    state = TrainState(epoch=2, step=5, global_step=17, best=0.25, skipped=1,
+                       history=[{"epoch": 1, "train_loss": 1.5}], epoch_loss=3.0, epoch_images=12)
+    torch.save(state_entries(state), tmp_path / "last.pt")
+    entries = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert set(entries) == {f.name for f in fields(TrainState)}
+    assert state_from_entries(entries, tmp_path / "last.pt") == state
+    del entries["epoch_images"]
+    with pytest.raises(TrainingError, match="last.pt has no epoch_images"):
+        state_from_entries(entries, tmp_path / "last.pt")
+
+
+def test_a_task_without_metrics_is_a_config_error(tmp_path, colours):
+    from vggfeat.errors import ConfigError
+    from vggfeat.train import ImageClassification
+
+    class Unscored(ImageClassification):
+        metrics = ()
+
+    with pytest.raises(ConfigError, match="Unscored names no validation metric"):
+        train(Recipe(**TINY), Unscored.from_folders(colours), tmp_path / "run", device="cpu",
+              progress=False)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
 def test_two_gloo_processes_make_the_same_update_as_one(tmp_path, colours):
     common = ["--data", colours, "--arch", "A", "--width-mult", "0.0625", "--fc-dim", "32",
               "--batch-size", "8", "--dropout", "0", "--max-steps", "2", "--device", "cpu",
@@ -309,12 +340,54 @@ def test_non_finite_weights_are_never_written(tmp_path, colours):
     assert not list((tmp_path / "run").glob("*.safetensors"))
 
 
+WALL_CLOCK = ("seconds", "images_per_s")  # history entries that differ from run to run
+
+
+def assert_same_checkpoints(path: Path, expected: Path) -> None:
+    """Every tensor and number of two checkpoints is equal: weights, optimiser state (momentum),
+    lr schedule, loss scaler and the loop's position and history."""
+    def flat(value, key=""):
+        if isinstance(value, (list, tuple)):
+            value = dict(enumerate(value))
+        if not isinstance(value, dict):
+            return {key: value}
+        return {k: v for name, item in value.items() for k, v in flat(item, f"{key}/{name}").items()}
+
+    def load(file):
+        checkpoint = torch.load(file, weights_only=True)
+        checkpoint["history"] = [{k: v for k, v in row.items() if k not in WALL_CLOCK}
+                                 for row in json.loads(checkpoint["history"])]
+        return flat(checkpoint)
+
+    got, want = load(path), load(expected)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(got[key], value), key
+        else:
+            assert got[key] == value, key
+
+
 def test_resuming_with_fp16_a_run_started_in_fp32(tmp_path, colours):
     recipe = Recipe(**{**TINY, "epochs": 1})
+    fp16 = recipe.with_overrides(amp="fp16")
+    # An fp16 run stopped and resumed ends where an uninterrupted one does: same weights,
+    # optimiser state, loss scale and growth tracker.
+    uninterrupted = train(fp16, colours, tmp_path / "fp16", device="cpu", progress=False)
+    train(fp16, colours, tmp_path / "fp16-resumed", device="cpu", progress=False, max_steps=1)
+    resumed = train(fp16, colours, tmp_path / "fp16-resumed", device="cpu", resume=True,
+                    progress=False)
+    assert resumed.global_step == uninterrupted.global_step == 3
+    assert_same_checkpoints(tmp_path / "fp16-resumed" / CHECKPOINT,
+                            tmp_path / "fp16" / CHECKPOINT)
+    scaler = torch.load(tmp_path / "fp16" / CHECKPOINT, weights_only=True)["scaler"]
+    assert scaler["_growth_tracker"] == 3  # the scaler ran (three finite steps)
+    # Started in fp32, the run has no scaler state: the scaler starts afresh.
     train(recipe, colours, tmp_path / "run", device="cpu", progress=False, max_steps=1)
-    result = train(recipe.with_overrides(amp="fp16"), colours, tmp_path / "run", device="cpu",
-                   resume=True, progress=False)
+    result = train(fp16, colours, tmp_path / "run", device="cpu", resume=True, progress=False)
     assert result.global_step == 3 and result.final is not None
+    scaler = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=True)["scaler"]
+    assert scaler["_growth_tracker"] == 2  # a fresh scaler, then two steps
 
 
 DDP_TASK = """
@@ -362,7 +435,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, colo
                    "--arch", "A", "--width-mult", "0.0625", "--fc-dim", "32", "--batch-size", "8",
                    "--workers", "0", "--device", "cpu", "--quiet", check=False)
     assert proc.returncode == 1
-    assert "intact" in proc.stderr or "not overwriting" in proc.stderr
+    assert f"The last good checkpoint {tmp_path / 'run' / CHECKPOINT} is intact" in proc.stderr
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (tmp_path / "run" / "final.safetensors").exists()

@@ -4,9 +4,9 @@ One optimiser step sees the global batch (``recipe.batch_size``): it is split ev
 processes, and each process reaches its share by gradient accumulation over micro-batches, so
 the update does not depend on how many GPUs there are.  The run folder holds:
 
-* ``checkpoints/last.pt``: model, optimiser, scheduler, position (epoch, step) and history,
-  written atomically every few minutes and at each epoch's end; ``--resume`` continues from it
-  and ends with the same weights as an uninterrupted run;
+* ``checkpoints/last.pt`` (:mod:`.checkpoint`): model, optimiser, scheduler, loss scaler,
+  position (epoch, step) and history, written atomically every few minutes and at each epoch's
+  end; ``--resume`` continues from it and ends with the same weights as an uninterrupted run;
 * ``best.safetensors`` (lowest value of the task's first metric, the validation top-1 error for
   classification) and ``final.safetensors``, vggfeat weight
   files with the recipe, S and metrics, readable by ``vggfeat extract`` and ``vggfeat evaluate``;
@@ -15,7 +15,6 @@ the update does not depend on how many GPUs there are.  The run folder holds:
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -32,24 +31,21 @@ from tqdm.auto import tqdm
 from ..data.sources import ImageList
 from ..devices import default_device, default_workers
 from ..distributed import Distributed
-from ..errors import TrainingError
-from ..fileio import atomic_path
+from ..errors import ConfigError, TrainingError
 from ..models.runner import AMP_DTYPES, cudnn_benchmark, tf32_matmuls
 from ..models.vgg import VGG
 from ..models.weights import save_weights
 from .augment import DROPOUT_STREAM, derived_seed, pca_lighting, train_transform
+from .checkpoint import CHECKPOINT, Checkpointer, TrainState
 from .data import Batch, TrainImages, epoch_order, micro_batches, train_loader
 from .logs import RunLog
 from .model import make_optimizer, make_scheduler, recipe_for_net
 from .recipe import Recipe, RecipeError, load_recipe, save_recipe
 from .task import ImageClassification, Task
 
-CHECKPOINT = Path("checkpoints") / "last.pt"
 # The loss stays on the device and is read (one host sync) every this many steps, at
 # checkpoints and at epoch ends; every step's value still reaches the logs.
 LOSS_READ_STEPS = 10
-# Steps before the first time-based checkpoint decision (later ones follow the measured pace).
-FIRST_CHECK_STEPS = 10
 
 
 @dataclass
@@ -60,18 +56,6 @@ class TrainResult:
     global_step: int = 0
     skipped: int = 0
     step_seconds: list[float] = field(default_factory=list)  # wall time of each step run here
-
-
-@dataclass
-class _State:
-    epoch: int = 0
-    step: int = 0  # next step within ``epoch``
-    global_step: int = 0
-    best: float = math.inf  # lowest value of the task's first metric so far
-    skipped: int = 0
-    history: list[dict] = field(default_factory=list)
-    epoch_loss: float = 0.0  # loss sum and images of the epoch so far: its mean survives resume
-    epoch_images: int = 0
 
 
 def train(recipe: Recipe | None, data: str | os.PathLike | Task, out: str | os.PathLike, *,
@@ -128,31 +112,23 @@ class _Trainer:
 
     def __init__(self, recipe: Recipe, task: Task, run_dir: Path, dist: Distributed, *,
                  resume: bool, progress: bool, download: bool) -> None:
-        self.recipe, self.task, self.run_dir, self.dist = recipe, task, run_dir, dist
-        self.progress = progress
-        self.last = run_dir / CHECKPOINT
-        if self.last.exists() and not resume:
-            raise RecipeError(f"{run_dir} already holds a run ({self.last}); pass --resume to "
-                              "continue it, or choose another --out")
-        if not task.metrics:
-            raise ValueError(f"{type(task).__name__} names no validation metric")
+        self.task, self.run_dir, self.dist, self.progress = task, run_dir, dist, progress
+        _check_run(recipe, task, run_dir, resume=resume)
         self.micro, self.accum = _micro_batching(recipe, dist.world_size)
         self.steps_per_epoch = len(task.train_set) // recipe.batch_size
-        if self.steps_per_epoch == 0:
-            raise RecipeError(f"batch_size {recipe.batch_size} is larger than the "
-                              f"{len(task.train_set)} training images")
         model = task.build_model(recipe, download=download)
         self.recipe = recipe = recipe_for_net(recipe, model)  # records what the weights hold
-        self.model = self._place(model)
+        self.memory_format = _memory_format(recipe, dist)
+        self.model = _place(model, recipe, dist, self.memory_format)
         self.optimizer = make_optimizer(self.model, recipe)
         self.scheduler = make_scheduler(self.optimizer, recipe)
         self.amp = resolved_amp(recipe, dist.device)
         self.amp_dtype = AMP_DTYPES[self.amp]
         self.scaler = torch.amp.GradScaler(dist.device.type,
                                            enabled=self.amp_dtype is torch.float16)
-        self.state = _State()
-        if resume and self.last.exists():
-            self._load_checkpoint()
+        self.checkpoints = Checkpointer(run_dir, recipe, dist)
+        self.state = self.checkpoints.load(**self._stateful()) \
+            if resume and self.checkpoints.exists() else TrainState()
         if dist.is_main:
             (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
             save_recipe(recipe, run_dir / "recipe.yaml")
@@ -172,22 +148,14 @@ class _Trainer:
         self.pending: list[tuple[Tensor, int, int, int]] = []
         self.read_at = time.monotonic()
         self.bar: tqdm | None = None
-        self.last_save = time.monotonic()
-        self.saved_at_step = self.state.global_step
-        self.next_check = self.state.global_step + FIRST_CHECK_STEPS
+        # When the current epoch's steps started here, and the images it had counted by then
+        # (a resumed epoch's images/s counts only the images trained since).
+        self.epoch_started, self.images_before = time.monotonic(), self.state.epoch_images
 
-    def _place(self, model: VGG) -> VGG:
-        """The net on this process's device, in the training memory format; SyncBatchNorm when
-        asked for with several processes."""
-        recipe, dist = self.recipe, self.dist
-        channels_last = recipe.channels_last if recipe.channels_last is not None else \
-            dist.device.type == "cuda"
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        if recipe.sync_bn and dist.world_size > 1:
-            if dist.device.type != "cuda":
-                raise RecipeError("sync_bn needs GPUs (NCCL); on CPU processes leave it off")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return model.to(dist.device, memory_format=self.memory_format)
+    def _stateful(self) -> dict:
+        """The objects whose state the checkpoint holds, by the names it holds them under."""
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler,
+                "scaler": self.scaler}
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -237,7 +205,7 @@ class _Trainer:
                     self._read_losses()
                 if max_steps is not None and state.global_step >= max_steps:
                     return False
-                if state.step < self.steps_per_epoch and self._checkpoint_due():
+                if state.step < self.steps_per_epoch and self.checkpoints.due(state):
                     self._save_checkpoint()
             return True
         finally:
@@ -324,7 +292,7 @@ class _Trainer:
             if not math.isfinite(loss_sum):
                 raise TrainingError(
                     f"the training loss is {loss_sum / max(images, 1)} at step {global_step} "
-                    f"(epoch {state.epoch + 1}, lr {lr:g}). " + self._what_is_kept())
+                    f"(epoch {state.epoch + 1}, lr {lr:g}). " + self.checkpoints.what_is_kept())
             self.log.step(global_step, loss_sum / max(images, 1), lr)
             state.epoch_loss += loss_sum
             state.epoch_images += int(images)
@@ -336,30 +304,6 @@ class _Trainer:
             self.bar.set_postfix(loss=f"{losses[-1] / max(images_per_step[-1], 1):.3f}",
                                  refresh=False)
         self.pending.clear()
-
-    def _what_is_kept(self) -> str:
-        if self.last.exists():
-            return (f"The last good checkpoint {self.last} is intact: lower --lr (or check the "
-                    "data) and run again with --resume")
-        return ("No checkpoint had been written yet: lower --lr (or check the data) and start "
-                "again")
-
-    def _checkpoint_due(self) -> bool:
-        """Every ``checkpoint_steps`` steps, or about every ``checkpoint_minutes``: rank 0 turns
-        the minutes into a step count from its measured pace, and every rank hears it at the
-        same step, so no step waits for a collective."""
-        recipe, state, dist = self.recipe, self.state, self.dist
-        if recipe.checkpoint_steps:
-            return state.step % recipe.checkpoint_steps == 0
-        if state.global_step < self.next_check:
-            return False
-        period = 60 * recipe.checkpoint_minutes
-        elapsed = time.monotonic() - self.last_save
-        pace = elapsed / max(state.global_step - self.saved_at_step, 1)  # s per step
-        due = dist.broadcast_flag(elapsed >= period)
-        wait = period if due else period - elapsed
-        self.next_check = state.global_step + dist.broadcast_int(max(1, math.ceil(wait / pace)))
-        return due
 
     def _end_epoch(self) -> None:
         """Validate, step the lr schedule, log, export the best weights, checkpoint."""
@@ -414,7 +358,7 @@ class _Trainer:
         if not bool(finite):
             raise TrainingError(f"the weights are no longer finite after step "
                                 f"{self.state.global_step}; nothing was written from them. "
-                                + self._what_is_kept())
+                                + self.checkpoints.what_is_kept())
 
     def _export(self, name: str, metrics: dict) -> Path:
         self._check_finite()
@@ -425,44 +369,42 @@ class _Trainer:
                                   "trained_with": "vggfeat train", **self.task.weights_meta()})
 
     def _save_checkpoint(self) -> None:
-        """Rank 0 writes the whole training state atomically; every rank waits for it."""
+        """Bring the pending losses in, check the weights, and write the checkpoint."""
         self._read_losses()
         self._check_finite()
-        state, dist = self.state, self.dist
-        if dist.is_main:
-            checkpoint = {
-                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "recipe": self.recipe.to_dict(), "world_size": dist.world_size,
-                "epoch": state.epoch, "step": state.step, "global_step": state.global_step,
-                "best": state.best, "skipped": state.skipped, "epoch_loss": state.epoch_loss,
-                "epoch_images": state.epoch_images, "history": json.dumps(state.history)}
-            with atomic_path(self.last) as tmp:
-                torch.save(checkpoint, tmp)
-        dist.barrier()
-        self.last_save, self.saved_at_step = time.monotonic(), state.global_step
+        self.checkpoints.save(self.state, **self._stateful())
 
-    def _load_checkpoint(self) -> None:
-        checkpoint = torch.load(self.last, map_location="cpu", weights_only=True)
-        saved, current = checkpoint["recipe"], self.recipe.to_dict()
-        changed = [f"{k}: {saved.get(k)!r} → {current[k]!r}" for k in self.recipe.resume_fixed
-                   if saved.get(k) != current[k]]
-        if changed:
-            raise RecipeError(f"{self.last} was trained with other settings "
-                              f"({'; '.join(changed)}); resume with the same recipe, or start a "
-                              "new run in another --out")
-        self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
-        self.scheduler.load_state_dict(checkpoint["scheduler"])
-        if checkpoint["scaler"] and self.scaler.is_enabled():
-            # A run started without fp16 has no scaler state: the scaler then starts afresh.
-            self.scaler.load_state_dict(checkpoint["scaler"])
-        self.state = _State(epoch=checkpoint["epoch"], step=checkpoint["step"],
-                            global_step=checkpoint["global_step"], best=checkpoint["best"],
-                            skipped=checkpoint["skipped"],
-                            history=json.loads(checkpoint["history"]),
-                            epoch_loss=checkpoint["epoch_loss"],
-                            epoch_images=checkpoint["epoch_images"])
+
+def _check_run(recipe: Recipe, task: Task, run_dir: Path, *, resume: bool) -> None:
+    """Refuse a run that cannot start, before anything is built or written."""
+    last = run_dir / CHECKPOINT
+    if last.exists() and not resume:
+        raise RecipeError(f"{run_dir} already holds a run ({last}); pass --resume to "
+                          "continue it, or choose another --out")
+    if not task.metrics:
+        raise ConfigError(f"{type(task).__name__} names no validation metric: its ``metrics`` "
+                          "must name at least one (the first chooses best.safetensors)")
+    if len(task.train_set) < recipe.batch_size:
+        raise RecipeError(f"batch_size {recipe.batch_size} is larger than the "
+                          f"{len(task.train_set)} training images")
+
+
+def _memory_format(recipe: Recipe, dist: Distributed) -> torch.memory_format:
+    """channels_last on GPUs unless the recipe says otherwise."""
+    channels_last = recipe.channels_last if recipe.channels_last is not None else \
+        dist.device.type == "cuda"
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _place(model: VGG, recipe: Recipe, dist: Distributed,
+           memory_format: torch.memory_format) -> VGG:
+    """The net on this process's device, in the training memory format; SyncBatchNorm when
+    asked for with several processes."""
+    if recipe.sync_bn and dist.world_size > 1:
+        if dist.device.type != "cuda":
+            raise RecipeError("sync_bn needs GPUs (NCCL); on CPU processes leave it off")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model.to(dist.device, memory_format=memory_format)
 
 
 def _micro_batching(recipe: Recipe, world: int) -> tuple[int, int]:
