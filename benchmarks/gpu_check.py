@@ -5,8 +5,8 @@
 
 Steps, in this order (the longest, compilation, last):
 
-* ``cuda_tests``: the tests that need a CUDA GPU (``pytest -m cuda`` once that marker is
-  registered, else their node ids), as a subprocess: passed / failed / skipped;
+* ``cuda_tests``: the tests that need a CUDA GPU (``pytest -m cuda``), as a subprocess: passed /
+  failed / skipped;
 * ``train_eager``: VGG-16 training step (forward, backward, SGD), bf16 autocast, channels_last,
   batch 256, on a fixed batch on the device (``synthetic`` of benchmarks/train.py): img/s, MFU;
 * ``train_reference``: torchvision's ``vgg16`` in the same plain SGD loop, fp32 as torchvision's

@@ -20,7 +20,12 @@ from vggfeat.data.loader import PreparedBatch, stack_rows
 from vggfeat.evaluate import Evaluator
 from vggfeat.models.runner import cudnn_benchmark, memory_format_of, tf32_matmuls
 
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+def needs_cuda(test):
+    """Marked ``cuda`` (``pytest -m cuda`` runs these on a GPU machine); skipped without one."""
+    skip = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    return pytest.mark.cuda(skip(test))
+
 
 # Tensor calls that make the host wait for a GPU (results read on the host), or build a tensor
 # from Python data (a blocking copy when it targets a GPU).
