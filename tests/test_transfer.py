@@ -202,7 +202,7 @@ def test_caltech_protocol_splits_scores_and_reproducibility(caltech_features):
     logreg = run_protocol("caltech101", dataset, [features], classifier="logreg", **kwargs)
     assert logreg.mean > 60
     report = markdown_report([result, logreg])
-    assert "| paper: Net-D | linear SVM | 89.3 | 89.0 | 91.8 ± 1.0 | 85.0 ± 0.2 |" in report
+    assert "| paper: Net-D | linear SVM | 91.8 ± 1.0 |" in report  # the protocols that ran
     assert "logistic regression" in report
 
 
@@ -263,8 +263,7 @@ def test_cli_voc2007_extracts_then_reports_like_table_11(tmp_path, tiny_weights)
     assert first["paper"]["Net-D"] == [89.3, None]
     splits = json.loads(report.with_suffix(".splits.json").read_text())["results"][0]["splits"]
     assert len(splits[0]["test"]) == 10 and not set(splits[0]["test"]) & set(splits[0]["fit"])
-    assert "| paper: Net-D & Net-E | linear SVM | 89.7 | 89.3 | 92.7 ± 0.5 | 86.2 ± 0.3 |" in \
-        proc.stdout
+    assert "| paper: Net-D & Net-E | linear SVM | 89.7 |" in proc.stdout  # VOC-2007's column only
     assert "mAP, area (%)" in report.read_text()
     bad = run_cli("transfer", features, "--protocol", "voc2007", check=False)
     assert bad.returncode == 2 and "--data" in bad.stderr

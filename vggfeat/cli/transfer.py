@@ -86,6 +86,7 @@ def transfer_command(features, protocol, data, classifier, aggregate, splits, tr
         write_report,
     )
     from ..transfer.protocols import descriptor_spec, extraction_inputs
+    from ..transfer.report import held_out_warning
 
     dataset = (load_dataset(protocol, data, crops=crops, progress=not quiet) if data
                else dataset_from_features(features[0]))
@@ -109,6 +110,8 @@ def transfer_command(features, protocol, data, classifier, aggregate, splits, tr
                for person in settings
                for agg in (("mean", "stack") if aggregate == "both" else (aggregate,))]
     click.echo(markdown_report(results))
+    for warning in filter(None, map(held_out_warning, results)):
+        click.echo(f"Warning: {warning}", err=True)
     if report:
         written = write_report(results, report)
         click.echo(f"wrote {', '.join(map(str, written))}", err=True)

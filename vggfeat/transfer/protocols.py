@@ -156,7 +156,8 @@ class TransferResult:
     scores: list[float]
     per_class: dict[str, float]
     extra: dict[str, float] = field(default_factory=dict)
-    chosen_C: list = field(default_factory=list)
+    chosen_C: list = field(default_factory=list)  # per split (multi-class) or per class (VOC)
+    C_grid: tuple[float, ...] = ()  # the values C was chosen from
     sizes: dict[str, int] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     splits: list[dict[str, list[str]]] = field(default_factory=list)
@@ -365,7 +366,7 @@ def run_protocol(protocol: str, dataset: Dataset, files: list[str | os.PathLike]
                                  test_per_class=test_per_class or spec.test_per_class)
     return TransferResult(
         protocol=spec.name, classifier=classifier, aggregate="+".join(dict.fromkeys(used)),
-        features=described, metric=spec.metric,
+        features=described, metric=spec.metric, C_grid=grid,
         dropped=[p for p, k in zip(dataset.paths, keep) if not k], setting=setting, **scored)
 
 

@@ -13,6 +13,9 @@ from .protocols import PROTOCOLS, TransferResult
 TABLE11 = ("voc2007", "voc2012", "caltech101", "caltech256")
 TABLE12 = "voc2012-action"
 CLASSIFIER_NAMES = {"svm": "linear SVM", "logreg": "logistic regression"}
+# Fewer held-out samples than this cannot tell the values of C apart: one sample more or less
+# right moves the held-out score by more than the values of C usually differ.
+MIN_HELD_OUT = 20
 
 
 def _cell(mean: float, std: float | None = None) -> str:
@@ -41,7 +44,10 @@ def markdown_report(results: list[TransferResult]) -> str:
         lines += [f"- {k}: {v:.1f}" for k, v in r.extra.items()]
         lines += [f"- {_samples(r)}: {r.sizes['train']} train ({r.sizes['val']} of them held out "
                   f"to choose C), {r.sizes['test']} test, {r.sizes['classes']} classes",
-                  f"- chosen C: {', '.join(f'{c:g}' for c in sorted(set(r.chosen_C)))}"]
+                  f"- {_chosen_C(r)}"]
+        warning = held_out_warning(r)
+        if warning:
+            lines.append(f"- **warning**: {warning}")
         if r.dropped:
             lines.append(f"- {len(r.dropped)} unreadable image(s) left out, e.g. {r.dropped[0]}")
         lines += ["", "| class | score (%) |", "|---|---|"]
@@ -52,6 +58,26 @@ def markdown_report(results: list[TransferResult]) -> str:
 
 def _samples(r: TransferResult) -> str:
     return "people" if r.protocol == TABLE12 else "images"
+
+
+def _chosen_C(r: TransferResult) -> str:
+    """Which C each split (multi-class) or each class (VOC, one classifier per class) chose."""
+    if PROTOCOLS[r.protocol].multilabel:
+        return "C chosen per class: " + ", ".join(
+            f"{name} {c:g}" for name, c in zip(r.per_class, r.chosen_C))
+    return "C chosen per split: " + ", ".join(
+        f"split {s + 1}: {c:g}" for s, c in enumerate(r.chosen_C))
+
+
+def held_out_warning(r: TransferResult) -> str | None:
+    """A line for the user when C was chosen on too few held-out samples to mean much."""
+    held_out = r.sizes.get("val", 0)
+    if held_out >= MIN_HELD_OUT or len(r.C_grid) == 1:
+        return None
+    samples = _samples(r)
+    return (f"C was chosen on only {held_out} held-out {samples} ({PROTOCOLS[r.protocol].title}"
+            f"{', ' + r.setting if r.setting else ''}), too few to tell the values of C apart; "
+            f"add {samples}, or fix C (--C 1)")
 
 
 def _table12(results: list[TransferResult]) -> list[str]:
@@ -72,7 +98,9 @@ def _table12(results: list[TransferResult]) -> list[str]:
 
 
 def _table11(results: list[TransferResult]) -> list[str]:
-    columns = list(TABLE11) + sorted({r.protocol for r in results} - set(TABLE11))
+    """Our results beside the paper's, in the columns of the protocols that were run."""
+    ran = {r.protocol for r in results}
+    columns = [c for c in TABLE11 if c in ran] + sorted(ran - set(TABLE11))
     lines = ["# Transfer of VGG descriptors (the paper's Table 11)", ""]
     lines += ["| descriptor | classifier | " + " | ".join(
         f"{PROTOCOLS[c].title}: {PROTOCOLS[c].metric}" for c in columns) + " |",
@@ -82,6 +110,8 @@ def _table11(results: list[TransferResult]) -> list[str]:
         lines.append(f"| ours: {' & '.join(r.features)} | {CLASSIFIER_NAMES[r.classifier]} | "
                      + " | ".join(cells) + " |")
     for net in ("Net-D", "Net-E", "Net-D & Net-E"):
+        if not any(net in PROTOCOLS[c].paper for c in columns):
+            continue  # e.g. your own folders: the paper has no figure to compare with
         cells = [_cell(*PROTOCOLS[c].paper[net]) if net in PROTOCOLS[c].paper
                  else "–" for c in columns]
         lines.append(f"| paper: {net} | linear SVM | " + " | ".join(cells) + " |")
