@@ -66,5 +66,4 @@ def _freeze_batch_norm(model: VGG, names: list[str]) -> None:
             for key in ("weight", "bias", "running_mean", "running_var"):
                 getattr(fixed, key).copy_(getattr(module, key).detach())
             fixed.to(module.weight.device)
-            model.features._modules[name] = fixed
-    model._index_layers()  # the module list changed
+            model.features.set_submodule(name, fixed)  # same name: the layer index holds
