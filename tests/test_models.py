@@ -151,7 +151,9 @@ def test_bn_pre_value_is_after_batch_norm():
 
 def test_unknown_layer_lists_valid_ones():
     with pytest.raises(ValueError, match="valid layers: conv1_1:pre, conv1_1"):
-        tiny_vgg("A").forward_layers(torch.randn(1, 3, 224, 224), ["fc9"])
+        tiny_vgg("A").forward_layers(torch.randn(1, 3, 224, 224), ["bottleneck"])
+    with pytest.raises(ValueError, match="'FC7' for VGG A; did you mean 'fc7'"):
+        tiny_vgg("A").check_layer("FC7")
     assert "norm1" in tiny_vgg("A-LRN").layer_names and "conv5_4" in tiny_vgg("E").layer_names
 
 

@@ -31,15 +31,16 @@ from .configs import (
     INPUT_SIZE,
     LRN_SETTINGS,
     NUM_CLASSES,
+    PRE,
     STRIDE,
     ArchSpec,
     layer_names,
     parse_arch,
     scaled,
+    unknown_layer,
 )
 from .preprocessing import IMAGENET, Preprocessing
 
-PRE = ":pre"
 GLOBAL_POOLS = ("avg", "max")
 
 
@@ -186,10 +187,10 @@ class VGG(nn.Module):
         return names + ["prob"] if self.num_classes else names
 
     def check_layer(self, name: str) -> str:
-        """Return ``name`` if it is a readable layer; else raise ``ConfigError`` listing them."""
+        """Return ``name`` if it is a readable layer; else raise ``ConfigError`` suggesting the
+        closest name (``FC7`` → ``fc7``), or listing them all."""
         if name not in self._taps and (name != "prob" or not self.num_classes):
-            raise ConfigError(f"unknown layer {name!r} for VGG {self.spec.name}; valid layers: "
-                             + ", ".join(self.layer_names))
+            raise unknown_layer(name, self.layer_names, self.spec.name)
         return name
 
     def layer_channels(self, name: str) -> int:
