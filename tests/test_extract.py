@@ -397,14 +397,16 @@ def test_disk_full_read_only_and_leftovers_give_clear_errors(tmp_path, image_fol
     model, out = tiny_vgg("A"), tmp_path / "f.h5"
     real_open = open
 
-    def full_disk(path, mode="r", *args, **kwargs):
-        if "w" in mode and ".shard-" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        return real_open(path, mode, *args, **kwargs)
+    def full_disk(file, mode="r", *args, **kwargs):
+        name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else str(file)
+        if "w" in mode and ".shard-" in name:  # as a write() fails: no file name in the error
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(file, mode, *args, **kwargs)
 
     import vggfeat.fileio
     monkeypatch.setattr(vggfeat.fileio, "open", full_disk, raising=False)
-    with pytest.raises(CacheError, match="No space left on device.*free some space"):
+    with pytest.raises(CacheError, match=r"cannot publish results to .*f\.h5\.parts/shard-\S+\.h5: "
+                                         "No space left on device.*free some space"):
         run([image_folder], out, model)
     monkeypatch.undo()
     import vggfeat.cache.store as store
@@ -420,8 +422,9 @@ def test_disk_full_read_only_and_leftovers_give_clear_errors(tmp_path, image_fol
     assert not list(tmp_path.glob(".*.tmp")) and not (tmp_path / "f.h5.parts").exists()
     write_image(image_folder / "cat" / "new.jpg", seed=90)
     undo = make_read_only(out)
-    try:
-        with pytest.raises(CacheError, match="f.h5 is read-only"):
+    try:  # root cannot be refused by permissions: the file is made immutable instead
+        with pytest.raises(CacheError, match="f.h5 is immutable or append-only .*chattr -i"
+                           if os.geteuid() == 0 else "f.h5 is read-only"):
             run([image_folder], out, model)
     finally:
         undo()
@@ -459,7 +462,7 @@ def test_cli_end_to_end(tmp_path, image_folder, tiny_weights):
     assert strict.returncode == 1 and "bad.jpg" in strict.stderr and "Traceback" not in strict.stderr
     bad_layer = run_cli("extract", image_folder, "-o", tmp_path / "x.h5", "--weights",
                         tiny_weights, "--layer", "fc9", check=False)
-    assert bad_layer.returncode == 2 and "valid layers" in bad_layer.stderr
+    assert bad_layer.returncode == 2 and "unknown layer 'fc9'" in bad_layer.stderr
     small = run_cli("extract", image_folder, "-o", tmp_path / "y.h5", "--weights", tiny_weights,
                     "--scales", "128", check=False)
     assert small.returncode == 2 and "at least 224 px" in small.stderr
@@ -514,3 +517,129 @@ def test_cli_extract_stopped_by_sigterm_says_what_it_kept(tmp_path, image_folder
     assert proc.stderr.strip().splitlines()[-1] == (
         f"stopped by SIGTERM: 6 images done so far are kept in {out}.parts; run the same "
         "command again to go on from them")
+
+
+# -- hostile or odd surroundings -----------------------------------------------------------------
+
+def test_links_planted_at_the_lock_or_a_temporary_are_never_followed(tmp_path, image_folder,
+                                                                    monkeypatch):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "f.h5.lock")
+    with pytest.raises(CacheError, match=r"f\.h5\.lock is a symbolic link .*remove it"):
+        run([image_folder], tmp_path / "f.h5", tiny_vgg("A"))
+    assert victim.read_text() == "precious" and not (tmp_path / "f.h5").exists()
+    import uuid
+
+    import vggfeat.fileio
+    monkeypatch.setattr(uuid, "uuid4", lambda: uuid.UUID(int=0))  # a name an attacker can guess
+    os.symlink(victim, tmp_path / ".notes.json.00000000.tmp")
+    with pytest.raises(FileExistsError):
+        vggfeat.fileio.write_json_atomic(tmp_path / "notes.json", {"a": 1})
+    assert victim.read_text() == "precious" and not (tmp_path / "notes.json").exists()
+
+
+def test_a_fifo_named_like_an_image_is_recorded_not_waited_for(tmp_path, image_folder):
+    fifo = image_folder / "cat" / "x.jpg"
+    os.mkfifo(fifo)
+
+    def hung(signum, frame):
+        raise TimeoutError("extract waited for the FIFO")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(120)
+    try:
+        result = run([image_folder], tmp_path / "f.h5", tiny_vgg("A"), verify=True)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+    assert result.num_images == 8
+    assert dict(result.failed)[str(fifo)].startswith("not a regular file (a FIFO)")
+
+
+def test_non_finite_descriptors_are_failures_not_rows(tmp_path, image_folder):
+    model = tiny_vgg("A")
+    with torch.no_grad():
+        model.head.fc7.weight.fill_(float("nan"))
+    result = run([image_folder], tmp_path / "f.h5", model)
+    assert (result.num_images, result.num_failed) == (0, 8)
+    assert all(reason.startswith("non-finite descriptor") for _, reason in result.failed)
+    assert vggfeat.load_features(tmp_path / "f.h5").data.shape == (0, 32)
+
+
+def test_finished_images_are_published_as_shard_size_says(tmp_path, image_folder, monkeypatch):
+    """Shapes in input order: A A C B A A C B; passes of 2 run A(0,1), A(4,5), then C(2,6).
+    Before the third pass, 4 finished images must be on disk (not only 0 and 1)."""
+    from vggfeat.extract import DescriptorNet
+
+    parts, published = tmp_path / "f.h5.parts", []
+    forward = DescriptorNet.forward_views
+
+    def counting(self, scale, batch):
+        published.append(sum(len(h5py.File(s)["paths"]) for s in parts.glob("shard-*.h5")))
+        return forward(self, scale, batch)
+
+    monkeypatch.setattr(DescriptorNet, "forward_views", counting)
+    run([image_folder], tmp_path / "f.h5", tiny_vgg("A"), batch_size=2, shard_images=1)
+    assert published[:3] == [0, 2, 4]
+
+
+def test_disk_full_at_the_lock_and_honest_free_space_check(tmp_path, image_folder, monkeypatch):
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(CacheError, match=r"cannot write the lock file .*f\.h5\.lock: No space "
+                                         r"left on device; the disk is full"):
+        run([image_folder], tmp_path / "f.h5", tiny_vgg("A"))
+    monkeypatch.undo()
+    assert not (tmp_path / "f.h5.lock").exists()
+    import vggfeat.cache.store as store
+    free = 3 << 20  # an empty 3 MiB file system: plenty for 8 rows of 32 floats
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(free, 0, free))
+    assert run([image_folder], tmp_path / "f.h5", tiny_vgg("A")).num_images == 8
+    assert (tmp_path / "f.h5").stat().st_size < store.estimated_bytes(8, 32, 1, "float32") < free
+
+
+def test_a_name_too_long_for_the_temporaries_is_refused_before_any_work(tmp_path, image_folder):
+    out = tmp_path / ("x" * 245 + ".h5")  # 248 bytes: fits alone, not as .NAME.XXXXXXXX.tmp
+    with pytest.raises(CacheError, match=r"is 248 bytes long.*choose a name of at most 241 bytes"):
+        run([image_folder], out, tiny_vgg("A"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+def test_an_up_to_date_rerun_builds_no_net(tmp_path, image_folder, tiny_weights, monkeypatch):
+    run_module = sys.modules["vggfeat.extract.run"]
+    out, built = tmp_path / "f.h5", []
+    extract([image_folder], out, spec=DescriptorSpec(scales=(224,)), weights=str(tiny_weights),
+            workers=0, progress=False)
+
+    def no_net(*args, **kwargs):
+        raise AssertionError("the net was built for an up-to-date output")
+
+    real_vgg = run_module.vgg
+    monkeypatch.setattr(run_module, "DescriptorNet", no_net)
+    monkeypatch.setattr(run_module, "vgg", lambda *a, **k: built.append(
+        torch.get_default_device().type) or real_vgg(*a, **k))
+    again = extract([image_folder], out, spec=DescriptorSpec(scales=(224,)),
+                    weights=str(tiny_weights), workers=0, progress=False)
+    assert again.up_to_date and built == ["meta"]
+
+
+def open_handles(path):
+    fds = Path("/proc/self/fd")
+    return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path))
+
+
+def test_lazy_features_hold_no_file_open_until_read_and_close(tmp_path, image_folder):
+    out = run([image_folder], tmp_path / "f.h5", tiny_vgg("A")).output
+    X, y = vggfeat.load_features(out, lazy=True, return_X_y=True)
+    assert open_handles(out) == 0 and X.shape == (8, 32) and len(y) == 8
+    whole = vggfeat.load_features(out).data
+    np.testing.assert_array_equal(X[2:5], whole[2:5])
+    np.testing.assert_array_equal(X[[7, 0, 7]], whole[[7, 0, 7]])
+    X.close()
+    assert open_handles(out) == 0
+    run([image_folder], out, tiny_vgg("A", seed=1), overwrite=True)  # a writer replaces it
+    with pytest.raises(CacheError, match="changed since its rows were listed"):
+        X[0]

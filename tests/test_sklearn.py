@@ -154,3 +154,60 @@ def test_unreadable_images_raise_or_give_nan(tmp_path, image_folder, tiny_weight
     X = features(tiny_weights, on_error="nan", cache=cache).fit_transform(images.paths)
     assert np.isnan(X[2]).all() and not np.isnan(np.delete(X, 2, axis=0)).any()
     assert vggfeat.load_features(cache).failed[0][0] == bad  # kept: not retried on every call
+
+
+def reversed_copy(cache, group, to):
+    """The cache as another writer could publish it: the same rows, in the opposite order."""
+    import shutil
+
+    import h5py
+
+    shutil.copy(cache, to)
+    with h5py.File(to, "r+") as f:
+        g = f[group]
+        for name in ("features", "paths", "file_size", "file_mtime_ns", "file_sha256",
+                     "input_sizes"):
+            g[name][...] = g[name][:][::-1]
+    return to
+
+
+def test_cache_reads_index_and_rows_from_one_version(tmp_path, image_folder, tiny_weights,
+                                                     monkeypatch):
+    import vggfeat.cache.store as store
+
+    paths = gather_images([image_folder]).paths
+    cache = tmp_path / "c.h5"
+    est = features(tiny_weights, cache=cache)
+    expected = est.fit_transform(paths)
+    replacement = reversed_copy(cache, est.cache_group_, tmp_path / "next.h5")
+    real_strings = store._strings
+
+    def writer_publishes_after_the_index_is_read(dataset):
+        if replacement.exists():
+            os.replace(replacement, cache)  # a concurrent writer's rename, between two reads
+        return real_strings(dataset)
+
+    monkeypatch.setattr(store, "_strings", writer_publishes_after_the_index_is_read)
+    np.testing.assert_array_equal(est.transform(paths), expected)
+    assert not replacement.exists()  # the writer did publish meanwhile
+
+
+def test_cache_refuses_garbage_links_and_non_finite_rows(tmp_path, image_folder, tiny_weights):
+    import torch
+
+    paths = gather_images([image_folder]).paths
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"not HDF5 at all")
+    with pytest.raises(CacheError, match=f"{garbage} is not an HDF5 feature file"):
+        features(tiny_weights, cache=garbage).fit_transform(paths)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "c.h5.lock")
+    with pytest.raises(CacheError, match=r"c\.h5\.lock is a symbolic link"):
+        features(tiny_weights, cache=tmp_path / "c.h5").fit_transform(paths)
+    assert victim.read_text() == "precious"
+    est = features(tiny_weights).fit(paths)
+    with torch.no_grad():
+        est.model_.head.fc7.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="non-finite descriptor"):
+        est.transform(paths)

@@ -8,17 +8,19 @@ moment leaves either the old file or the new one, never a truncated one.
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
 import os
+import stat
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any, Iterator
 
 __all__ = ["atomic_path", "atomic_write", "write_bytes_atomic", "write_text_atomic",
-           "write_json_atomic", "fsync_path", "leftovers", "sha256_file"]
+           "write_json_atomic", "fsync_path", "leftovers", "sha256_file", "create_new"]
 
 
 TEMP_SUFFIX = ".tmp"
@@ -32,12 +34,26 @@ def leftovers(folder: str | os.PathLike, name: str | None = None) -> list[Path]:
 
 
 def sha256_file(path: str | os.PathLike) -> bytes:
-    """SHA-256 of a file's content, read in 1 MiB blocks."""
+    """SHA-256 of a regular file's content, read in 1 MiB blocks.
+
+    Anything else (a FIFO, a device, a socket) raises ``OSError``: reading it could block
+    forever or never end.  The file is opened without blocking and checked before any read.
+    """
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.digest()
+
+
+def create_new(path: str | os.PathLike, mode: int = 0o644) -> int:
+    """A file descriptor of a file created by this call: never an existing file, never through
+    a symbolic link planted at ``path`` (``O_EXCL | O_NOFOLLOW``)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0),
+                   mode)
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -68,16 +84,26 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     For writers that take a file name (``h5py.File``, ``torch.save``, ``safetensors``,
     ``savefig``).  If the block raises, the temporary file is removed and ``path`` is untouched.
-    The temporary name is hidden (``.name.<random>.tmp``) so folder globs never see it.
+    The temporary name is hidden (``.name.<random>.tmp``) so folder globs never see it.  It is
+    created here, new (``O_EXCL``, not through a link), before the writer opens it: a file or a
+    symbolic link planted under that name makes the write fail rather than write elsewhere, and
+    a temporary that is no longer a plain file when the block ends is not published.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+    os.close(create_new(tmp))
     try:
         yield tmp
+        if not stat.S_ISREG(os.lstat(tmp).st_mode):
+            raise OSError(errno.ELOOP, "the temporary file was replaced by a link or a folder "
+                          "while being written; nothing was published", str(tmp))
         fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        try:
+            tmp.unlink(missing_ok=True)
+        except IsADirectoryError:
+            pass
         raise
     fsync_path(path.parent)
 
@@ -93,8 +119,10 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb", *,
         raise ValueError(f"atomic_write writes whole files: mode must be 'w' or 'wb', not {mode!r}")
     if mode == "w" and encoding is None:
         encoding = "utf-8"
-    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding, newline=newline) as f:
-        yield f
+    with atomic_path(path) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0))
+        with open(fd, mode, encoding=encoding, newline=newline) as f:
+            yield f
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -38,8 +38,10 @@ from .cache.store import (
     Rows,
     check_suffix,
     descriptor_groups,
+    index_of,
     io_error,
     load_features,
+    open_features,
     parts_dir,
     read_index,
     write_group,
@@ -174,46 +176,48 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         cache = Path(self.cache)
         check_suffix(cache, "cache")
         unique = list(dict.fromkeys(paths))
-        rows, failed, todo = self._lookup(cache, unique, self._index(cache))
+        rows, failed, todo, _ = self._lookup(cache, unique)
         if todo:
             # One writer at a time; a process that waited finds what the other one computed.
             with OutputLock(cache, wait=True):
-                index = self._index(cache)  # the cache cannot change while we hold the lock
-                rows, failed, todo = self._lookup(cache, unique, index)
+                # the cache cannot change while we hold the lock
+                rows, failed, todo, index = self._lookup(cache, unique)
                 if todo:
                     new_rows, new_failed = self._add(cache, todo, index)
                     rows.update(new_rows)
                     failed.update(new_failed)
         return rows, failed
 
-    def _index(self, cache: Path) -> Index | None:
-        if not cache.exists():
-            return None
-        with h5py.File(cache, "r") as f:
-            groups = descriptor_groups(f)
-        if groups == ["/"]:
-            raise CacheError(f"{cache} is a feature file written by vggfeat extract (or an "
-                             "older vggfeat), not a VGGFeatures cache: choose another cache file")
-        return read_index(cache, self.cache_group_) if self.cache_group_ in groups else None
+    def _lookup(self, cache: Path, paths: list[str]) -> tuple[dict, dict, list[str], Index | None]:
+        """Rows and failures the cache holds for unchanged files, the paths to compute, and the
+        index of this setting's group (None: none yet).
 
-    def _lookup(self, cache: Path, paths: list[str],
-                index: Index | None) -> tuple[dict, dict, list[str]]:
-        """Rows and failures the cache (``index``: its group) holds for unchanged files, and the
-        paths to compute."""
-        if index is None:
-            return {}, {}, paths
-        # A deleted image cannot have changed: its row is still served (images may be removed
-        # once their descriptors are cached).
-        plan = plan_update(paths, [index], retry_failed=self.retry_failed, keep_deleted=True)
-        found = np.flatnonzero(plan.source >= 0)
-        good = found[plan.entry[found] < index.n_rows]
-        order = np.argsort(plan.entry[good])
-        with h5py.File(cache, "r") as f:
-            data = f[self.cache_group_]["features"][np.sort(plan.entry[good])] if len(good) else []
+        The index and the rows are read through one open of the file: a writer publishes a new
+        version by renaming over the name, so the open version stays whole and rows never shift.
+        """
+        if not cache.exists():
+            return {}, {}, paths, None
+        with open_features(cache) as f:
+            groups = descriptor_groups(f)
+            if groups == ["/"]:
+                raise CacheError(f"{cache} is a feature file written by vggfeat extract (or an "
+                                 "older vggfeat), not a VGGFeatures cache: choose another cache "
+                                 "file")
+            if self.cache_group_ not in groups:
+                return {}, {}, paths, None
+            index = index_of(f, cache, self.cache_group_)
+            # A deleted image cannot have changed: its row is still served (images may be
+            # removed once their descriptors are cached).
+            plan = plan_update(paths, [index], retry_failed=self.retry_failed, keep_deleted=True)
+            found = np.flatnonzero(plan.source >= 0)
+            good = found[plan.entry[found] < index.n_rows]
+            order = np.argsort(plan.entry[good])
+            feats = f[self.cache_group_]["features"]
+            data = feats[np.sort(plan.entry[good])] if len(good) else []
         rows = {paths[i]: data[k] for k, i in zip(range(len(good)), good[order])}
         failed = {paths[i]: index.reasons[plan.entry[i] - index.n_rows]
                   for i in np.setdiff1d(found, good)}
-        return rows, failed, [paths[i] for i in plan.compute]
+        return rows, failed, [paths[i] for i in plan.compute], index
 
     def _add(self, cache: Path, todo: list[str], old: Index | None) -> tuple[dict, dict]:
         """Compute ``todo`` and write the cache (``old``: its group) with them (atomically; other

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -48,10 +49,7 @@ class OutputLock:
 
     def acquire(self) -> None:
         while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as err:
-                raise io_error(err, "create the lock file") from err
+            fd = self._open()
             try:
                 holder = self._read(fd)
                 if not self._flock(fd, holder):
@@ -70,8 +68,30 @@ class OutputLock:
         self._fd = fd
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(record).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(record).encode(), 0)
+        except OSError as err:
+            self.release()
+            raise io_error(err, "write the lock file", self.path) from err
+
+    def _open(self) -> int:
+        """The lock file, created if need be; never opened through a symbolic link (anyone who
+        can write in the folder could otherwise make this run overwrite the link's target)."""
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_NONBLOCK", 0), 0o644)
+        except OSError as err:
+            if err.errno == errno.ELOOP or self.path.is_symlink():
+                raise CacheError(f"lock file {self.path} is a symbolic link (to "
+                                 f"{os.readlink(self.path)}), which vggfeat never follows: "
+                                 "remove it and run again") from err
+            raise io_error(err, "create the lock file", self.path) from err
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise CacheError(f"lock file {self.path} is not a regular file: remove it and run "
+                             "again")
+        return fd
 
     def release(self) -> None:
         if self._fd is None:

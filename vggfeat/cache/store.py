@@ -36,6 +36,7 @@ from sklearn.utils import Bunch
 
 from ..errors import CacheError, InputError
 from ..fileio import atomic_path, leftovers, sha256_file, write_bytes_atomic
+from .rows import FeatureRows, RowSource, stat_key
 
 CHUNK_BYTES = 1 << 20
 BLOCK_BYTES = 64 << 20  # rows copied per step of a merge: what a merge holds in memory
@@ -61,7 +62,7 @@ def check_suffix(path: Path, what: str = "output") -> None:
                          f"(e.g. {path.with_suffix('.h5').name})")
 
 
-def io_error(err: OSError, action: str) -> CacheError:
+def io_error(err: OSError, action: str, path: str | os.PathLike | None = None) -> CacheError:
     """A clear message for an OS error while writing a cache (disk full, read-only, …)."""
     advice = {
         errno.ENOSPC: "the disk is full: free some space (or choose another folder) and run "
@@ -73,7 +74,11 @@ def io_error(err: OSError, action: str) -> CacheError:
         errno.EPERM: "the operation is not permitted (an immutable or protected file?): choose "
                      "another output",
     }.get(err.errno, "run again once the cause is fixed")
-    target = f" {err.filename}" if err.filename else ""
+    if err.errno == errno.EPERM and path is not None and _immutable(Path(path)):
+        advice = ("it is immutable or append-only (chattr +i/+a): remove that attribute "
+                  "(chattr -i, as root) to update it, or choose another output")
+    named = path if path is not None else err.filename
+    target = f" {named}" if named else ""
     return CacheError(f"cannot {action}{target}: {err.strerror or err}; {advice}")
 
 
@@ -87,9 +92,49 @@ def check_writable(output: Path) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise CacheError(f"cannot write in {folder} (permission denied or read-only file "
                          "system): choose an output in a folder you can write to")
+    check_name_length(output)
     if output.exists() and not os.access(output, os.W_OK):
+        if _immutable(output):
+            raise CacheError(f"{output} is immutable or append-only (chattr +i/+a): remove that "
+                             "attribute (chattr -i, as root) to update it, or choose another "
+                             "output")
         raise CacheError(f"{output} is read-only: make it writable (chmod u+w) to update it, or "
                          "choose another output")
+    for beside in (parts_dir(output), output.with_name(output.name + ".lock")):
+        if beside.is_symlink():
+            raise CacheError(f"{beside} is a symbolic link (to {os.readlink(beside)}), which "
+                             "vggfeat never follows: remove it and run again")
+
+
+# Names derived from an output's: ``.OUT.<8 hex>.tmp`` (atomic writes) is the longest.
+DERIVED_EXTRA = len(".") + len(".12345678") + len(".tmp")
+
+
+def check_name_length(output: Path, extra: int = DERIVED_EXTRA) -> None:
+    """Refuse, before any work, an output whose temporary, lock or parts names would be too
+    long for its file system (they add up to ``extra`` bytes to its name)."""
+    try:
+        limit = os.pathconf(output.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    size = len(os.fsencode(output.name))
+    if size + extra > limit:
+        raise CacheError(f"output name {output.name!r} is {size} bytes long; the files vggfeat "
+                         f"writes beside it (e.g. .{output.name}.XXXXXXXX.tmp) add {extra}, and "
+                         f"this file system allows {limit}: choose a name of at most "
+                         f"{limit - extra} bytes")
+
+
+def _immutable(path: Path) -> bool:
+    """True when ``path`` cannot be opened for writing even by its owner: EPERM (immutable or
+    append-only attribute), as opposed to EACCES (permissions)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0)
+                     | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as err:
+        return err.errno == errno.EPERM
+    os.close(fd)
+    return False
 
 
 def remove_leftovers(output: Path) -> int:
@@ -158,7 +203,7 @@ def file_identity(path: str) -> tuple[int, int, bytes]:
     try:
         st = os.stat(path)
         return st.st_size, st.st_mtime_ns, sha256_file(path)
-    except OSError:
+    except OSError:  # missing, unreadable, or not a regular file (a FIFO would block)
         return MISSING, 0, bytes(32)
 
 
@@ -200,11 +245,16 @@ def _ids(group, n: int) -> FileIds:
 
 def read_index(path: Path, group: str = "/") -> Index:
     with h5py.File(path, "r") as f:
-        g = f[group]
-        paths, failed = _strings(g["paths"]), _strings(g["failed/paths"])
-        return Index(path, paths + failed, len(paths),
-                     FileIds.concat([_ids(g, len(paths)), _ids(g["failed"], len(failed))]),
-                     _strings(g["failed/reasons"]), group)
+        return index_of(f, path, group)
+
+
+def index_of(f: h5py.File, path: Path, group: str = "/") -> Index:
+    """The entries of ``group`` in the open file ``f`` (``path``: its name)."""
+    g = f[group]
+    paths, failed = _strings(g["paths"]), _strings(g["failed/paths"])
+    return Index(path, paths + failed, len(paths),
+                 FileIds.concat([_ids(g, len(paths)), _ids(g["failed"], len(failed))]),
+                 _strings(g["failed/reasons"]), group)
 
 
 def _write_ids(group, ids: FileIds) -> None:
@@ -225,8 +275,11 @@ def _write_failed(group, paths: list[str], reasons: list[str], ids: FileIds) -> 
 
 def write_shard(parts: Path, name: str, *, paths: list[str], ids: FileIds, features: np.ndarray,
                 input_sizes: np.ndarray, failed_paths: list[str], failed_reasons: list[str],
-                failed_ids: FileIds, dtype: str) -> Path:
+                failed_ids: FileIds, dtype: str, label_names: list[str] | None = None) -> Path:
     """Publish one shard atomically: it appears complete under its final name, or not at all.
+
+    ``label_names``: each row's class name ("" for none), kept by a store's shards, whose rows
+    outlive the run that labelled them.
 
     The HDF5 file is built in memory and written with plain file I/O, so a full disk is an
     ordinary, reportable error and never leaves a half-written HDF5 file behind.
@@ -238,11 +291,14 @@ def write_shard(parts: Path, name: str, *, paths: list[str], ids: FileIds, featu
         f.create_dataset("paths", data=paths, shape=(len(paths),), dtype=STR)
         _write_ids(f, ids)
         _write_failed(f, failed_paths, failed_reasons, failed_ids)
+        if label_names is not None:
+            f.create_dataset("label_names", data=label_names, shape=(len(label_names),),
+                             dtype=STR)
     final = parts / name
     try:
         write_bytes_atomic(final, buffer.getvalue())
     except OSError as err:
-        raise io_error(err, "publish results to") from err
+        raise io_error(err, "publish results to", final) from err
     return final
 
 
@@ -263,8 +319,13 @@ class Rows:
     groups: list[str] | None = None  # the group of each source ("/" when None)
 
 
+# HDF5's own structures (superblock, object headers, B-trees) of a feature file: measured at
+# 20–40 KiB for files of 8 to 1M rows; rows cost their features, sizes, identity and path.
+FILE_OVERHEAD = 64 << 10
+
+
 def estimated_bytes(n_rows: int, dim: int, n_scales: int, dtype: str) -> int:
-    return n_rows * (dim * np.dtype(dtype).itemsize + n_scales * 8 + 48 + 160) + (8 << 20)
+    return n_rows * (dim * np.dtype(dtype).itemsize + n_scales * 8 + 48 + 160) + FILE_OVERHEAD
 
 
 def write_features(output: Path, rows: Rows, *, paths: list[str], ids: FileIds,
@@ -285,7 +346,7 @@ def write_features(output: Path, rows: Rows, *, paths: list[str], ids: FileIds,
                         failed_ids=failed_ids, attrs=attrs, dim=dim, n_scales=n_scales,
                         dtype=dtype)
     except OSError as err:
-        raise io_error(err, "write") from err
+        raise io_error(err, "write", output) from err
     return output
 
 
@@ -369,7 +430,7 @@ def _group(f: h5py.File, path: Path, group: str | None):
                      "with group=NAME")
 
 
-def _open_features(path: Path) -> h5py.File:
+def open_features(path: Path) -> h5py.File:
     """``path`` opened for reading; a file that is not HDF5 is a CacheError naming it."""
     try:
         return h5py.File(path, "r")
@@ -381,7 +442,7 @@ def _open_features(path: Path) -> h5py.File:
 
 
 def read_attrs(path: str | os.PathLike, *, group: str | None = None) -> dict:
-    with _open_features(Path(path)) as f:
+    with open_features(Path(path)) as f:
         return {k: _plain(v) for k, v in _group(f, Path(path), group).attrs.items()}
 
 
@@ -401,21 +462,30 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
     ``target_names`` (class names or None), ``paths``, ``failed`` (list of (path, reason)),
     ``attrs`` (settings) and ``input_sizes``; or ``(X, y)`` with ``return_X_y=True``.
 
-    With ``lazy=True``, ``data`` is the open ``h5py.Dataset`` (slice it to read rows) and the
-    Bunch's ``file`` must be closed by the caller (``bunch.file.close()``).  A
-    :class:`vggfeat.sklearn.VGGFeatures` cache holds one group per descriptor setting: ``group``
-    chooses one (needed only when there are several).
+    With ``lazy=True``, ``data`` (or ``X``) is a :class:`~vggfeat.cache.rows.FeatureRows` view:
+    index it to read rows (``data[1000:2000]``, ``data[[3, 1, 2]]``).  It opens the file only
+    while reading and only the version that was loaded; ``data.close()`` (or the Bunch's
+    ``file.close()``) closes it.  A :class:`vggfeat.sklearn.VGGFeatures` cache holds one group per
+    descriptor setting: ``group`` chooses one (needed only when there are several).
     """
     path = Path(path)
+    if path.is_dir():
+        from .sharded import load_store  # a store: a folder of shards (docs/store.md)
+
+        return load_store(path, return_X_y=return_X_y, lazy=lazy)
     if not path.is_file():
         parts = parts_dir(path)
         hint = (f"; {parts} holds an unfinished run: run the same extract command again to finish "
                 "it") if parts.is_dir() else ""
         raise InputError(f"feature file {path} does not exist{hint}")
-    f = _open_features(path)
-    try:
+    with open_features(path) as f:
         g = _group(f, path, group)
-        data = g["features"] if lazy else g["features"][:]
+        if lazy:
+            feats = g["features"]
+            data = FeatureRows([RowSource(path, feats.shape[0], stat_key(f), g.name)],
+                               feats.shape[1], feats.dtype, max_open=1)
+        else:
+            data = g["features"][:]
         target = g["labels"][:] if "labels" in g else None
         if return_X_y:
             return data, target
@@ -425,7 +495,4 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
                      paths=_strings(g["paths"]), failed=failed,
                      input_sizes=g["input_sizes"][:],
                      attrs={k: _plain(v) for k, v in g.attrs.items()},
-                     file=f if lazy else None)
-    finally:
-        if not lazy:
-            f.close()
+                     file=data if lazy else None)

@@ -19,11 +19,22 @@ from .options import (
 )
 
 
+class FileOrStore(HDF5Output):
+    """An HDF5 file, or a feature store: a folder, or a name without suffix (docs/store.md)."""
+
+    def convert(self, value, param, ctx):
+        path = Path(value)
+        if path.is_dir() or (not path.exists() and path.suffix == ""):
+            return value
+        return super().convert(value, param, ctx)
+
+
 @click.command("extract")
 @click.argument("paths", nargs=-1, required=True, type=click.Path())
-@click.option("-o", "--output", required=True, type=HDF5Output(),
+@click.option("-o", "--output", required=True, type=FileOrStore(),
               help="HDF5 file (.h5/.hdf5) to write or update (an unfinished run lives in "
-                   "OUTPUT.parts/)")
+                   "OUTPUT.parts/), or a feature store: a folder, or a name without suffix, "
+                   "of shards updated at the cost of what changed")
 @click.option("--layer", default="fc7", show_default=True,
               help="layer to read: conv1_1 … conv5_4, pool1 … pool5, fc6, fc7, fc8, prob; "
                    "NAME:pre for the value before the ReLU")
@@ -54,7 +65,9 @@ from .options import (
               help="autocast the network (GPU)")
 @backend_option
 @click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
-              help="images per published shard: at most this much work is redone after a kill")
+              help="publish finished images at least every N (or 60 s): a kill loses at most N "
+                   "finished images, plus those still waiting for their pass (at most 4 × "
+                   "--batch-size)")
 @click.option("--overwrite", is_flag=True,
               help="recompute everything (also replaces an output made with other settings)")
 @click.option("--verify", is_flag=True,
@@ -120,7 +133,13 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
 def _report_stopped(output: Path) -> None:
     from ..cache.store import list_shards, parts_dir, read_index
 
-    parts = parts_dir(output)
-    kept = sum(len(read_index(s).paths) for s in list_shards(parts)) if parts.is_dir() else 0
+    if output.is_dir():  # a store: what the run published is in its unlisted shards
+        from ..cache.sharded import read_state, unlisted_shards
+
+        parts, shards = output / "shards", unlisted_shards(output, read_state(output))
+    else:
+        parts = parts_dir(output)
+        shards = list_shards(parts) if parts.is_dir() else []
+    kept = sum(len(read_index(s).paths) for s in shards)
     click.echo(f"stopped by SIGTERM: {kept} images done so far are kept in {parts}; run the "
                "same command again to go on from them", err=True)

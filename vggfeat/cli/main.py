@@ -28,6 +28,8 @@ COMMANDS = {
                  "Linear classifiers on descriptors, scored as the paper did (Tables 11, 12)."),
     "train": ("train", "train_command",
               "Train a VGG with the paper's recipe, or fine-tune one on your class folders."),
+    "store": ("store", "store_group",
+              "Feature stores (folders of shards): info, compact, export."),
     "localize": ("localize", "localize_group",
                  "Localisation nets of the paper's Appendix A: train, evaluate, score."),
 }

@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import signal
+import stat
 import threading
 import time
 import uuid
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -45,6 +47,24 @@ from ..cache.store import (
     remove_leftovers,
     write_features,
     write_shard,
+)
+from ..cache.sharded import (
+    COMPACT_DEAD_FRACTION,
+    SETTINGS,
+    SHARDS,
+    compact,
+    dead_fraction,
+    input_labels,
+    is_store,
+    load_store,
+    plan_changes,
+    planning_sources,
+    publish_update,
+    read_settings,
+    read_state,
+    store_attrs,
+    unlisted_shards,
+    write_settings,
 )
 from ..cache.update import Plan, plan_update
 from ..data.loader import PreparedImages, image_loader
@@ -152,39 +172,67 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     start = time.monotonic()
     output = Path(output)
-    check_suffix(output)
+    store = is_store(output)
+    if not store:
+        check_suffix(output)
     images = inputs if isinstance(inputs, ImageList) else gather_images(list(inputs))
     dist = Distributed.from_env(opts.device or default_device())
-    if model is None:
-        model = vgg(arch, weights=weights, download=opts.download,
-                    progress=opts.progress and dist.is_main)
-    net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size, amp=opts.amp,
-                        backend=opts.backend)
-    settings = descriptor_settings(model, spec, dtype)
+    # Planning needs only what the net is (its settings), not the net: it is built, and its
+    # backend chosen, once something must be computed.
+    described = model if model is not None else described_model(arch, weights, opts.download)
+    described.check_layer(spec.layer)
+    settings = descriptor_settings(described, spec, dtype)
+    dim = spec.dim(described.layer_channels(spec.layer))
     lock = OutputLock(output)
+    net = None
     try:
-        plan = _main_decides(dist, lambda: _open(output, images, settings, opts, lock))
+        opening = _open_store if store else _open
+        plan = _main_decides(dist, lambda: opening(output, images, settings, opts, lock))
         todo = dist.broadcast_object(None if plan is None else plan.compute)
         if todo is None:
-            attrs = read_attrs(output)
+            attrs = _attrs(output)
             return ExtractResult(output, attrs["num_images"], attrs["num_failed"], 0,
                                  time.monotonic() - start, up_to_date=True,
                                  reused=attrs["num_images"])
-        known = set(list_shards(parts_dir(output))) if dist.is_main else set()
-        _compute(net, images, np.array_split(todo, dist.world_size)[dist.rank], output, dist,
-                 opts, dtype)
+        parts = output / SHARDS if store else parts_dir(output)
+        known = set(list_shards(parts)) if dist.is_main else set()
+        if len(todo):
+            if model is None:
+                model = vgg(arch, weights=weights, download=opts.download,
+                            progress=opts.progress and dist.is_main)
+            net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size,
+                                amp=opts.amp, backend=opts.backend)
+            _compute(net, images, np.array_split(todo, dist.world_size)[dist.rank], parts,
+                     dist, opts, dtype, labelled=store)
         dist.barrier()  # every shard is published before rank 0 joins them
+        finish = _finish_store if store else _finish
         computed = dist.broadcast_object(_main_decides(
-            dist, lambda: _finish(plan, known, output, images, settings, model, net, dtype)))
+            dist, lambda: finish(plan, known, output, images, settings, described, dim,
+                                 len(spec.scales), dtype)))
     finally:
         lock.release()
-    attrs = read_attrs(output)
+    attrs = _attrs(output)
     failed = _failures(output) if attrs["num_failed"] else []
     return ExtractResult(output, attrs["num_images"], attrs["num_failed"], computed,
                          time.monotonic() - start, failed,
                          reused=plan.reused if plan is not None else 0,
                          removed=plan.removed if plan is not None else 0,
-                         images_per_forward=net.images_per_forward, backend=net.backend)
+                         images_per_forward=net.images_per_forward if net else 0.0,
+                         backend=net.backend if net else "")
+
+
+def described_model(arch: str | None, weights, download: bool = True) -> VGG:
+    """The net ``vgg(arch, weights=…)`` would build, with its config, weights' provenance and
+    preprocessing, but its tensors on the ``meta`` device: no memory, no initialisation, so
+    its settings cost a read and a hash of the weights file, not a net."""
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+            return vgg(arch, weights=weights, download=download, progress=False)
+    except VGGFeatError:
+        raise
+    except (RuntimeError, NotImplementedError):  # a step that needs real values: build it
+        return vgg(arch, weights=weights, download=download, progress=False)
 
 
 def descriptor_settings(model: VGG, spec: DescriptorSpec, dtype: str) -> dict:
@@ -256,6 +304,68 @@ def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
     return plan
 
 
+def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOptions,
+                lock: OutputLock) -> Plan | None:
+    """Lock the store, check its settings and plan the update; None: up to date.  The same
+    planning as a file's, over the store's live shards and a killed update's unlisted ones."""
+    check_writable(store)
+    lock.acquire()
+    stored = read_settings(store) if store.is_dir() else None
+    if stored is not None and {k: stored.get(k) for k in DESCRIPTOR_SETTINGS} != settings:
+        raise CacheError(f"feature store {store} holds descriptors of other settings ("
+                         + "; ".join(settings_difference(stored, settings)) + "): a store keeps "
+                         "one setting; choose another store (or delete this one)")
+    if stored is None:
+        if store.is_dir() and any(store.iterdir()):
+            raise CacheError(f"{store} is a folder that is not a vggfeat feature store (no "
+                             f"{SETTINGS}) and is not empty: choose a new or empty folder")
+        _mkdir(store)
+        write_settings(store, settings)
+    _mkdir(store / SHARDS)
+    state = read_state(store)
+    sources = [] if opts.overwrite else planning_sources(state, unlisted_shards(store, state))
+    plan = plan_update(images.paths, sources, extra_failed=images.skipped, verify=opts.verify,
+                       retry_failed=opts.retry_failed)
+    plan.removed = _removed(state, images)
+    if not len(plan.compute) and plan_changes(plan, state, images).nothing_to_do(state):
+        return None
+    return plan
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(exist_ok=True)
+    except OSError as err:
+        raise io_error(err, "create", folder) from err
+    if folder.is_symlink():
+        raise CacheError(f"{folder} is a symbolic link, which vggfeat never follows: remove it")
+
+
+def _removed(state, images: ImageList) -> int:
+    wanted = set(images.paths) | {p for p, _ in images.skipped}
+    return sum(s.index.paths[e] not in wanted for s in state.shards
+               for e in np.flatnonzero(s.live))
+
+
+def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, settings: dict,
+                  model: VGG, dim: int, n_scales: int, dtype: str) -> int:
+    """Publish the update: one index entry adding the new shards and removing what changed or
+    went; every file of unchanged rows is left untouched.  The number of new rows."""
+    plan.attach([read_index(s) for s in list_shards(store / SHARDS) if s not in known])
+    missing = len(plan.compute)
+    if missing:
+        raise CacheError(f"cannot finish {store}: {missing} of {len(images)} images are not "
+                         "computed yet; run the same command again to complete it")
+    state = read_state(store)
+    changes = plan_changes(plan, state, images)
+    if not changes.nothing_to_do(state):
+        publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
+                       dtype=dtype)
+    if dead_fraction(read_state(store)) >= COMPACT_DEAD_FRACTION:
+        compact(store)
+    return int(np.count_nonzero(plan.is_row())) - plan.reused
+
+
 def _read_manifest(parts: Path) -> dict | None:
     try:
         return {k: v for k, v in json.loads((parts / MANIFEST).read_text()).items()
@@ -295,21 +405,44 @@ def _same_file(plan: Plan, old: Index | None, images: ImageList) -> bool:
 
 
 class _IdentifiedImages(PreparedImages):
-    """Items also carry the file's (size, mtime_ns, sha256), taken before it is decoded."""
+    """Items also carry the file's (size, mtime_ns, sha256), taken before it is decoded.
+
+    Only regular files are read: a FIFO, a device or a socket named like an image would block
+    the run forever or never end; it is recorded as a failure with its reason instead."""
 
     def __getitem__(self, i: int):
-        identity = file_identity(self.paths[int(self.indices[i])])
+        index = int(self.indices[i])
+        identity = file_identity(self.paths[index])
+        kind = _special_file(self.paths[index])
+        if kind is not None:
+            return index, None, f"not a regular file ({kind}): only image files are read", identity
         return (*super().__getitem__(i), identity)
 
 
-def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Path,
-             dist: Distributed, opts: ExtractOptions, dtype: str) -> None:
-    """Compute this rank's share, publishing shards as it goes; SIGTERM and errors flush."""
+def _special_file(path: str) -> str | None:
+    """What ``path`` is when it exists and is not a regular file (a link's target counts)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing or unreadable: the decoder says which
+    for test, kind in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISDIR, "a folder")):
+        if test(mode):
+            return kind
+    return None
+
+
+def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, parts: Path,
+             dist: Distributed, opts: ExtractOptions, dtype: str, labelled: bool = False) -> None:
+    """Compute this rank's share, publishing shards into ``parts`` as it goes; SIGTERM and
+    errors flush.  ``labelled``: shards keep each row's class name (a store's do)."""
     if not len(mine):  # (an update that only drops rows; or more ranks than images)
         return
     spec = net.spec
-    buffer = _ShardBuffer(parts_dir(output), dist.rank, images.paths, net.dim, len(spec.scales),
-                          dtype, opts.shard_images, opts.shard_seconds)
+    buffer = _ShardBuffer(parts, dist.rank, images.paths, net.dim, len(spec.scales),
+                          dtype, opts.shard_images, opts.shard_seconds,
+                          input_labels(images) if labelled else None)
     loader = image_loader(images.paths, mine, partial(prepare, spec=spec),
                           batch_size=opts.batch_size,
                           workers=default_workers() if opts.workers is None else opts.workers,
@@ -336,7 +469,9 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
                         bar.update(1)
                     else:
                         stream.add((index, identity, [v.shape[-2:] for v in views]), views)
-                _hand_over(stream.take(), net, buffer)
+                # Finished images are published whatever their order (shards need none), so a
+                # kill loses at most --shard-size finished images.
+                _hand_over(stream.take(out_of_order=True), net, buffer)
                 buffer.maybe_flush()
                 bar.set_postfix(failed=failures, refresh=False)
     finally:
@@ -349,12 +484,24 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, output: Pa
             bar.close()
 
 
+NON_FINITE = ("non-finite descriptor (NaN or infinity): the weights or this image give no "
+              "usable values; check the weights")
+
+
 def _hand_over(done: list, net: DescriptorNet, buffer: _ShardBuffer) -> None:
-    """Rows of finished images ``(index, identity, sizes), results`` into ``buffer``."""
-    if done:
-        rows = net.rows([results for _, results in done]).numpy()
-        buffer.add([(index, identity) for (index, identity, _), _ in done], rows,
-                   np.array([sizes for (_, _, sizes), _ in done]))
+    """Rows of finished images ``(index, identity, sizes), results`` into ``buffer``; a row
+    that is not finite is recorded as a failure, never stored."""
+    if not done:
+        return
+    rows = net.rows([results for _, results in done]).numpy()
+    finite = np.isfinite(rows).all(axis=1)
+    good = np.flatnonzero(finite)
+    if len(good):
+        buffer.add([done[k][0][:2] for k in good], rows[good],
+                   np.array([done[k][0][2] for k in good]))
+    for k in np.flatnonzero(~finite):
+        index, identity, _ = done[k][0]
+        buffer.add_failure(index, NON_FINITE, identity)
 
 
 @contextmanager
@@ -379,8 +526,10 @@ class _ShardBuffer:
     """Rows waiting to be published; flushed by count or by age so little is ever at risk."""
 
     def __init__(self, parts: Path, rank: int, paths: list[str], dim: int, n_scales: int,
-                 dtype: str, max_images: int, max_seconds: float) -> None:
+                 dtype: str, max_images: int, max_seconds: float,
+                 labels: list[str] | None = None) -> None:
         self.parts, self.rank, self.paths, self.dtype = parts, rank, paths, dtype
+        self.labels = labels
         self.dim, self.n_scales = dim, n_scales
         self.max_images, self.max_seconds = max_images, max_seconds
         self._reset()
@@ -416,7 +565,9 @@ class _ShardBuffer:
                                  else np.empty((0, self.n_scales, 2))),
                     failed_paths=[self.paths[i] for i, _, _ in self.failed],
                     failed_reasons=[r for _, _, r in self.failed],
-                    failed_ids=_ids([x for _, x, _ in self.failed]), dtype=self.dtype)
+                    failed_ids=_ids([x for _, x, _ in self.failed]), dtype=self.dtype,
+                    label_names=(None if self.labels is None
+                                 else [self.labels[i] for i, _ in self.good]))
         self._reset()
 
 
@@ -429,7 +580,7 @@ def _ids(identities: list[tuple[int, int, bytes]]) -> FileIds:
 
 
 def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, settings: dict,
-            model: VGG, net: DescriptorNet, dtype: str) -> int:
+            model: VGG, dim: int, n_scales: int, dtype: str) -> int:
     """Join reused and new rows into ``output`` in input order, then drop the parts folder;
     the number of new rows."""
     parts = parts_dir(output)
@@ -444,8 +595,8 @@ def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, setti
                    labels=None if images.labels is None else np.asarray(images.labels)[rows_at],
                    class_names=images.class_names, failed_paths=failed_paths,
                    failed_reasons=reasons, failed_ids=failed_ids,
-                   attrs=_file_attrs(settings, model), dim=net.dim,
-                   n_scales=len(net.spec.scales), dtype=dtype)
+                   attrs=_file_attrs(settings, model), dim=dim, n_scales=n_scales,
+                   dtype=dtype)
     shutil.rmtree(parts, ignore_errors=True)
     return len(rows_at) - plan.reused
 
@@ -456,7 +607,13 @@ def _file_attrs(settings: dict, model: VGG) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": True}
 
 
+def _attrs(output: Path) -> dict:
+    return store_attrs(output) if output.is_dir() else read_attrs(output)
+
+
 def _failures(output: Path) -> list[tuple[str, str]]:
+    if output.is_dir():
+        return load_store(output).failed
     with h5py.File(output, "r") as f:
         return list(zip((p.decode() for p in f["failed/paths"][:]),
                         (r.decode() for r in f["failed/reasons"][:])))

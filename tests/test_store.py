@@ -1,0 +1,267 @@
+"""Feature stores: a folder of immutable shards and index entries, updated at the cost of what
+changed, read as one dataset, compacted and exported; faults and kills on real image files."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import run_cli, tiny_vgg, write_image
+
+import vggfeat
+from vggfeat.cache import CacheError
+from vggfeat.cache.sharded import compact, iter_features, read_state
+from vggfeat.data.sources import gather_images
+from vggfeat.extract import DescriptorSpec, extract
+
+SPEC = DescriptorSpec(scales=(224,))
+
+
+def run(images, out, model, **kwargs):
+    return extract(images, out, spec=SPEC, model=model,
+                   **{"workers": 0, "progress": False, **kwargs})
+
+
+def by_path(bunch):
+    """A file's rows in the store's order (sorted by path)."""
+    order = np.argsort(bunch.paths)
+    return [bunch.paths[i] for i in order], bunch.data[order], (
+        None if bunch.target is None else bunch.target[order])
+
+
+def assert_same_rows(store, file):
+    s, f = vggfeat.load_features(store), vggfeat.load_features(file)
+    paths, data, target = by_path(f)
+    assert s.paths == paths
+    np.testing.assert_allclose(s.data, data, rtol=1e-5, atol=1e-6)
+    if target is None:
+        assert s.target is None
+    else:
+        assert [s.target_names[t] for t in s.target] == [f.target_names[t] for t in target]
+    assert sorted(s.failed) == sorted(f.failed)
+
+
+def files_of(store):
+    return {p.relative_to(store): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in store.rglob("*") if p.is_file()}
+
+
+def test_a_store_holds_what_a_file_holds_and_reads_lazily_and_in_blocks(tmp_path, image_folder):
+    (image_folder / "cat" / "bad.jpg").write_bytes(b"not an image")
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    result = run([image_folder], store, model, shard_images=3)
+    assert (result.num_images, result.num_failed, result.computed) == (8, 1, 8)
+    run([image_folder], tmp_path / "ref.h5", model)
+    assert_same_rows(store, tmp_path / "ref.h5")
+    assert sorted(p.name for p in store.iterdir()) == ["index", "settings.json", "shards"]
+    whole = vggfeat.load_features(store)
+    assert whole.paths == sorted(whole.paths) and whole.attrs["layer"] == "fc7"
+    assert whole.input_sizes.shape == (8, 1, 2)
+    lazy = vggfeat.load_features(store, lazy=True)
+    np.testing.assert_array_equal(lazy.data[[7, 0, 3]], whole.data[[7, 0, 3]])
+    np.testing.assert_array_equal(lazy.data[2:6], whole.data[2:6])
+    lazy.data.close()
+    X, y = vggfeat.load_features(store, return_X_y=True)
+    np.testing.assert_array_equal(X, whole.data)
+    blocks = list(iter_features(store, rows=3))
+    assert [len(b) for b, _ in blocks] == [3, 3, 2]
+    np.testing.assert_array_equal(np.concatenate([b for b, _ in blocks]), X)
+    np.testing.assert_array_equal(np.concatenate([t for _, t in blocks]), y)
+    again = run([image_folder], store, model)
+    assert again.up_to_date and again.reused == 8
+
+
+def test_an_update_writes_only_what_changed(tmp_path, image_folder):
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model, shard_images=2)
+    before = files_of(store)
+    new = write_image(image_folder / "cat" / "new.jpg", seed=70)
+    write_image(image_folder / "dog" / "0.jpg", size=(250, 330), seed=71)  # changed
+    (image_folder / "cat" / "2.jpg").unlink()
+    updated = run([image_folder], store, model)
+    assert (updated.computed, updated.reused, updated.removed) == (2, 6, 1)
+    after = files_of(store)
+    assert all(after[name] == stamp for name, stamp in before.items())  # nothing rewritten
+    added = set(after) - set(before)
+    assert len([p for p in added if p.parts[0] == "shards"]) == 1
+    assert len([p for p in added if p.parts[0] == "index"]) == 1
+    run([image_folder], tmp_path / "ref.h5", model)
+    assert_same_rows(store, tmp_path / "ref.h5")
+    assert str(new) in vggfeat.load_features(store).paths
+
+
+def test_labels_follow_the_list_without_recomputing(tmp_path, image_folder, monkeypatch):
+    paths = gather_images([image_folder]).paths
+    listed = tmp_path / "list.csv"
+    listed.write_text("path,label\n" + "".join(f"{p},{'a' if i < 4 else 'b'}\n"
+                                               for i, p in enumerate(paths)))
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([listed], store, model)
+    listed.write_text("path,label\n" + "".join(f"{p},{'a' if i < 2 else 'c'}\n"
+                                               for i, p in enumerate(paths)))
+    relabelled = run([listed], store, model)
+    assert relabelled.computed == 0 and not relabelled.up_to_date
+    run([listed], tmp_path / "ref.h5", model)
+    assert_same_rows(store, tmp_path / "ref.h5")
+    assert vggfeat.load_features(store).target_names == ["a", "c"]
+
+
+def test_compaction_keeps_the_rows_and_frees_the_dead(tmp_path, image_folder):
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model, shard_images=4)
+    for i, path in enumerate(sorted(image_folder.rglob("*.*"))[:3]):
+        write_image(path, size=(250, 300), seed=100 + i)  # changed: their old rows die
+    run([image_folder], store, model, shard_images=4)
+    rows_before = vggfeat.load_features(store)
+    state = read_state(store)
+    assert any(not s.live.all() for s in state.shards)
+    done = compact(store, threshold=0.01)
+    assert done.rewritten >= 1 and done.bytes_after < done.bytes_before
+    after = vggfeat.load_features(store)
+    assert after.paths == rows_before.paths
+    np.testing.assert_array_equal(after.data, rows_before.data)
+    assert all(s.live.all() for s in read_state(store).shards)
+    live = {s.name for s in read_state(store).shards}
+    assert {p.name for p in (store / "shards").iterdir()} == live  # retired files deleted
+    assert run([image_folder], store, model).up_to_date
+
+
+def test_store_commands_info_compact_export(tmp_path, image_folder, tiny_weights):
+    store = tmp_path / "feats"
+    common = ["--weights", tiny_weights, "--scales", "224", "--workers", "0", "--quiet"]
+    run_cli("extract", image_folder, "-o", store, *common)
+    (store / "notes.txt").write_text("mine")
+    info = run_cli("store", "info", store).stdout
+    assert "8 live, 0 failed" in info and "layer fc7" in info and "notes.txt" in info
+    assert "ignored" in info
+    run_cli("store", "export", store, "--to", tmp_path / "all.h5")
+    run_cli("extract", image_folder, "-o", tmp_path / "ref.h5", *common)
+    assert_same_rows(store, tmp_path / "ref.h5")
+    exported = vggfeat.load_features(tmp_path / "all.h5")
+    assert exported.paths == vggfeat.load_features(store).paths
+    assert "rewritten" in run_cli("store", "compact", store).stderr
+    assert vggfeat.load_features(store).paths == exported.paths  # foreign file ignored
+
+
+def test_damaged_missing_linked_and_foreign_files_are_named(tmp_path, image_folder):
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model, shard_images=4)
+    shard = sorted((store / "shards").iterdir())[0]
+    entry = sorted((store / "index").iterdir())[0]
+    content = shard.read_bytes()
+    shard.write_bytes(content[:1000])
+    with pytest.raises(CacheError, match=f"shard {shard} is damaged or truncated.*restore it"):
+        vggfeat.load_features(store)
+    shard.unlink()
+    with pytest.raises(CacheError, match=f"shard {shard} is missing.*restore it"):
+        vggfeat.load_features(store)
+    target = tmp_path / "elsewhere.h5"
+    target.write_bytes(content)
+    os.symlink(target, shard)
+    with pytest.raises(CacheError, match=f"shard {shard} is a symbolic link"):
+        vggfeat.load_features(store)
+    shard.unlink()
+    shard.write_bytes(content)
+    text = entry.read_text()
+    entry.write_text(text[:20])
+    with pytest.raises(CacheError, match=f"index entry {entry} is damaged"):
+        vggfeat.load_features(store)
+    entry.write_text(text)
+    (store / "shards" / "README").write_text("foreign")
+    (store / "index" / "notes.json").write_text("{}")
+    assert len(vggfeat.load_features(store).paths) == 8
+    with pytest.raises(CacheError, match="other settings.*scales: \\[224\\] → \\[256\\]"):
+        extract([image_folder], store, spec=DescriptorSpec(scales=(256,)), model=model,
+                workers=0, progress=False)
+    other = tmp_path / "not-a-store"
+    other.mkdir()
+    (other / "x.txt").write_text("x")
+    with pytest.raises(CacheError, match="not a vggfeat feature store .* not empty"):
+        run([image_folder], other, model)
+    with pytest.raises(CacheError, match="feat.npy must be named .h5 or .hdf5"):
+        run([image_folder], tmp_path / "feat.npy", model)
+
+
+KILLED = """
+import importlib, os, signal, sys
+from pathlib import Path
+import vggfeat.cache.sharded as sharded
+run = importlib.import_module("vggfeat.extract.run")
+step, point, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+calls = 0
+
+def killed_after(fn):
+    def wrapper(*args, **kwargs):
+        global calls
+        out = fn(*args, **kwargs)
+        calls += 1
+        if calls == at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return out
+    return wrapper
+
+if point == "write_shard":
+    run.write_shard = killed_after(run.write_shard)
+    sharded.write_shard = killed_after(sharded.write_shard)
+elif point == "publish_entry":
+    sharded.publish_entry = killed_after(sharded.publish_entry)
+else:
+    Path.unlink = killed_after(Path.unlink)
+if step == "update":
+    from vggfeat.cli.main import main
+    main(["extract", sys.argv[4], "-o", sys.argv[5], "--weights", sys.argv[6], "--scales",
+          "224", "--workers", "0", "--batch-size", "1", "--shard-size", "1", "--quiet"])
+else:
+    sharded.compact(Path(sys.argv[4]), threshold=0.01)
+"""
+
+
+def killed(*args):
+    proc = subprocess.run([sys.executable, "-c", KILLED, *map(str, args)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr  # it did die where asked
+
+
+@pytest.mark.parametrize("step,point,at", [
+    ("update", "write_shard", 1), ("update", "write_shard", 4), ("update", "publish_entry", 1),
+    ("compact", "write_shard", 1), ("compact", "publish_entry", 1), ("compact", "unlink", 1)])
+def test_sigkill_during_update_or_compaction_then_rerun_gives_the_clean_rows(
+        tmp_path, image_folder, tiny_weights, step, point, at):
+    model, store = vggfeat.vgg(weights=str(tiny_weights)), tmp_path / "feats"
+    run([image_folder], store, model, shard_images=2)
+    for i, path in enumerate(sorted(image_folder.rglob("*.*"))[::2]):
+        write_image(path, size=(250, 300), seed=200 + i)  # changed: their old rows die
+    for k in range(3):
+        write_image(image_folder / "dog" / f"more{k}.jpg", seed=300 + k)
+    if step == "update":
+        killed(step, point, at, image_folder, store, tiny_weights)
+    else:
+        run([image_folder], store, model)
+        killed(step, point, at, store)
+        compact(store, threshold=0.01)
+    rerun = run([image_folder], store, model)
+    assert rerun.up_to_date == (step == "compact" or point == "publish_entry")
+    run([image_folder], tmp_path / "clean.h5", model)
+    assert_same_rows(store, tmp_path / "clean.h5")
+    state = read_state(store)
+    on_disk = {p.name for p in (store / "shards").iterdir()}
+    assert {s.name for s in state.shards} <= on_disk
+    if step == "compact":  # the next compaction left only live shards
+        assert on_disk == {s.name for s in state.shards}
+
+
+def test_a_store_settings_file_is_never_written_through_a_link(tmp_path, image_folder):
+    store = tmp_path / "feats"
+    store.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, store / "settings.json")
+    with pytest.raises(CacheError, match="settings file .*settings.json is a symbolic link"):
+        run([image_folder], store, tiny_vgg("A"))
+    assert victim.read_text() == "precious"
+    assert sorted(p.name for p in store.iterdir()) == ["settings.json"]

@@ -1,0 +1,740 @@
+"""A feature store: a folder of immutable HDF5 shards and an append-only index of changes.
+
+Layout (docs/store.md)::
+
+    OUT/settings.json                       the descriptor settings, written once
+    OUT/shards/shard-<name>.h5              immutable shards, the layout of a run's shards
+    OUT/index/<seq:012d>-<writer>.json      immutable index entries
+
+Every file is created under a temporary name and published by a rename (a shard or an entry
+is whole or absent) and is never modified afterwards.  An index entry lists the shards it adds
+and the entries (rows or recorded failures) it removes from earlier shards, or whole shards it
+retires.  A reader lists the entries, replays them in (seq, writer) order and so sees one
+deterministic state; a path listed live in several shards counts once, from the shard added
+last.  Writers only create new, uniquely named files: no file is shared for writing, so no lock
+is needed for readers and writers to agree.  Rows are presented sorted by path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import time
+import uuid
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import CacheError, InputError
+from ..fileio import create_new, fsync_path, write_json_atomic
+from .store import (
+    FileIds,
+    Index,
+    Rows,
+    _plain,
+    _strings,
+    copy_rows,
+    index_of,
+    io_error,
+    write_shard,
+)
+
+SETTINGS = "settings.json"
+SHARDS = "shards"
+INDEX = "index"
+FORMAT = "vggfeat-store/1"
+ENTRY_NAME = re.compile(r"^(\d{12})-([0-9a-f]{32})\.json$")
+SHARD_NAME = re.compile(r"^shard-[A-Za-z0-9_-]+\.h5$")
+DEAD = "\0"  # the path given to a dead entry when planning: no input can match it
+# Compaction rewrites a shard once this fraction of its entries is dead; an update compacts
+# the store by itself once this fraction of all its rows' bytes is dead.
+COMPACT_DEAD_FRACTION = 0.5
+COMPACT_SHARD_BYTES = 64 << 20  # new shards of a compaction: built in memory, so bounded
+
+
+def is_store(path: Path) -> bool:
+    """An output is a store when it is a folder, or a name without a file suffix."""
+    return path.is_dir() or (not path.exists() and path.suffix == "")
+
+
+# -- files of a store ------------------------------------------------------------------------------
+
+def _regular(path: Path, what: str) -> None:
+    """Refuse a planted link (or anything but a plain file) before opening it."""
+    mode = os.lstat(path).st_mode
+    if stat.S_ISLNK(mode):
+        raise CacheError(f"{what} {path} is a symbolic link, which vggfeat never follows: "
+                         "remove it (a store holds only plain files)")
+    if not stat.S_ISREG(mode):
+        raise CacheError(f"{what} {path} is not a plain file: remove it")
+
+
+def _folder(store: Path, name: str, create: bool = False) -> Path:
+    folder = store / name
+    if folder.is_symlink():
+        raise CacheError(f"{folder} is a symbolic link, which vggfeat never follows: a store's "
+                         "folders are plain folders; remove the link")
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise io_error(err, "create", folder) from err
+    return folder
+
+
+def read_settings(store: Path) -> dict | None:
+    path = store / SETTINGS
+    if not path.exists() and not path.is_symlink():
+        return None
+    _regular(path, "settings file")
+    try:
+        data = json.loads(path.read_text())
+        return data["settings"] if data.get("format") == FORMAT else None
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        raise CacheError(f"{path} is damaged ({err}): a store's settings.json is written once by "
+                         "vggfeat; restore it from a copy of the store") from err
+
+
+def write_settings(store: Path, settings: dict) -> None:
+    """Write ``settings.json`` once: published by a link, which never replaces a file."""
+    path = store / SETTINGS
+    tmp = store / f".{SETTINGS}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(create_new(tmp), "w") as f:
+            json.dump({"format": FORMAT, "settings": settings}, f, indent=1, sort_keys=True)
+        fsync_path(tmp)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another writer was first; the caller compares settings again
+        fsync_path(store)
+    except OSError as err:
+        raise io_error(err, "write", path) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- index entries ---------------------------------------------------------------------------------
+
+@dataclass
+class Entry:
+    """One published change: shards added (name → (rows, failures, bytes)), entries removed
+    (shard → entry numbers), shards retired, and the writer's class names."""
+
+    name: str
+    added: dict[str, list[int]] = field(default_factory=dict)
+    removed: dict[str, list[int]] = field(default_factory=dict)
+    retired: list[str] = field(default_factory=list)
+    class_names: list[str] | None = None
+    labelled: bool = False  # the writer's inputs had classes
+
+    @property
+    def seq(self) -> int:
+        return int(self.name[:12])
+
+
+def list_entries(store: Path) -> list[Entry]:
+    folder = _folder(store, INDEX)
+    if not folder.is_dir():
+        return []
+    names = sorted(n for n in os.listdir(folder) if ENTRY_NAME.match(n))
+    return [_read_entry(folder / n) for n in names]
+
+
+def _read_entry(path: Path) -> Entry:
+    _regular(path, "index entry")
+    try:
+        data = json.loads(path.read_text())
+        if data.get("format") != FORMAT:
+            raise ValueError(f"format {data.get('format')!r}, not {FORMAT}")
+        return Entry(path.name, {k: list(v) for k, v in data["added"].items()},
+                     {k: list(v) for k, v in data["removed"].items()}, list(data["retired"]),
+                     data.get("class_names"), bool(data.get("labelled")))
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
+        raise CacheError(f"index entry {path} is damaged ({err}); the store cannot be read "
+                         "safely without it: restore it from a copy of the store, or move it "
+                         "away to drop the change it records (then run the update "
+                         "again)") from err
+
+
+def publish_entry(store: Path, entry: Entry) -> Path:
+    """Write ``entry`` under the next sequence number and this writer's random id."""
+    folder = _folder(store, INDEX, create=True)
+    seqs = [int(n[:12]) for n in os.listdir(folder) if ENTRY_NAME.match(n)]
+    name = f"{max(seqs, default=0) + 1:012d}-{uuid.uuid4().hex}.json"
+    data = {"format": FORMAT, "added": entry.added, "removed": entry.removed,
+            "retired": entry.retired, "class_names": entry.class_names,
+            "labelled": entry.labelled, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    try:
+        return write_json_atomic(folder / name, data, indent=None)
+    except OSError as err:
+        raise io_error(err, "publish the index entry", folder / name) from err
+
+
+# -- the live state --------------------------------------------------------------------------------
+
+@dataclass
+class Shard:
+    """A live shard: its entries (rows, then failures), which are live, and its rows' labels."""
+
+    name: str
+    index: Index
+    live: np.ndarray          # bool per entry
+    label_names: list[str]    # per row ("" when none)
+    bytes: int
+    key: tuple                # the file version read (see rows.stat_key)
+
+
+@dataclass
+class State:
+    """What a store holds after replaying its index entries."""
+
+    store: Path
+    settings: dict | None
+    entries: list[Entry]
+    shards: list[Shard]       # live shards, in the order they were added
+    listed: set[str]          # every shard any entry names
+    retired: set[str]         # shards retired by an entry
+    class_names: list[str] | None
+
+    def live_rows(self) -> list[tuple[str, int, int]]:
+        """(path, shard number, row) of every live row, sorted by path."""
+        rows = [(s.index.paths[e], k, int(e)) for k, s in enumerate(self.shards)
+                for e in np.flatnonzero(s.live[:s.index.n_rows])]
+        return sorted(rows)
+
+    def live_failures(self) -> list[tuple[str, int, int]]:
+        return sorted((s.index.paths[e], k, int(e)) for k, s in enumerate(self.shards)
+                      for e in np.flatnonzero(s.live) if e >= s.index.n_rows)
+
+
+def read_state(store: Path) -> State:
+    """Replay the index entries of ``store``; every live shard's index is read (one at a time)."""
+    if not store.is_dir():
+        raise InputError(f"feature store {store} does not exist")
+    settings = read_settings(store)
+    entries = list_entries(store)
+    removed: dict[str, set[int]] = {}
+    order: list[str] = []
+    retired: set[str] = set()
+    class_names, labelled = None, False
+    for entry in entries:
+        for name in entry.added:
+            if name not in removed and name not in retired:
+                order.append(name)
+                removed[name] = set()
+        for name, dead in entry.removed.items():
+            removed.setdefault(name, set()).update(dead)
+        retired.update(entry.retired)
+        class_names, labelled = entry.class_names, entry.labelled
+    listed = {n for e in entries for n in list(e.added) + list(e.removed) + e.retired}
+    shards = [_live_shard(store, name, removed[name]) for name in order if name not in retired]
+    _keep_last_of_each_path(shards)
+    return State(store, settings, entries, shards, listed, retired,
+                 class_names if labelled else None)
+
+
+def _live_shard(store: Path, name: str, dead: set[int]) -> Shard:
+    path = store / SHARDS / name
+    try:
+        _regular(path, "shard")
+        with h5py.File(path, "r") as f:
+            from .rows import stat_key
+
+            index = index_of(f, path)
+            labels = _strings(f["label_names"]) if "label_names" in f else [""] * index.n_rows
+            key = stat_key(f)
+    except FileNotFoundError as err:
+        raise CacheError(f"shard {path} is missing, but the index lists it: restore it from a "
+                         "copy of the store; or, to recompute its rows, remove the index "
+                         "entries that name it and run the update again") from err
+    except OSError as err:
+        raise CacheError(f"shard {path} is damaged or truncated ({err}): restore it from a copy "
+                         "of the store; or, to recompute its rows, remove the index entries "
+                         "that name it and run the update again") from err
+    live = np.ones(len(index.paths), bool)
+    live[[e for e in dead if e < len(live)]] = False
+    return Shard(name, index, live, labels, key[2], key)
+
+
+def _keep_last_of_each_path(shards: list[Shard]) -> None:
+    """A path live in several shards (two writers, or a crash between publishing and removing)
+    counts once: from the shard added last."""
+    seen: dict[str, tuple[int, int]] = {}
+    for k, shard in enumerate(shards):
+        for e in np.flatnonzero(shard.live):
+            before = seen.get(shard.index.paths[e])
+            if before is not None:
+                shards[before[0]].live[before[1]] = False
+            seen[shard.index.paths[e]] = (k, int(e))
+
+
+def unlisted_shards(store: Path, state: State) -> list[Path]:
+    """Shard files no entry names: a killed update's (reused by the next update of the same
+    inputs) or a writer's still at work."""
+    folder = store / SHARDS
+    if not folder.is_dir():
+        return []
+    return sorted((folder / n for n in os.listdir(folder)
+                   if SHARD_NAME.match(n) and n not in state.listed),
+                  key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def foreign_files(store: Path) -> list[Path]:
+    """Files in a store that vggfeat did not write there (ignored by readers)."""
+    found = []
+    for name in os.listdir(store):
+        path = store / name
+        if name in (SHARDS, INDEX, SETTINGS) or name.startswith("."):
+            continue
+        found.append(path)
+    for sub, pattern in ((SHARDS, SHARD_NAME), (INDEX, ENTRY_NAME)):
+        if (store / sub).is_dir():
+            found += [store / sub / n for n in os.listdir(store / sub)
+                      if not pattern.match(n) and not n.startswith(".")]
+    return sorted(found)
+
+
+# -- reading ---------------------------------------------------------------------------------------
+
+def load_store(store: Path, *, return_X_y: bool = False, lazy: bool = False,
+               max_open: int = 16):
+    """The store as one dataset: the Bunch of :func:`vggfeat.load_features` (see there)."""
+    from sklearn.utils import Bunch
+
+    state = read_state(store)
+    if state.settings is None:
+        raise CacheError(f"{store} is not a vggfeat feature store (no {SETTINGS}); stores are "
+                         "written by vggfeat extract -o FOLDER")
+    rows = state.live_rows()
+    view = _view(state, rows, max_open)
+    data = view if lazy else view[:]
+    if not lazy:
+        view.close()
+    target = _targets(state, rows)
+    if return_X_y:
+        return data, target
+    failures = state.live_failures()
+    shards = state.shards
+    return Bunch(data=data, target=target, target_names=state.class_names,
+                 paths=[p for p, _, _ in rows],
+                 failed=[(p, shards[k].index.reasons[e - shards[k].index.n_rows])
+                         for p, k, e in failures],
+                 input_sizes=_input_sizes(state, rows),
+                 attrs={**state.settings, "num_images": len(rows), "num_failed": len(failures),
+                        "num_shards": len(shards), "store": True},
+                 file=data if lazy else None)
+
+
+def _view(state: State, rows: list[tuple[str, int, int]], max_open: int):
+    from .rows import FeatureRows, RowSource
+
+    dim, dtype = _shape(state)
+    per_shard = [[] for _ in state.shards]
+    where = np.empty(len(rows), np.int64)
+    for i, (_, k, e) in enumerate(rows):
+        per_shard[k].append(e)
+    offsets = np.cumsum([0] + [len(r) for r in per_shard])
+    seen = [0] * len(state.shards)
+    for i, (_, k, _) in enumerate(rows):
+        where[i] = offsets[k] + seen[k]
+        seen[k] += 1
+    sources = [RowSource(state.store / SHARDS / s.name, len(r), s.key, "/", np.array(r, np.int64))
+               for s, r in zip(state.shards, per_shard)]
+    return FeatureRows(sources, dim, dtype, max_open=max_open, order=where)
+
+
+def _shape(state: State) -> tuple[int, str]:
+    settings = state.settings or {}
+    dtype = settings.get("dtype", "float32")
+    for shard in state.shards:
+        with h5py.File(state.store / SHARDS / shard.name, "r") as f:
+            return f["features"].shape[1], dtype
+    return int(settings.get("dim", 0)), dtype
+
+
+def _targets(state: State, rows) -> np.ndarray | None:
+    if state.class_names is None:
+        return None
+    position = {name: i for i, name in enumerate(state.class_names)}
+    return np.array([position.get(state.shards[k].label_names[e], -1) for _, k, e in rows],
+                    np.int64)
+
+
+def _input_sizes(state: State, rows) -> np.ndarray:
+    by_shard: dict[int, list[int]] = {}
+    for _, k, e in rows:
+        by_shard.setdefault(k, []).append(e)
+    sizes = {}
+    for k, es in by_shard.items():
+        with h5py.File(state.store / SHARDS / state.shards[k].name, "r") as f:
+            block = f["input_sizes"][:]
+        sizes[k] = block
+    if not rows:
+        return np.zeros((0, len((state.settings or {}).get("scales", [0])), 2), np.int32)
+    return np.stack([sizes[k][e] for _, k, e in rows]).astype(np.int32)
+
+
+def iter_features(path: str | os.PathLike, *, rows: int = 65536):
+    """(X, y) blocks of at most ``rows`` rows, in the order of ``load_features``, for
+    ``partial_fit`` on data larger than memory (a feature file or a store)."""
+    from .store import load_features
+
+    bunch = load_features(path, lazy=True)
+    try:
+        for lo, block in bunch.data.blocks(rows):
+            yield block, None if bunch.target is None else bunch.target[lo:lo + len(block)]
+    finally:
+        bunch.data.close()
+
+
+def store_attrs(store: Path) -> dict:
+    state = read_state(store)
+    return {**(state.settings or {}), "num_images": len(state.live_rows()),
+            "num_failed": len(state.live_failures())}
+
+
+# -- updating --------------------------------------------------------------------------------------
+
+def planning_sources(state: State, unlisted: list[Path]) -> list[Index]:
+    """What an update may reuse: shards of a killed update (newest first), then the live
+    shards with their dead entries hidden."""
+    from .store import read_index
+
+    sources = []
+    for path in reversed(unlisted):
+        try:
+            _regular(path, "shard")
+            sources.append(read_index(path))
+        except (OSError, CacheError):
+            continue  # a damaged leftover: its rows are computed again
+    for shard in state.shards:
+        paths = [p if alive else DEAD for p, alive in zip(shard.index.paths, shard.live)]
+        sources.append(replace(shard.index, paths=paths))
+    return sources
+
+
+def label_names_of(source_file: Path, state: State, cache: dict) -> list[str]:
+    """The label name of each row of a shard (live or not)."""
+    if source_file not in cache:
+        live = {state.store / SHARDS / s.name: s for s in state.shards}
+        if source_file in live:
+            cache[source_file] = live[source_file].label_names
+        else:
+            with h5py.File(source_file, "r") as f:
+                cache[source_file] = (_strings(f["label_names"]) if "label_names" in f
+                                      else None)
+    return cache[source_file]
+
+
+def copy_shard_rows(out_folder: Path, name: str, picks: list[tuple[Path, int]], *,
+                    ids: FileIds, paths: list[str], label_names: list[str], dim: int,
+                    n_scales: int, dtype: str) -> Path:
+    """A new shard holding existing rows ``picks`` (file, row) under new identities/labels."""
+    files = sorted({f for f, _ in picks})
+    number = {f: k for k, f in enumerate(files)}
+    rows = Rows(files, np.array([number[f] for f, _ in picks], np.int64),
+                np.array([r for _, r in picks], np.int64))
+    feats = np.empty((len(picks), dim), dtype)
+    sizes = np.empty((len(picks), n_scales, 2), np.int32)
+    copy_rows(rows, feats, sizes, block=max(1, len(picks)))
+    return write_shard(out_folder, name, paths=paths, ids=ids, features=feats,
+                       input_sizes=sizes, failed_paths=[], failed_reasons=[],
+                       failed_ids=FileIds.empty(0), dtype=dtype, label_names=label_names)
+
+
+def shard_name(kind: str) -> str:
+    """``kind``: ``r000`` (a run's rank 0), ``u`` (an update's copies), ``c`` (compaction)."""
+    return f"shard-{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
+
+
+def dead_fraction(state: State) -> float:
+    """Dead share of the bytes of the live shards' files."""
+    total = sum(s.bytes for s in state.shards)
+    if not total:
+        return 0.0
+    dead = sum(s.bytes * (1 - s.live.mean()) for s in state.shards if len(s.live))
+    return dead / total
+
+
+def attrs_of(state: State) -> dict:
+    return {k: _plain(v) for k, v in (state.settings or {}).items()}
+
+
+# -- what an update changes ------------------------------------------------------------------------
+
+@dataclass
+class Changes:
+    """An update of a store, as planned: the entries kept per source file, the inputs whose
+    existing rows need a new shard (label or file identity changed), and failures to record."""
+
+    keep: dict[Path, set[int]]
+    republish: list[int]                      # inputs
+    failures: list[tuple[str, str, int]]      # (path, reason, input or −1)
+    class_names: list[str] | None
+    labelled: bool
+
+    def nothing_to_do(self, state: State) -> bool:
+        live = {state.store / SHARDS / s.name: s for s in state.shards}
+        if self.republish or self.failures or any(f not in live for f in self.keep):
+            return False
+        if any(set(np.flatnonzero(s.live).tolist()) != self.keep.get(f, set())
+               for f, s in live.items()):
+            return False
+        return (self.class_names, self.labelled) == (state.class_names, state.class_names
+                                                     is not None)
+
+
+def input_labels(images) -> list[str]:
+    if images.labels is None:
+        return [""] * len(images.paths)
+    return [images.class_names[k] for k in images.labels]
+
+
+def plan_changes(plan, state: State, images) -> Changes:
+    """Which existing entries the update keeps, and what it must write anew (after
+    ``plan.attach``: every input has a source)."""
+    labels, cache = input_labels(images), {}
+    keep: dict[Path, set[int]] = {}
+    republish, failures = [], []
+    for k in np.unique(plan.source):
+        source = plan.sources[k]
+        at = np.flatnonzero(plan.source == k)
+        e = plan.entry[at]
+        same_id = ((plan.ids.size[at] == source.ids.size[e])
+                   & (plan.ids.mtime_ns[at] == source.ids.mtime_ns[e])
+                   & (plan.ids.sha256[at] == source.ids.sha256[e]).all(axis=1))
+        stored = label_names_of(source.file, state, cache)
+        for i, entry, same in zip(at.tolist(), e.tolist(), same_id.tolist()):
+            if entry < source.n_rows:
+                if not same or (stored[entry] if stored else "") != labels[i]:
+                    republish.append(i)
+                    continue
+            elif not same:
+                failures.append((plan.paths[i], source.reasons[entry - source.n_rows], i))
+                continue
+            keep.setdefault(source.file, set()).add(entry)
+    republish.sort()
+    live_failed = {s.index.paths[e]: (state.store / SHARDS / s.name, int(e),
+                                      s.index.reasons[e - s.index.n_rows])
+                   for s in state.shards for e in np.flatnonzero(s.live) if e >= s.index.n_rows}
+    for path, reason in plan.extra_failed:
+        found = live_failed.get(path)
+        if found is not None and found[2] == reason:
+            keep.setdefault(found[0], set()).add(found[1])
+        else:
+            failures.append((path, reason, -1))
+    return Changes(keep, republish, failures, images.class_names, images.labels is not None)
+
+
+def publish_update(store: Path, state: State, plan, changes: Changes, images, *, dim: int,
+                   n_scales: int, dtype: str) -> Entry:
+    """Write the shards an update needs beyond its computed ones, then its index entry."""
+    folder = _folder(store, SHARDS, create=True)
+    keep = {f: set(es) for f, es in changes.keep.items()}
+    if changes.republish:
+        labels = input_labels(images)
+        picks = [(plan.sources[plan.source[i]].file, int(plan.entry[i]))
+                 for i in changes.republish]
+        written = copy_shard_rows(folder, shard_name("u"), picks,
+                                  ids=plan.ids.take(changes.republish),
+                                  paths=[plan.paths[i] for i in changes.republish],
+                                  label_names=[labels[i] for i in changes.republish],
+                                  dim=dim, n_scales=n_scales, dtype=dtype)
+        keep[written] = set(range(len(picks)))
+    if changes.failures:
+        at = [i for _, _, i in changes.failures]
+        ids = FileIds.concat([plan.ids.take([i]) if i >= 0 else FileIds.empty(1) for i in at])
+        written = write_shard(folder, shard_name("u"), paths=[], ids=FileIds.empty(0),
+                              features=np.empty((0, dim)), input_sizes=np.empty((0, n_scales, 2)),
+                              failed_paths=[p for p, _, _ in changes.failures],
+                              failed_reasons=[r for _, r, _ in changes.failures],
+                              failed_ids=ids, dtype=dtype, label_names=[])
+        keep[written] = set(range(len(changes.failures)))
+    entry = _entry(state, keep, changes)
+    publish_entry(store, entry)
+    return entry
+
+
+def _entry(state: State, keep: dict[Path, set[int]], changes: Changes) -> Entry:
+    entry = Entry("", class_names=changes.class_names, labelled=changes.labelled)
+    live = {state.store / SHARDS / s.name: s for s in state.shards}
+    for file, shard in live.items():
+        kept = keep.get(file, set())
+        if not kept:
+            entry.retired.append(shard.name)
+            continue
+        dead = sorted(set(np.flatnonzero(shard.live).tolist()) - kept)
+        if dead:
+            entry.removed[shard.name] = dead
+    for file, kept in keep.items():
+        if file in live:
+            continue
+        with h5py.File(file, "r") as f:
+            n_rows, n_failed = len(f["paths"]), len(f["failed/paths"])
+        entry.added[file.name] = [n_rows, n_failed, file.stat().st_size]
+        unused = sorted(set(range(n_rows + n_failed)) - kept)
+        if unused:  # rows of a killed run no input needs: never live
+            entry.removed[file.name] = unused
+    return entry
+
+
+# -- compaction ------------------------------------------------------------------------------------
+
+@dataclass
+class Compaction:
+    rewritten: int      # shards whose live entries were copied into new shards
+    retired: int        # shard files deleted
+    new_shards: int
+    bytes_before: int
+    bytes_after: int
+
+
+def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compaction:
+    """Rewrite the live entries of shards at least ``threshold`` dead into new shards, retire
+    the old ones in one index entry, then delete retired files.  Crash-safe: until the entry is
+    published the new shards are unlisted (and deleted by the next compaction); after it the old
+    files are only garbage (deleted by the next compaction).  Call it holding the store's lock."""
+    state = read_state(store)
+    folder = _folder(store, SHARDS)
+    for leftover in unlisted_shards(store, state):
+        if leftover.name.startswith("shard-c-"):  # a killed compaction's: never listed
+            leftover.unlink(missing_ok=True)
+    before = sum(s.bytes for s in state.shards)
+    victims = [s for s in state.shards if len(s.live) == 0 or 1 - s.live.mean() >= threshold]
+    written = _rewrite(state, [s for s in victims if s.live.any()], folder)
+    if victims:
+        entry = Entry("", class_names=state.class_names, labelled=state.class_names is not None,
+                      retired=[s.name for s in victims])
+        for path in written:
+            with h5py.File(path, "r") as f:
+                entry.added[path.name] = [len(f["paths"]), len(f["failed/paths"]),
+                                          path.stat().st_size]
+        publish_entry(store, entry)
+    deleted = 0
+    for name in state.retired | {s.name for s in victims}:
+        path = folder / name
+        if path.is_file() and not path.is_symlink():
+            path.unlink()
+            deleted += 1
+    after = sum(s.bytes for s in read_state(store).shards)
+    return Compaction(len(victims), deleted, len(written), before, after)
+
+
+def _rewrite(state: State, shards: list[Shard], folder: Path) -> list[Path]:
+    """The live entries of ``shards`` in new shards of at most COMPACT_SHARD_BYTES each."""
+    number = {s.name: k for k, s in enumerate(state.shards)}
+    rows = sorted((s.index.paths[e], number[s.name], int(e)) for s in shards
+                  for e in np.flatnonzero(s.live[:s.index.n_rows]))
+    failed = sorted((s.index.paths[e], number[s.name], int(e)) for s in shards
+                    for e in np.flatnonzero(s.live) if e >= s.index.n_rows)
+    if not rows and not failed:
+        return []
+    dim, dtype = _shape(state)
+    n_scales = len((state.settings or {}).get("scales", [1]))
+    per_shard = max(1, COMPACT_SHARD_BYTES // (dim * np.dtype(dtype).itemsize + 256))
+    written = []
+    for lo in range(0, max(len(rows), 1), per_shard):
+        chunk = rows[lo:lo + per_shard]
+        fails = failed if lo == 0 else []
+        written.append(_copy_entries(folder, state, chunk, fails, dim=dim, n_scales=n_scales,
+                                     dtype=dtype))
+    return written
+
+
+def _copy_entries(folder: Path, state: State, rows, failed, *, dim, n_scales, dtype) -> Path:
+    """A new shard of existing entries (path, shard number, entry), rows and failures."""
+    shards = state.shards
+    feats = np.empty((len(rows), dim), dtype)
+    sizes = np.empty((len(rows), n_scales, 2), np.int32)
+    if rows:
+        copy_rows(Rows([state.store / SHARDS / s.name for s in shards],
+                       np.array([k for _, k, _ in rows], np.int64),
+                       np.array([e for _, _, e in rows], np.int64)), feats, sizes,
+                  block=len(rows))
+    return write_shard(
+        folder, shard_name("c"), paths=[p for p, _, _ in rows], ids=_ids_of(state, rows),
+        features=feats, input_sizes=sizes, failed_paths=[p for p, _, _ in failed],
+        failed_reasons=[shards[k].index.reasons[e - shards[k].index.n_rows]
+                        for _, k, e in failed],
+        failed_ids=_ids_of(state, failed), dtype=dtype,
+        label_names=[shards[k].label_names[e] for _, k, e in rows])
+
+
+# -- export and description ------------------------------------------------------------------------
+
+def export_file(store: Path, output: Path) -> int:
+    """Write the store's live rows (sorted by path) as one feature file; the number of rows."""
+    from .store import check_suffix, check_writable, write_features
+
+    check_suffix(output)
+    check_writable(output)
+    state = read_state(store)
+    rows, failures = state.live_rows(), state.live_failures()
+    shards = state.shards
+    files = [store / SHARDS / s.name for s in shards]
+    dim, dtype = _shape(state)
+    ids = _ids_of(state, rows)
+    targets = _targets(state, rows)
+    write_features(
+        output, Rows(files, np.array([k for _, k, _ in rows], np.int64),
+                     np.array([e for _, _, e in rows], np.int64)),
+        paths=[p for p, _, _ in rows], ids=ids, labels=targets,
+        class_names=state.class_names,
+        failed_paths=[p for p, _, _ in failures],
+        failed_reasons=[shards[k].index.reasons[e - shards[k].index.n_rows]
+                        for _, k, e in failures],
+        failed_ids=_ids_of(state, failures),
+        attrs={**attrs_of(state), "complete": True}, dim=dim,
+        n_scales=len((state.settings or {}).get("scales", [1])), dtype=dtype)
+    return len(rows)
+
+
+def _ids_of(state: State, entries) -> FileIds:
+    """The file identities of ``entries`` (path, shard number, entry), gathered per shard."""
+    ids = FileIds.empty(len(entries))
+    shard = np.array([k for _, k, _ in entries], np.int64)
+    entry = np.array([e for _, _, e in entries], np.int64)
+    for k in np.unique(shard):
+        at = np.flatnonzero(shard == k)
+        source = state.shards[k].index.ids
+        ids.size[at], ids.mtime_ns[at] = source.size[entry[at]], source.mtime_ns[entry[at]]
+        ids.sha256[at] = source.sha256[entry[at]]
+    return ids
+
+
+def describe(store: Path) -> list[str]:
+    """What ``vggfeat store info`` prints."""
+    state = read_state(store)
+    if state.settings is None:
+        raise CacheError(f"{store} is not a vggfeat feature store (no {SETTINGS})")
+    live_bytes = sum(s.bytes * s.live.mean() for s in state.shards if len(s.live))
+    total = sum(s.bytes for s in state.shards)
+    unlisted = unlisted_shards(store, state)
+    leftover = [n for n in state.retired if (store / SHARDS / n).is_file()]
+    settings = state.settings
+    lines = [f"store       {store}",
+             f"rows        {len(state.live_rows())} live, {len(state.live_failures())} failed",
+             f"shards      {len(state.shards)} live ({total / 2**20:.1f} MiB: "
+             f"{live_bytes / 2**20:.1f} live, {(total - live_bytes) / 2**20:.1f} dead); "
+             f"{len(state.entries)} index entries",
+             f"settings    arch {settings.get('arch')}, layer {settings.get('layer')}, scales "
+             f"{settings.get('scales')}, aggregate {settings.get('aggregate')}, dtype "
+             f"{settings.get('dtype')}, weights {settings.get('weights')}",
+             f"classes     {len(state.class_names) if state.class_names else 'none'}"]
+    if unlisted:
+        lines.append(f"unlisted    {len(unlisted)} shard(s) of a killed or running update "
+                     "(reused by the next update of the same inputs)")
+    if leftover:
+        lines.append(f"retired     {len(leftover)} shard file(s) still on disk (vggfeat store "
+                     "compact deletes them)")
+    foreign = foreign_files(store)
+    if foreign:
+        shown = ", ".join(str(p) for p in foreign[:5])
+        lines.append(f"foreign     {len(foreign)} file(s) vggfeat did not write, ignored: {shown}"
+                     + (" …" if len(foreign) > 5 else ""))
+    return lines

@@ -1,0 +1,53 @@
+"""``vggfeat store``: look into, compact and export a feature store (a folder of shards)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+STORE = click.Path(file_okay=False, path_type=Path)
+
+
+@click.group("store")
+def store_group() -> None:
+    """Feature stores: the folders `vggfeat extract -o FOLDER` writes (docs/store.md)."""
+
+
+@store_group.command("info")
+@click.argument("store", type=STORE)
+def info_command(store: Path) -> None:
+    """Rows, shards, live and dead bytes, settings, failures of STORE."""
+    from ..cache.sharded import describe
+
+    for line in describe(store):
+        click.echo(line)
+
+
+@store_group.command("compact")
+@click.argument("store", type=STORE)
+@click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5,
+              show_default=True, help="rewrite shards with at least this fraction of dead entries")
+def compact_command(store: Path, threshold: float) -> None:
+    """Rewrite STORE's mostly dead shards and delete retired ones (crash-safe)."""
+    from ..cache.lock import OutputLock
+    from ..cache.sharded import compact, read_state
+
+    read_state(store)  # a damaged or foreign store is named before anything is written
+    with OutputLock(store):
+        done = compact(store, threshold=threshold)
+    click.echo(f"{store}: {done.rewritten} shards rewritten into {done.new_shards}, "
+               f"{done.retired} files deleted; live shards {done.bytes_before / 2**20:.1f} MiB "
+               f"→ {done.bytes_after / 2**20:.1f} MiB", err=True)
+
+
+@store_group.command("export")
+@click.argument("store", type=STORE)
+@click.option("--to", "to", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the .h5/.hdf5 file to write, in the layout of a single-file output")
+def export_command(store: Path, to: Path) -> None:
+    """Write STORE's live rows as one feature file (rows sorted by path)."""
+    from ..cache.sharded import export_file
+
+    rows = export_file(store, to)
+    click.echo(f"{rows} rows of {store} → {to}", err=True)
