@@ -9,7 +9,9 @@ order), then prints, for each backend in ``--backends`` (measured side by side, 
 * the speed-up over the first backend (``eager``: torch's own layers) for both,
 * the largest difference of its descriptors from the first backend's (L2-normalised),
 * end-to-end / forward-only (target on CPU: ≥ 0.9) and images per forward (the mean number of
-  images in an end-to-end forward pass, flips not counted; ``--batch-size`` at most).
+  images in an end-to-end forward pass, flips not counted; ``--batch-size`` at most),
+* the peak resident memory (RSS) of the end-to-end run: the main process, and the largest
+  decoding worker (sampled every 20 ms; target on CPU: ≤ 3 GB for the main process).
 
     python benchmarks/extract.py                      # VGG-16, Q = 256,384,512, CPU: eager vs auto
     python benchmarks/extract.py --backends eager,winograd,auto --repeats 3
@@ -22,7 +24,9 @@ from __future__ import annotations
 import argparse
 import platform
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +46,45 @@ def write_jpegs(folder: Path, sizes: list[tuple[int, int]]) -> None:
         small = rng.integers(0, 255, (height // 32, width // 32, 3), dtype=np.uint8)
         Image.fromarray(small).resize((width, height), Image.BICUBIC).save(
             folder / f"{i:05d}.jpg", quality=90)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """Resident memory of a process now (0 if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(int(line.split()[1]) << 10 for line in f if line.startswith("VmRSS:"))
+    except (OSError, StopIteration):
+        return 0
+
+
+def child_pids() -> list[str]:
+    pids = []
+    for task in Path("/proc/self/task").glob("*"):
+        try:
+            pids += (task / "children").read_text().split()
+        except OSError:
+            pass
+    return pids
+
+
+@contextmanager
+def peak_rss(interval: float = 0.02):
+    """Sample the main process's and its children's RSS during a block: yields a dict that holds
+    ``main`` and ``worker`` (the largest child) peaks, in bytes, once the block ends (Linux)."""
+    peaks, stop = {"main": 0, "worker": 0}, threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval):
+            peaks["main"] = max(peaks["main"], rss_bytes())
+            peaks["worker"] = max([peaks["worker"], *map(rss_bytes, child_pids())])
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        thread.join()
 
 
 def main() -> None:
@@ -100,19 +143,22 @@ def main() -> None:
         folder = Path(tmp) / "jpegs"
         folder.mkdir()
         write_jpegs(folder, sizes)
-        end_to_end, per_forward, rows = {}, {}, {}
+        end_to_end, per_forward, rows, peaks = {}, {}, {}, {}
         for backend in backends:
             out = Path(tmp) / f"{backend}.h5"
-            start = time.perf_counter()
-            result = extract([folder], out, spec=spec, model=model, batch_size=args.batch_size,
-                             workers=workers, device=args.device, amp=args.amp, backend=backend,
-                             progress=False)
-            end_to_end[backend] = result.num_images / (time.perf_counter() - start)
+            with peak_rss() as peaks[backend]:
+                start = time.perf_counter()
+                result = extract([folder], out, spec=spec, model=model,
+                                 batch_size=args.batch_size, workers=workers,
+                                 device=args.device, amp=args.amp, backend=backend,
+                                 progress=False)
+                end_to_end[backend] = result.num_images / (time.perf_counter() - start)
             per_forward[backend] = result.images_per_forward
             rows[backend] = vggfeat.load_features(out).data
     ref = backends[0]
     print(f"{'backend':10} {'forward-only':>14} {'end-to-end':>14} {'speed-up':>15} "
-          f"{'max |Δ| vs ' + ref:>16} {'e2e/fwd':>8} {'images/forward':>15}")
+          f"{'max |Δ| vs ' + ref:>16} {'e2e/fwd':>8} {'images/forward':>15} "
+          f"{'peak RSS main / worker':>23}")
     for backend in backends:
         diff = float(np.abs(rows[backend] - rows[ref]).max())
         ran = nets[backend].backend
@@ -120,7 +166,8 @@ def main() -> None:
               f"{forward[backend]:9.3f} img/s {end_to_end[backend]:9.3f} img/s "
               f"{forward[backend] / forward[ref]:6.2f}× /{end_to_end[backend] / end_to_end[ref]:5.2f}× "
               f"{diff:16.1e} {end_to_end[backend] / forward[backend]:8.3f} "
-              f"{per_forward[backend]:15.1f}")
+              f"{per_forward[backend]:15.1f} {peaks[backend]['main'] / 2**30:10.2f} GiB / "
+              f"{peaks[backend]['worker'] / 2**30:4.2f} GiB")
 
 if __name__ == "__main__":
     main()

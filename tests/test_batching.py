@@ -110,3 +110,23 @@ def test_extract_progress_bar_moves_per_pass(tmp_path, image_folder, tiny_weight
             spec=vggfeat.DescriptorSpec(scales=(224, 256)), batch_size=8, workers=0)
     assert sum(updates) == pytest.approx(8)  # 8 images, each counted once in all
     assert len(updates) > 2  # not one jump per loader batch of 8
+
+
+def test_cpu_passes_are_split_to_a_pixel_budget_with_the_same_rows():
+    """8 same-shape images in one group run as 4 passes of 2 when a pass may hold 2 images'
+    pixels: the memory of a pass is bounded, the descriptors are those of one big pass."""
+    from vggfeat.extract import DescriptorNet, DescriptorSpec
+    from vggfeat.models.runner import CPU_PIXELS_PER_PASS
+
+    gen = torch.Generator().manual_seed(0)
+    items = [[torch.randint(0, 256, (3, 224, 256), generator=gen, dtype=torch.uint8)]
+             for _ in range(8)]
+    model, spec = tiny_vgg("A"), DescriptorSpec(scales=(224,))
+    whole = DescriptorNet(model, spec, batch_size=8)
+    assert whole.pixels_per_pass == CPU_PIXELS_PER_PASS  # the default on a CPU
+    whole.pixels_per_pass = None
+    split = DescriptorNet(model, spec, batch_size=8)
+    split.pixels_per_pass = 2 * 224 * 256
+    np.testing.assert_allclose(split(items).numpy(), whole(items).numpy(), rtol=1e-5, atol=1e-6)
+    assert (whole.forward_passes, split.forward_passes) == (1, 4)
+    assert split.images_per_forward == 2.0

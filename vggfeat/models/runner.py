@@ -24,6 +24,13 @@ AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.fl
 # How many images a forward pass may gather from, in batches: with g image shapes among
 # consecutive inputs, passes stay full while g·(batch_size − 1) < the window.
 WINDOW_BATCHES = 4
+# On a CPU, input pixels per forward pass (all images of the pass).  One image at Q = 512
+# already makes large matrix products, so gathering more buys little speed on a CPU, while the
+# first layers' maps (64 float32 channels at full resolution, twice with flips: ~1 KiB per input
+# pixel for a layer's input and output) grow with every image: 8 wallpaper photos at Q = 512
+# held 2 GB in one such map.  Same-shape groups run in passes of at most this many pixels (one
+# image when it alone is larger), so the peak memory no longer grows with the batch size.
+CPU_PIXELS_PER_PASS = 1 << 19
 
 
 def placed_device(device: str | torch.device) -> torch.device:
@@ -78,6 +85,7 @@ class DeviceRunner:
         self.model = with_backend(model, self.backend, reads=reads)
         self.batch_size = batch_size
         self.window = window or WINDOW_BATCHES * batch_size
+        self.pixels_per_pass = CPU_PIXELS_PER_PASS if self.device.type == "cpu" else None
         self.forward_passes = 0  # same-shape passes run so far, and the images they held
         self.forward_images = 0
 
@@ -123,11 +131,18 @@ class DeviceRunner:
         return self.rows([results for _, results in stream.take()])
 
     def _forward(self, scale: int, views: list[Tensor]) -> Tensor:
+        """Same-shape views → their results, in passes of at most ``pixels_per_pass`` pixels."""
+        batch = stack_rows(views)
+        step = len(batch)
+        if self.pixels_per_pass is not None:
+            step = max(1, min(step, self.pixels_per_pass // (batch.shape[-2] * batch.shape[-1])))
+        outs = []
         with torch.inference_mode():
-            out = self.forward_views(scale, stack_rows(views))
-        self.forward_passes += 1
-        self.forward_images += len(views)
-        return out
+            for start in range(0, len(batch), step):
+                outs.append(self.forward_views(scale, batch[start:start + step]))
+                self.forward_passes += 1
+                self.forward_images += len(outs[-1])
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class ShapeBatches:
