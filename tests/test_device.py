@@ -225,7 +225,9 @@ def test_input_constants_are_built_once_per_device():
 
 def test_training_steps_do_not_wait_for_the_device(monkeypatch, tmp_path, colours):
     """Between loss reads (every 10 steps), a step neither syncs nor builds tensors on the host;
-    images are decoded in a worker process, so only the loop itself is watched."""
+    images are decoded in a worker process, so only the loop itself is watched.  The first step
+    of a process may copy the per-device constants (preprocessing, PCA lighting) once: they are
+    cached, so whether it does depends on which tests ran before in the same process."""
     from vggfeat.train import Recipe, train
     from vggfeat.train.loop import _Trainer
 
@@ -240,8 +242,8 @@ def test_training_steps_do_not_wait_for_the_device(monkeypatch, tmp_path, colour
 
     monkeypatch.setattr(_Trainer, "step", watched)
     recipe = Recipe(**{**TINY, "workers": 1, "checkpoint_steps": None, "micro_batch": 2})
-    train(recipe, colours, tmp_path / "run", device="cpu", progress=False, max_steps=3)
-    assert len(per_step) == 3 and per_step == [[], [], []]
+    train(recipe, colours, tmp_path / "run", device="cpu", progress=False, max_steps=4)
+    assert len(per_step) == 4 and per_step[1:] == [[], [], []]
 
 
 @needs_cuda
