@@ -682,6 +682,30 @@ def test_a_killed_evaluation_goes_on_from_its_journal(pasted, tmp_path, one_thre
                               workers=0, progress=False, journal=journal)
 
 
+def test_a_journal_whose_settings_line_was_cut_is_never_trusted(pasted, tmp_path, one_thread):
+    from vggfeat.localize.run import evaluate_localization, images_with_boxes
+
+    images = images_with_boxes(pasted / "val", read_boxes(pasted / "LOC_val_solution.csv"))
+    images.paths, images.truths = images.paths[:2], images.truths[:2]
+    model = load_localizer(constant_box_net(tmp_path))[0]
+    journal = tmp_path / "run.partial.jsonl"
+    # As if killed while writing the settings line: the run starts afresh and checks again.
+    journal.write_text('{"settings": {"meth')
+    evaluate_localization(Localizer(model, method="center-crop"), images, workers=0,
+                          progress=False, journal=journal)
+    first = json.loads(journal.read_text().splitlines()[0])
+    assert first == {"settings": Localizer(model, method="center-crop").settings()}
+    with pytest.raises(InputError, match="other settings"):
+        evaluate_localization(Localizer(model, method="center-crop", scales=(288,)), images,
+                              workers=0, progress=False, journal=journal)
+    # Guesses behind a cut settings line could be of any settings: refused, not reused.
+    lines = journal.read_text().splitlines()
+    journal.write_text(lines[0][:20] + "\n" + "\n".join(lines[1:]) + "\n")
+    with pytest.raises(InputError, match="does not start with the settings"):
+        evaluate_localization(Localizer(model, method="center-crop", scales=(288,)), images,
+                              workers=0, progress=False, journal=journal)
+
+
 # -- messages -------------------------------------------------------------------------------
 
 def test_a_second_evaluation_writing_the_same_predictions_stops_with_one_line(tmp_path, capsys):

@@ -21,7 +21,7 @@ from ..data.loader import image_loader
 from ..data.sources import gather_images
 from ..devices import default_workers
 from ..errors import InputError
-from ..fileio import atomic_path, write_json_atomic
+from ..fileio import atomic_path, write_json_atomic, write_text_atomic
 from .metric import gt_class_errors, score_guesses
 from .predict import Guess, Localizer
 
@@ -196,12 +196,16 @@ def _outside(path: str, truth: ImageBoxes, size: tuple[int, int]) -> str | None:
 def _read_journal(journal: str | os.PathLike, localizer: Localizer) -> dict[str, list[Guess]]:
     """The guesses a journal holds, by image path; starts the journal with the run's settings.
 
-    A journal of other settings is refused; a line cut short by a kill is ignored.
+    The settings line is published whole (written beside the journal, then renamed), so a kill
+    never leaves a journal whose settings cannot be checked.  A journal of other settings is
+    refused; so is one whose first line is not a settings line but that holds guesses (they
+    could be of any settings).  A journal holding only a cut settings line is started afresh;
+    a guess line cut short by a kill is ignored.
     """
     journal = Path(journal)
     settings = localizer.settings()
-    if not journal.exists() or journal.stat().st_size == 0:
-        journal.write_text(json.dumps({"settings": settings}) + "\n", encoding="utf-8")
+    if not journal.exists() or journal.stat().st_size == 0 or _only_a_cut_header(journal):
+        write_text_atomic(journal, json.dumps({"settings": settings}) + "\n")
         return {}
     with open(journal, "rb+") as f:  # a line cut short must not swallow the next one
         f.seek(-1, os.SEEK_END)
@@ -209,19 +213,36 @@ def _read_journal(journal: str | os.PathLike, localizer: Localizer) -> dict[str,
             f.write(b"\n")
     done: dict[str, list[Guess]] = {}
     with open(journal, encoding="utf-8") as f:
-        for n, line in enumerate(f):
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:
+        header = _journal_entry(f.readline())
+        if not isinstance(header, dict) or "settings" not in header:
+            raise InputError(f"{journal} does not start with the settings of its run, so its "
+                             "guesses cannot be checked; delete it to start afresh")
+        if header["settings"] != settings:
+            raise InputError(f"{journal} holds a run with other settings "
+                             f"({header['settings']}); delete it to start afresh")
+        for line in f:
+            entry = _journal_entry(line)
+            if entry is None:
                 continue  # the last line of a killed run
-            if n == 0:
-                if entry.get("settings") != settings:
-                    raise InputError(f"{journal} holds a run with other settings "
-                                     f"({entry.get('settings')}); delete it to start afresh")
-                continue
             done[entry["path"]] = [Guess(int(c), w, (x0, y0, x1, y1), s)
                                    for c, w, x0, y0, x1, y1, s in entry["guesses"]]
     return done
+
+
+def _journal_entry(line: str):
+    """A journal line's JSON; None for a line cut short."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
+
+
+def _only_a_cut_header(journal: Path) -> bool:
+    """True for a journal holding one line, not valid JSON: a settings line whose writing was
+    cut (by versions that wrote it in place), with no guess after it."""
+    with open(journal, "rb") as f:
+        first, rest = f.readline(), f.read().strip()
+    return not rest and _journal_entry(first.decode("utf-8", "replace")) is None
 
 
 def write_predictions(result: LocResult, path: str | os.PathLike) -> Path:
