@@ -17,7 +17,7 @@ from vggfeat.data.images import read_image, rescale_views
 from vggfeat.evaluate import (
     Evaluator,
     crop_grid,
-    default_scales,
+    default_test_scales,
     evaluate,
     fuse,
     load_posteriors,
@@ -130,10 +130,10 @@ def test_fusion_report_has_no_paper_row_for_other_fusions():
     assert three.attrs["fused"] == 3 and markdown_report(three).rstrip().endswith("| — |")
 
 
-def test_default_scales_follow_the_paper():
-    assert default_scales("dense", "256") == (224, 256, 288)
-    assert default_scales("dense", "256-512") == (256, 384, 512)
-    assert default_scales("center-crop", None) == (256,)
+def test_default_test_scales_follow_the_paper():
+    assert default_test_scales("dense", "256") == (224, 256, 288)
+    assert default_test_scales("dense", "256-512") == (256, 384, 512)
+    assert default_test_scales("center-crop", None) == (256,)
 
 
 def test_class_folders_use_torchvision_order(val_folder):

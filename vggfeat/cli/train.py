@@ -72,14 +72,14 @@ def recipe_from_flags(cls: type[Recipe], recipe_file: str | None, out: str | Non
                       **overrides) -> Recipe:
     """The recipe file (or the resumed run's recipe, or the defaults of ``cls``), with the flags
     that were given on top."""
-    from ..train import load_recipe, run_recipe
+    from ..train import load_recipe, load_run_recipe
 
     if recipe_file:
         recipe = load_recipe(recipe_file, cls)
     elif resume:
         if out is None:
             raise click.UsageError("--resume needs --out, the run folder to continue")
-        recipe = run_recipe(out, cls)
+        recipe = load_run_recipe(out, cls)
     else:
         recipe = cls()
     if train_scale is not None:

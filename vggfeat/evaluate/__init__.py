@@ -3,7 +3,7 @@
 from .methods import METHODS, Evaluator, crop_grid, topk_error
 from .run import (
                   EvalResult,
-                  default_scales,
+                  default_test_scales,
                   evaluate,
                   fuse,
                   load_posteriors,
@@ -12,6 +12,6 @@ from .run import (
 )
 from .scoremap import plot_score_map
 
-__all__ = ["METHODS", "Evaluator", "crop_grid", "topk_error", "EvalResult", "default_scales",
+__all__ = ["METHODS", "Evaluator", "crop_grid", "topk_error", "EvalResult", "default_test_scales",
            "evaluate", "fuse", "load_posteriors", "markdown_report", "save_posteriors",
            "plot_score_map"]

@@ -78,7 +78,7 @@ def model_train_scale(model: VGG) -> str | None:
     return "-".join(str(v) for v in s) if isinstance(s, (list, tuple)) else str(s)
 
 
-def default_scales(method: str, s: str | None) -> tuple[int, ...]:
+def default_test_scales(method: str, s: str | None) -> tuple[int, ...]:
     """The paper's test scales: {S−32, S, S+32} for fixed S, {256, 384, 512} for jittered S."""
     if method == "center-crop":
         return (CENTER_CROP_RESIZE,)
@@ -135,7 +135,7 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
     s = str(train_scale) if train_scale else model_train_scale(model)
     if images.labels is None:
         raise InputError("evaluation needs labelled images (class folders or a labelled list)")
-    scales = scales or default_scales(method, s)
+    scales = scales or default_test_scales(method, s)
     if method != "center-crop" and min(scales) < 224:
         raise InputError(f"{method} evaluation needs scales ≥ 224, got {scales}")
     start = time.monotonic()

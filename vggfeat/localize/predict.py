@@ -3,7 +3,7 @@
 * ``center-crop``: the image rescaled so its smallest side is Q, its central 224 crop through the
   net in crop mode; the box of a given (ground-truth) class.
 * ``dense``: each localisation net runs fully convolutionally on the image and its flip at its
-  own test scales Q (:func:`default_scales`), and every map position gives a box per class (one
+  own test scales Q (:func:`loc_test_scales`), and every map position gives a box per class (one
   for SCR), mapped back to the original image.  The classification system, one net or the fusion
   of several, each with its own method and scales (:class:`Classifier`), gives the image's class
   posterior exactly as ``vggfeat evaluate`` does (each net's posterior averaged over its scales,
@@ -29,7 +29,7 @@ from ..data.images import read_image, rescale_views
 from ..devices import default_device
 from ..errors import ConfigError
 from ..evaluate.methods import Evaluator
-from ..evaluate.run import default_scales as classifier_scales
+from ..evaluate.run import default_test_scales
 from ..evaluate.run import model_train_scale
 from ..models.configs import INPUT_SIZE
 from ..models.factory import vgg
@@ -58,7 +58,7 @@ class Guess:
     score: float  # the class's posterior by the classification system (1.0 for center-crop)
 
 
-def default_scales(method: str, model: VGG) -> tuple[int, ...]:
+def loc_test_scales(method: str, model: VGG) -> tuple[int, ...]:
     """A localisation net's test scales Q.
 
     ``dense``: the ``test_scales`` its recipe records (``recipes/loc-D-384.yaml``: 352,384, as in
@@ -91,7 +91,7 @@ class Classifier:
     scales: tuple[int, ...] | None = None
 
     def test_scales(self) -> tuple[int, ...]:
-        return tuple(self.scales or classifier_scales(self.method, model_train_scale(self.net)))
+        return tuple(self.scales or default_test_scales(self.method, model_train_scale(self.net)))
 
 
 def parse_classifier(spec: str) -> tuple[str, str, tuple[int, ...] | None]:
@@ -152,7 +152,7 @@ class Localizer:
     Call :meth:`dense` or :meth:`center_crop` on views made by :meth:`prepare`, or
     :meth:`__call__` on an image file or uint8 tensor for its top-5 guesses.  ``scales``, when
     given, is every localisation net's Q; by default each net runs at its own
-    (:func:`default_scales`).  ``backend`` says how the nets' layers run
+    (:func:`loc_test_scales`).  ``backend`` says how the nets' layers run
     (:mod:`vggfeat.models.backends`).
     """
 
@@ -182,7 +182,7 @@ class Localizer:
         self.cls = [Evaluator(c.net, c.method, **run) for c in classifiers]
         self.cls_scales = [c.test_scales() for c in classifiers]
         self.method = method
-        self.net_scales = [tuple(scales or default_scales(method, m)) for m in loc_nets]
+        self.net_scales = [tuple(scales or loc_test_scales(method, m)) for m in loc_nets]
         self.scales = tuple(sorted({q for qs in self.net_scales for q in qs}))
         if min(self.scales) < INPUT_SIZE:
             raise ConfigError(f"localisation needs scales Q ≥ {INPUT_SIZE} (the net's window), "
@@ -370,7 +370,7 @@ def localize(image: str | os.PathLike | Tensor, *, weights: str | os.PathLike | 
         cls_weights: the classification net(s), each ``WEIGHTS[@METHOD][@Q,Q,…]`` with WEIGHTS
             ``torchvision``, ``timm`` or a file (several: their posteriors are fused).
         scales: test scales Q of every localisation net (default: each net's own, see
-            :func:`default_scales`).
+            :func:`loc_test_scales`).
         device: where the nets run (default: cuda when available).
         backend: how the nets' layers run: ``auto``, ``eager`` or ``winograd``.
 

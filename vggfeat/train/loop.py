@@ -40,7 +40,7 @@ from .checkpoint import CHECKPOINT, Checkpointer, TrainState
 from .data import Batch, TrainImages, epoch_order, micro_batches, train_loader
 from .logs import RunLog
 from .model import make_optimizer, make_scheduler, recipe_for_net
-from .recipe import Recipe, RecipeError, load_recipe, save_recipe
+from .recipe import Recipe, RecipeError, load_run_recipe, save_recipe
 from .task import ImageClassification, Task
 
 # The loss stays on the device and is read (one host sync) every this many steps, at
@@ -76,7 +76,7 @@ def train(recipe: Recipe | None, data: str | os.PathLike | Task, out: str | os.P
     if recipe is None:
         if not resume:
             raise RecipeError("a new run needs a recipe")
-        recipe = run_recipe(run_dir, task.recipe_class)
+        recipe = load_run_recipe(run_dir, task.recipe_class)
     dist = Distributed.from_env(device or default_device())
     with ExitStack() as scope:
         if dist.device.type == "cuda":
@@ -88,15 +88,6 @@ def train(recipe: Recipe | None, data: str | os.PathLike | Task, out: str | os.P
                            download=download)
         scope.callback(trainer.log.close)
         return trainer.run(max_steps)
-
-
-def run_recipe(run_dir: str | os.PathLike, cls: type[Recipe] = Recipe) -> Recipe:
-    """The recipe a run folder was started with (its ``recipe.yaml``)."""
-    path = Path(run_dir) / "recipe.yaml"
-    if not path.is_file():
-        raise RecipeError(f"{path} does not exist: --resume without --recipe continues a run in "
-                          "--out, and that folder holds none; check --out")
-    return load_recipe(path, cls)
 
 
 def resolved_amp(recipe: Recipe, device: torch.device) -> str | None:

@@ -226,5 +226,14 @@ def load_recipe(path: str | os.PathLike, cls: type[Recipe] = Recipe) -> Recipe:
     return _build(cls, {}, data, str(path))
 
 
+def load_run_recipe(run_dir: str | os.PathLike, cls: type[Recipe] = Recipe) -> Recipe:
+    """Read the recipe a run folder was started with (its ``recipe.yaml``)."""
+    path = Path(run_dir) / "recipe.yaml"
+    if not path.is_file():
+        raise RecipeError(f"{path} does not exist: --resume without --recipe continues a run in "
+                          "--out, and that folder holds none; check --out")
+    return load_recipe(path, cls)
+
+
 def save_recipe(recipe: Recipe, path: str | os.PathLike) -> None:
     write_text_atomic(path, yaml.safe_dump(recipe.to_dict(), sort_keys=False))

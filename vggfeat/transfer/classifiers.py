@@ -41,12 +41,14 @@ def choose_C(kind: str, grid: tuple[float, ...], fit: tuple[np.ndarray, np.ndarr
         return grid[0], {}
     results = {}
     for C in grid:
-        results[C] = score(train(kind, C, *fit, seed=seed), *val)
+        results[C] = score(fit_classifier(kind, C, *fit, seed=seed), *val)
     best = max(results.values())
     return min(C for C, s in results.items() if s == best), results
 
 
-def train(kind: str, C: float, X: np.ndarray, y: np.ndarray, *, seed: int = 0) -> ClassifierMixin:
+def fit_classifier(kind: str, C: float, X: np.ndarray, y: np.ndarray, *,
+                   seed: int = 0) -> ClassifierMixin:
+    """A ``kind`` classifier with regularisation ``C`` fitted on ``X``, ``y``."""
     with warnings.catch_warnings():
         # Convergence at the loosest C of a grid is not worth a warning per fit.
         warnings.simplefilter("ignore", ConvergenceWarning)

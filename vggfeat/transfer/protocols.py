@@ -36,7 +36,7 @@ from ..data.voc import (
     write_person_crops,
 )
 from ..extract.descriptor import DENSE_SCALES, DescriptorSpec
-from .classifiers import C_GRIDS, CLASSIFIERS, choose_C, train
+from .classifiers import C_GRIDS, CLASSIFIERS, choose_C, fit_classifier
 from .metrics import mean_class_recall, voc_ap
 from .splits import fraction_split, holdout, per_class_split
 from .transforms import AGGREGATES, ScaleAggregator
@@ -397,7 +397,7 @@ def _run_multiclass(data: Dataset, X: np.ndarray, *, classifier: str, grid: tupl
         fit_idx, val_idx = holdout(train_idx, y, fraction=HOLDOUT, seed=seed + s)
         C, _ = choose_C(classifier, grid, (X[fit_idx], y[fit_idx]), (X[val_idx], y[val_idx]),
                         lambda m, Xv, yv: mean_class_recall(yv, m.predict(Xv)), seed=seed)
-        model = train(classifier, C, X[train_idx], y[train_idx], seed=seed)
+        model = fit_classifier(classifier, C, X[train_idx], y[train_idx], seed=seed)
         predicted = model.predict(X[test_idx])
         scores.append(100 * mean_class_recall(y[test_idx], predicted))
         per_class.append(100 * recall_score(y[test_idx], predicted, average=None,
@@ -433,7 +433,7 @@ def _run_multilabel(spec: Protocol, data: Dataset, X: np.ndarray, *, classifier:
         fit_k, train_k = fit_idx[y[fit_idx] != 0], train_idx[y[train_idx] != 0]
         C, _ = choose_C(classifier, grid, (X[fit_k], y[fit_k]), (X[val_idx], y[val_idx]),
                         lambda m, Xv, yv: voc_ap(yv, m.decision_function(Xv)), seed=seed)
-        model = train(classifier, C, X[train_k], y[train_k], seed=seed)
+        model = fit_classifier(classifier, C, X[train_k], y[train_k], seed=seed)
         s = model.decision_function(X[test_idx])
         for metric in AP_TITLES:
             ap[metric][name] = 100 * voc_ap(y[test_idx], s, metric=metric)
