@@ -131,6 +131,22 @@ def test_compaction_keeps_the_rows_and_frees_the_dead(tmp_path, image_folder):
     assert run([image_folder], store, model).up_to_date
 
 
+def test_updates_compact_by_themselves(tmp_path, image_folder, monkeypatch):
+    import vggfeat.cache.sharded as sharded
+
+    monkeypatch.setattr(sharded, "PACK_SMALL_SHARDS", 4)
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model, shard_images=1)  # 8 small shards: packed into one
+    assert len(read_state(store).shards) == 1 and len(list((store / "shards").iterdir())) == 1
+    for path in sorted(image_folder.rglob("*.*"))[:5]:
+        path.unlink()  # 5 of 8 rows dead: more than half the bytes
+    run([image_folder], store, model)
+    state = read_state(store)
+    assert all(s.live.all() for s in state.shards) and len(state.live_rows()) == 3
+    run([image_folder], tmp_path / "ref.h5", model)
+    assert_same_rows(store, tmp_path / "ref.h5")
+
+
 def test_store_commands_info_compact_export(tmp_path, image_folder, tiny_weights):
     store = tmp_path / "feats"
     common = ["--weights", tiny_weights, "--scales", "224", "--workers", "0", "--quiet"]

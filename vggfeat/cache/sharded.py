@@ -54,6 +54,10 @@ DEAD = "\0"  # the path given to a dead entry when planning: no input can match 
 # the store by itself once this fraction of all its rows' bytes is dead.
 COMPACT_DEAD_FRACTION = 0.5
 COMPACT_SHARD_BYTES = 64 << 20  # new shards of a compaction: built in memory, so bounded
+# Reading a store opens every live shard once (~10 ms each): small shards (a run publishes one
+# every --shard-size images) are packed into large ones once there are this many of them.
+SMALL_SHARD_BYTES = COMPACT_SHARD_BYTES // 4
+PACK_SMALL_SHARDS = 64
 
 
 def is_store(path: Path) -> bool:
@@ -420,14 +424,11 @@ def planning_sources(state: State, unlisted: list[Path]) -> list[Index]:
 
 def label_names_of(source_file: Path, state: State, cache: dict) -> list[str]:
     """The label name of each row of a shard (live or not)."""
+    if not cache:
+        cache.update({state.store / SHARDS / s.name: s.label_names for s in state.shards})
     if source_file not in cache:
-        live = {state.store / SHARDS / s.name: s for s in state.shards}
-        if source_file in live:
-            cache[source_file] = live[source_file].label_names
-        else:
-            with h5py.File(source_file, "r") as f:
-                cache[source_file] = (_strings(f["label_names"]) if "label_names" in f
-                                      else None)
+        with h5py.File(source_file, "r") as f:
+            cache[source_file] = _strings(f["label_names"]) if "label_names" in f else None
     return cache[source_file]
 
 
@@ -452,13 +453,37 @@ def shard_name(kind: str) -> str:
     return f"shard-{kind}-{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:12]}.h5"
 
 
-def dead_fraction(state: State) -> float:
-    """Dead share of the bytes of the live shards' files."""
-    total = sum(s.bytes for s in state.shards)
-    if not total:
-        return 0.0
-    dead = sum(s.bytes * (1 - s.live.mean()) for s in state.shards if len(s.live))
-    return dead / total
+def dead_fraction(state: State, entry: Entry | None = None) -> float:
+    """Dead share of the bytes of the live shards' files (after ``entry``, if given; the
+    shards it adds are wholly live but for what it removes from them)."""
+    total = dead = 0.0
+    for shard in state.shards:
+        if entry is not None and shard.name in entry.retired:
+            continue
+        live = shard.live.copy()
+        if entry is not None and shard.name in entry.removed:
+            live[entry.removed[shard.name]] = False
+        total += shard.bytes
+        dead += shard.bytes * (1 - live.mean()) if len(live) else 0.0
+    for name, (n_rows, n_failed, size) in (entry.added.items() if entry else ()):
+        entries = n_rows + n_failed
+        total += size
+        dead += size * len(entry.removed.get(name, ())) / entries if entries else 0.0
+    return dead / total if total else 0.0
+
+
+def needs_compaction(state: State, entry: Entry) -> bool:
+    """After ``entry``: half the live bytes dead, or many small shards (see compact)."""
+    small = sum(s.bytes < SMALL_SHARD_BYTES for s in state.shards if s.name not in entry.retired)
+    small += sum(size < SMALL_SHARD_BYTES for _, _, size in entry.added.values())
+    return dead_fraction(state, entry) >= COMPACT_DEAD_FRACTION or small >= PACK_SMALL_SHARDS
+
+
+def current(state: State) -> bool:
+    """True while no index entry has appeared (or gone) since ``state`` was read."""
+    folder = state.store / INDEX
+    names = sorted(n for n in os.listdir(folder) if ENTRY_NAME.match(n)) if folder.is_dir() else []
+    return names == [e.name for e in state.entries]
 
 
 def attrs_of(state: State) -> dict:
@@ -595,8 +620,10 @@ class Compaction:
 
 
 def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compaction:
-    """Rewrite the live entries of shards at least ``threshold`` dead into new shards, retire
-    the old ones in one index entry, then delete retired files.  Crash-safe: until the entry is
+    """Rewrite the live entries of shards at least ``threshold`` dead, and of small shards
+    once there are :data:`PACK_SMALL_SHARDS` of them, into new shards of at most
+    :data:`COMPACT_SHARD_BYTES`; retire the old ones in one index entry, then delete retired
+    files.  Crash-safe: until the entry is
     published the new shards are unlisted (and deleted by the next compaction); after it the old
     files are only garbage (deleted by the next compaction).  Call it holding the store's lock."""
     state = read_state(store)
@@ -606,6 +633,9 @@ def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compact
             leftover.unlink(missing_ok=True)
     before = sum(s.bytes for s in state.shards)
     victims = [s for s in state.shards if len(s.live) == 0 or 1 - s.live.mean() >= threshold]
+    small = [s for s in state.shards if s.bytes < SMALL_SHARD_BYTES and s not in victims]
+    if len(small) >= PACK_SMALL_SHARDS:
+        victims += small
     written = _rewrite(state, [s for s in victims if s.live.any()], folder)
     if victims:
         entry = Entry("", class_names=state.class_names, labelled=state.class_names is not None,

@@ -27,6 +27,7 @@ class Plan:
     removed: int = 0      # entries of the old output whose file is no longer an input
     reused: int = 0       # inputs whose row was reused (a carried-over failure is not counted)
     extra_failed: list[tuple[str, str]] = field(default_factory=list)  # found but unusable
+    store_state: object = None  # a store's state when planned (vggfeat.cache.sharded.State)
 
     @property
     def compute(self) -> np.ndarray:

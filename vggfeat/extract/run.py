@@ -49,14 +49,14 @@ from ..cache.store import (
     write_shard,
 )
 from ..cache.sharded import (
-    COMPACT_DEAD_FRACTION,
     SETTINGS,
     SHARDS,
     compact,
-    dead_fraction,
+    current,
     input_labels,
     is_store,
     load_store,
+    needs_compaction,
     plan_changes,
     planning_sources,
     publish_update,
@@ -329,6 +329,7 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
     plan.removed = _removed(state, images)
     if not len(plan.compute) and plan_changes(plan, state, images).nothing_to_do(state):
         return None
+    plan.store_state = state  # reused at the end unless another writer published meanwhile
     return plan
 
 
@@ -356,13 +357,13 @@ def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, 
     if missing:
         raise CacheError(f"cannot finish {store}: {missing} of {len(images)} images are not "
                          "computed yet; run the same command again to complete it")
-    state = read_state(store)
+    state = plan.store_state if current(plan.store_state) else read_state(store)
     changes = plan_changes(plan, state, images)
     if not changes.nothing_to_do(state):
-        publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
-                       dtype=dtype)
-    if dead_fraction(read_state(store)) >= COMPACT_DEAD_FRACTION:
-        compact(store)
+        entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
+                               dtype=dtype)
+        if needs_compaction(state, entry):
+            compact(store)
     return int(np.count_nonzero(plan.is_row())) - plan.reused
 
 
