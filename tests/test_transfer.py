@@ -269,6 +269,22 @@ def test_cli_voc2007_extracts_then_reports_like_table_11(tmp_path, tiny_weights)
     assert bad.returncode == 2 and "--data" in bad.stderr
 
 
+def test_run_transfer_refuses_what_the_protocol_cannot_use_before_reading(tmp_path):
+    from vggfeat.errors import ConfigError
+    from vggfeat.transfer import run_transfer
+
+    with pytest.raises(InputError, match="VOC-2007 labels come from the annotations: pass --data"):
+        run_transfer("voc2007", [tmp_path / "f.h5"])
+    with pytest.raises(ConfigError, match="voc2012-action only, not caltech101"):
+        run_transfer("caltech101", [tmp_path / "f.h5"], data=tmp_path, setting="image")
+    with pytest.raises(InputError, match="f.h5 does not exist; pass --data"):
+        run_transfer("folder", [tmp_path / "f.h5"])
+    with pytest.raises(InputError, match="one can be extracted per run"):
+        run_transfer("folder", [tmp_path / "d.h5", tmp_path / "e.h5"], data=tmp_path)
+    with pytest.raises(ConfigError, match="aggregate must be one of mean, stack, both"):
+        run_transfer("folder", [tmp_path / "f.h5"], data=tmp_path, aggregate="max")
+
+
 def test_protocols_extract_at_the_papers_scales():
     """Appendix B: Table 11's VOC figures use Q = 256…768; Caltech's use 256, 384, 512."""
     for protocol in ("voc2007", "voc2012"):

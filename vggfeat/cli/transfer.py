@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from ..choices import CLASSIFIERS, DENSE_SCALES, PROTOCOLS, VOC_SCALES
@@ -72,43 +70,16 @@ def transfer_command(features, protocol, data, classifier, aggregate, splits, tr
     printed as a Markdown table beside the paper's Table 11 (Table 12 for voc2012-action).
     """
     check_layer_option(layer, arch)
-    if data is None and protocol.startswith("voc"):
-        raise click.UsageError("VOC labels come from the annotations: pass --data VOC_ROOT")
-    is_action = protocol == "voc2012-action"
-    if (setting or crops) and not is_action:
-        raise click.UsageError("--setting and --crops apply to --protocol voc2012-action only")
-    from ..extract import extract
-    from ..transfer import (
-        dataset_from_features,
-        load_dataset,
-        markdown_report,
-        run_protocol,
-        write_report,
-    )
-    from ..transfer.protocols import descriptor_spec, extraction_inputs
+    from ..transfer import markdown_report, run_transfer, write_report
     from ..transfer.report import held_out_warning
 
-    dataset = (load_dataset(protocol, data, crops=crops, progress=not quiet) if data
-               else dataset_from_features(features[0]))
-    missing = [f for f in features if not Path(f).exists()]
-    if missing and data is None:
-        raise click.UsageError(f"{missing[0]} does not exist; pass --data DATASET_ROOT to "
-                               "extract it first")
-    if len(missing) > 1:
-        raise click.UsageError(f"{len(missing)} FEATURES files do not exist ({', '.join(missing)})"
-                               "; one can be extracted per run (with --arch/--weights)")
-    for output in missing:
-        spec = descriptor_spec(protocol, layer=layer, scales=scales)
-        extract(extraction_inputs(dataset), output, spec=spec, arch=arch, weights=weights,
-                batch_size=batch_size, workers=workers, device=device, amp=amp,
-                backend=backend, progress=not quiet)
-    settings = ("image", "image+box") if is_action and setting in (None, "both") else (setting,)
-    results = [run_protocol(protocol, dataset, list(features), classifier=classifier,
-                            aggregate=agg, splits=splits, train_per_class=train_per_class,
-                            test_per_class=test_per_class, C_grid=C_grid, seed=seed,
-                            setting=person)
-               for person in settings
-               for agg in (("mean", "stack") if aggregate == "both" else (aggregate,))]
+    results = run_transfer(
+        protocol, list(features), data=data, crops=crops, setting=setting, aggregate=aggregate,
+        layer=layer, scales=scales, arch=arch, weights=weights,
+        extract_options=dict(batch_size=batch_size, workers=workers, device=device, amp=amp,
+                             backend=backend),
+        progress=not quiet, classifier=classifier, splits=splits,
+        train_per_class=train_per_class, test_per_class=test_per_class, C_grid=C_grid, seed=seed)
     click.echo(markdown_report(results))
     for warning in filter(None, map(held_out_warning, results)):
         click.echo(f"Warning: {warning}", err=True)

@@ -11,10 +11,11 @@ from .protocols import (
     run_protocol,
 )
 from .report import markdown_report, write_report
+from .run import run_transfer
 from .splits import fraction_split, holdout, per_class_split
 from .transforms import PowerNormalizer, ScaleAggregator
 
 __all__ = ["C_GRIDS", "CLASSIFIERS", "PROTOCOLS", "Dataset", "TransferResult", "PowerNormalizer",
            "ScaleAggregator", "dataset_from_features", "fraction_split", "holdout",
            "load_dataset", "markdown_report", "mean_class_recall", "per_class_split",
-           "run_protocol", "voc_ap", "write_report"]
+           "run_protocol", "run_transfer", "voc_ap", "write_report"]
