@@ -11,6 +11,15 @@ DENSE_SCALES = (256, 384, 512)
 CROP_SCALES = (256,)
 DTYPES = ("float32", "float16")  # stored precision of an extracted output
 HDF5_SUFFIXES = (".h5", ".hdf5")  # what an extracted output may be named
+# An image longer than MAX_ASPECT times its short side is centre-cropped to that ratio first.
+MAX_ASPECT = 4.0
+# An extraction publishes its finished images at least every SHARD_IMAGES images or
+# SHARD_SECONDS seconds: what a kill can cost.
+SHARD_IMAGES = 256
+SHARD_SECONDS = 60.0
+# Same-shape forward passes gather images from a window of WINDOW_BATCHES × the batch size
+# consecutive images (vggfeat.models.runner); finished images wait at most that long.
+WINDOW_BATCHES = 4
 
 # How the net runs (vggfeat.models.backends) and on what (vggfeat.devices).
 BACKENDS = ("auto", "eager", "winograd")
@@ -18,6 +27,14 @@ DEVICE_KINDS = ("cpu", "cuda", "mps")
 
 # ImageNet test methods (vggfeat.evaluate).
 METHODS = ("dense", "multi-crop", "dense+multi-crop", "center-crop")
+
+# Localisation (vggfeat.localize): protocols, the classification nets' methods, the class scores'
+# default net (torchvision's VGG-16, dense at vggfeat evaluate's scales for a net of unknown S),
+# and the greedy merge's threshold on the match score.
+LOC_METHODS = ("center-crop", "dense")
+LOC_CLASSIFIER_METHODS = ("dense", "multi-crop", "dense+multi-crop")
+DEFAULT_LOC_CLASSIFIER = "torchvision@dense@256,384,512"
+MERGE_THRESHOLD = 1.0
 
 # Transfer (vggfeat.transfer): classifiers, protocols, and the VOC descriptors' scales
 # (Appendix B: Q = 256…768 for VOC, 256…512 for Caltech).

@@ -8,7 +8,17 @@ from pathlib import Path
 
 import click
 
-from ..choices import AGGREGATES, CROP_SCALES, DENSE_SCALES, DTYPES, POOLS
+from ..choices import (
+    AGGREGATES,
+    CROP_SCALES,
+    DENSE_SCALES,
+    DTYPES,
+    MAX_ASPECT,
+    POOLS,
+    SHARD_IMAGES,
+    SHARD_SECONDS,
+    WINDOW_BATCHES,
+)
 from .options import (
     HDF5Output,
     IntList,
@@ -58,16 +68,16 @@ class FileOrStore(HDF5Output):
               help="stored precision")
 @click.option("--crop", type=click.IntRange(32), default=None,
               help="torchvision-style single centre crop of this size instead of dense evaluation")
-@click.option("--max-aspect", type=click.FloatRange(1.0), default=4.0, show_default=True,
+@click.option("--max-aspect", type=click.FloatRange(1.0), default=MAX_ASPECT, show_default=True,
               help="centre-crop images longer than this ratio of their short side")
 @device_options
 @click.option("--amp", type=click.Choice(["bf16", "fp16"]), default=None,
               help="autocast the network (GPU)")
 @backend_option
-@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True,
-              help="publish finished images at least every N (or 60 s): a kill loses at most N "
-                   "finished images, plus those still waiting for their pass (at most 4 × "
-                   "--batch-size)")
+@click.option("--shard-size", type=click.IntRange(1), default=SHARD_IMAGES, show_default=True,
+              help=f"publish finished images at least every N (or {SHARD_SECONDS:g} s): a kill "
+                   "loses at most N finished images, plus those still waiting for their pass (at "
+                   f"most {WINDOW_BATCHES} × --batch-size)")
 @click.option("--overwrite", is_flag=True,
               help="recompute everything (also replaces an output made with other settings)")
 @click.option("--verify", is_flag=True,

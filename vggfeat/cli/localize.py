@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from ..choices import DEFAULT_LOC_CLASSIFIER, LOC_CLASSIFIER_METHODS, LOC_METHODS, MERGE_THRESHOLD
 from .options import IntList, backend_option, device_options
 from .train import recipe_from_flags, report_run, run_options
 
@@ -86,23 +87,23 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
               help="localisation net weights (repeat --weights to merge several nets' boxes)")
 @click.option("--cls-weights", "cls_weights", multiple=True,
               help="classification net for the dense protocol's class scores, as "
-                   "WEIGHTS[@METHOD][@Q,Q,…]: WEIGHTS torchvision, timm or a file; METHOD dense, "
-                   "multi-crop or dense+multi-crop; Q as vggfeat evaluate's default. Repeat it "
-                   "to fuse several nets, e.g. D.safetensors@dense+multi-crop --cls-weights "
-                   "E.safetensors@dense+multi-crop (the paper's best system) [default: "
-                   "torchvision@dense@256,384,512]")
+                   "WEIGHTS[@METHOD][@Q,Q,…]: WEIGHTS torchvision, timm or a file; METHOD "
+                   f"{', '.join(LOC_CLASSIFIER_METHODS[:-1])} or {LOC_CLASSIFIER_METHODS[-1]}; Q "
+                   "as vggfeat evaluate's default. Repeat it to fuse several nets, e.g. "
+                   "D.safetensors@dense+multi-crop --cls-weights E.safetensors@dense+multi-crop "
+                   f"(the paper's best system) [default: {DEFAULT_LOC_CLASSIFIER}]")
 @click.option("--data", required=True, type=click.Path(exists=True, file_okay=False),
               help="folder with val/ (flat images, or one sub-folder per class)")
 @click.option("--boxes", "boxes_path", required=True, type=click.Path(exists=True),
               help="LOC_val_solution.csv, or the folder of ILSVRC val bbox XML files")
-@click.option("--method", type=click.Choice(["center-crop", "dense"]), default="dense",
+@click.option("--method", type=click.Choice(LOC_METHODS), default="dense",
               show_default=True)
 @click.option("--scales", type=IntList(), default=None,
               help="test scales Q of every localisation net [default: each net's own: the "
                    "test_scales its recipe records, else its training S; else 256 (center-crop) "
                    "or 384]")
-@click.option("--merge-threshold", type=float, default=None,
-              help="greedy merge: merge boxes whose match score is below this [default: 1.0]")
+@click.option("--merge-threshold", type=float, default=MERGE_THRESHOLD, show_default=True,
+              help="greedy merge: merge boxes whose match score is below this")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), help="write the summary here")
 @click.option("--predictions", type=click.Path(dir_okay=False),
               help="write a LOC submission CSV (ImageId,PredictionString) here")
@@ -121,8 +122,7 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
 
     from ..cache.lock import OutputLock
     from ..data.boxes import read_boxes
-    from ..localize.merge import DEFAULT_THRESHOLD
-    from ..localize.predict import DEFAULT_CLASSIFIER, Localizer
+    from ..localize.predict import Localizer, classification_nets
     from ..localize.run import (
         draw_all,
         evaluate_localization,
@@ -131,7 +131,7 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
         write_summary,
     )
 
-    cls_weights = list(cls_weights or [DEFAULT_CLASSIFIER]) if method == "dense" else None
+    cls_weights = classification_nets(method, cls_weights)
     outputs = [p for p in (predictions, json_out) if p]
     with ExitStack() as held:
         # One run per output: a second one writing the same file stops here, naming the first.
@@ -145,7 +145,7 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
                        f"{images.without_boxes[0]}", err=True)
         localizer = Localizer.from_weights(
             list(loc_weights), cls_weights, method=method, scales=scales,
-            merge_threshold=merge_threshold or DEFAULT_THRESHOLD, device=device,
+            merge_threshold=merge_threshold, device=device,
             batch_size=batch_size, amp=amp, backend=backend)
         # Finished images are kept beside the output as the run goes: run the same command
         # again after a kill and it goes on where it stopped.

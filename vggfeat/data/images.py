@@ -20,12 +20,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torchvision.transforms.v2 import functional as TF
 
+from ..choices import MAX_ASPECT
+
 # Pillow's own default (~89.5 Mpx, e.g. 9459×9459): larger files are refused as decompression
 # bombs instead of being decoded into gigabytes.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-# An image longer than MAX_ASPECT times its short side is centre-cropped to that ratio before
-# rescaling, so a 1×4000 px strip cannot become a 256×1,024,000 tensor.
-MAX_ASPECT = 4.0
+# An image longer than MAX_ASPECT (vggfeat.choices) times its short side is centre-cropped to
+# that ratio before rescaling, so a 1×4000 px strip cannot become a 256×1,024,000 tensor.
 
 
 class BadImage(Exception):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_THRESHOLD = 1.0
+from ..choices import MERGE_THRESHOLD as DEFAULT_THRESHOLD
 
 
 def match_scores(a: np.ndarray, b: np.ndarray) -> np.ndarray:

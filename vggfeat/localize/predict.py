@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..choices import DEFAULT_LOC_CLASSIFIER, LOC_CLASSIFIER_METHODS, LOC_METHODS
 from ..data.folders import net_class_names
 from ..data.images import read_image, rescale_views
 from ..devices import default_device
@@ -39,12 +40,12 @@ from .geometry import decode, dense_boxes, to_original, view_geometry
 from .merge import DEFAULT_THRESHOLD, best_boxes
 from .net import BoxHead, class_boxes, head_of, load_localizer
 
-METHODS = ("center-crop", "dense")
-CLASSIFIER_METHODS = ("dense", "multi-crop", "dense+multi-crop")
+METHODS = LOC_METHODS
+CLASSIFIER_METHODS = LOC_CLASSIFIER_METHODS
 # The class scores of the dense protocol by default: torchvision's VGG-16 (config D), dense at
 # vggfeat evaluate's scales for a net of unknown S, 256,384,512.  The paper's own (Sect. 4.5)
 # fuses D and E, dense+multi-crop: pass both nets to reproduce it.
-DEFAULT_CLASSIFIER = "torchvision@dense@256,384,512"
+DEFAULT_CLASSIFIER = DEFAULT_LOC_CLASSIFIER
 TOP_K = 5
 
 
@@ -119,6 +120,17 @@ def parse_classifier(spec: str) -> tuple[str, str, tuple[int, ...] | None]:
         raise ConfigError(f"classification net {spec!r}: scales must be ≥ {INPUT_SIZE}, got "
                           f"{','.join(map(str, scales))}")
     return weights, method, scales
+
+
+def classification_nets(method: str, cls_weights: str | list | None) -> list[str] | None:
+    """The classification nets (``WEIGHTS[@METHOD][@Q,Q,…]``) a protocol runs: for ``dense``
+    the given ones, else :data:`DEFAULT_CLASSIFIER`; none for ``center-crop``, which boxes the
+    true class."""
+    if method != "dense":
+        return None
+    specs = [cls_weights] if isinstance(cls_weights, (str, os.PathLike)) else \
+        list(cls_weights or ())
+    return specs or [DEFAULT_CLASSIFIER]
 
 
 def _as_classifiers(cls_net) -> list[Classifier]:

@@ -14,6 +14,7 @@ from contextlib import contextmanager, nullcontext
 import torch
 from torch import Tensor
 
+from ..choices import WINDOW_BATCHES
 from ..data.loader import stack_rows
 from ..devices import resolve_device
 from ..errors import ConfigError
@@ -21,9 +22,8 @@ from .backends import resolve_backend, with_backend
 from .vgg import VGG
 
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# How many images a forward pass may gather from, in batches: with g image shapes among
-# consecutive inputs, passes stay full while g·(batch_size − 1) < the window.
-WINDOW_BATCHES = 4
+# WINDOW_BATCHES: how many images a forward pass may gather from, in batches: with g image
+# shapes among consecutive inputs, passes stay full while g·(batch_size − 1) < the window.
 # On a CPU, input pixels per forward pass (all images of the pass).  One image at Q = 512
 # already makes large matrix products, so gathering more buys little speed on a CPU, while the
 # first layers' maps (64 float32 channels at full resolution, twice with flips: ~1 KiB per input
