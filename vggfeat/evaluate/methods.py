@@ -80,10 +80,8 @@ class Evaluator(DeviceRunner):
         same-shape images: N×K posteriors on the device."""
         # Every image size is a new shape: cudnn's per-shape search would cost more than it saves.
         with cudnn_benchmark(False):
-            x = self.network_input(batch)
-            with self.autocast():
-                maps = self.model.score_map(torch.cat([x, x.flip(-1)]))
-        return flip_averaged_posteriors(maps, len(batch))
+            maps = self.flip_pass(batch)
+        return flip_averaged_posteriors(maps)
 
     def multi_crop(self, view: Tensor) -> Tensor:
         """Mean softmax over the 5×5 grid of 224 crops and their flips (50 crops): K, on the
@@ -104,10 +102,11 @@ class Evaluator(DeviceRunner):
         return torch.cat(out)
 
 
-def flip_averaged_posteriors(maps: Tensor, n: int) -> Tensor:
-    """Score maps of n images then of their flips (2n×K×h×w) → n×K dense posteriors: the
-    spatially averaged scores' softmax, averaged over the image and its flip."""
-    return maps.float().mean((2, 3)).softmax(1).view(2, n, -1).mean(0)
+def flip_averaged_posteriors(maps: Tensor) -> Tensor:
+    """Score maps of n images and of their flips (2×n×K×h×w, as :meth:`DeviceRunner.flip_pass`
+    gives them) → n×K dense posteriors: the spatially averaged scores' softmax, averaged over
+    the image and its flip."""
+    return maps.float().mean((3, 4)).softmax(2).mean(0)
 
 
 def topk_misses(posteriors: np.ndarray | Tensor, labels: np.ndarray | Tensor, k: int) -> int:

@@ -6,7 +6,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from functools import partial
-from itertools import chain
 from pathlib import Path
 
 import h5py
@@ -150,17 +149,8 @@ def evaluate(images: ImageList, model: VGG, *, method: str = "dense",
     misses = 0  # running top-1 count for the progress bar: O(batch) per update, not O(images)
     # Same-shape images run together across batches; posteriors come back in input order.
     with image_bar(len(images), disable=not progress, desc=f"evaluate {method}") as bar:
-        stream = evaluator.stream(on_progress=bar.update)
-        for batch in chain(loader, [None]):  # None: the end, where short passes run
-            if batch is None:
-                stream.finish()
-            for i, views, reason in batch or ():
-                if reason is not None:
-                    failed.append((images.paths[i], reason))
-                    bar.update(1)
-                else:
-                    stream.add(i, views)
-            done = stream.take()
+        for done, unread in evaluator.run_loader(loader, on_progress=bar.update):
+            failed += [(images.paths[i], reason) for i, _, reason in unread]
             if done:
                 rows.append(evaluator.rows([r for _, r in done]).numpy())
                 kept += [i for i, _ in done]

@@ -122,12 +122,9 @@ class DescriptorNet(DeviceRunner):
 
     def pooled(self, batch: Tensor) -> Tensor:
         """uint8 N×3×H×W → N×C globally pooled layer output, flip-averaged if asked."""
-        x = self.network_input(batch)
-        if self.spec.flip:
-            x = torch.cat([x, x.flip(-1)])
-        with self.autocast():
-            fmap = self.model.forward_layers(x, [self.spec.layer])[self.spec.layer].float()
-        pooled = fmap.mean(dim=(2, 3)) if self.spec.pool == "avg" else fmap.amax(dim=(2, 3))
-        if self.spec.flip:
-            pooled = pooled.view(2, -1, pooled.shape[1]).mean(dim=0)
-        return pooled
+        return self.flip_pass(batch, self._pooled_layer, flip=self.spec.flip).mean(dim=0)
+
+    def _pooled_layer(self, x: Tensor) -> Tensor:
+        """Normalised input N×3×H×W → N×C: the layer's map, globally pooled in float32."""
+        fmap = self.model.forward_layers(x, [self.spec.layer])[self.spec.layer].float()
+        return fmap.mean(dim=(2, 3)) if self.spec.pool == "avg" else fmap.amax(dim=(2, 3))

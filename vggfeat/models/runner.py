@@ -1,7 +1,9 @@
 """Running a VGG on a device: placement, input normalisation, autocast and same-shape batching.
 
-Shared by the descriptor extractor and the ImageNet evaluator, which differ only in what they
-compute from the network's outputs.
+Shared by the descriptor extractor, the ImageNet evaluator and the localiser, which differ only
+in what they compute from the network's outputs: each runs a loader through
+:meth:`ShapeBatches.run_loader` and an image with its mirror image through
+:meth:`DeviceRunner.flip_pass`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import copy
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
+from itertools import chain
 
 import torch
 from torch import Tensor
@@ -24,13 +27,20 @@ from .vgg import VGG
 AMP_DTYPES = {None: None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # WINDOW_BATCHES: how many images a forward pass may gather from, in batches: with g image
 # shapes among consecutive inputs, passes stay full while g·(batch_size − 1) < the window.
-# On a CPU, input pixels per forward pass (all images of the pass).  One image at Q = 512
-# already makes large matrix products, so gathering more buys little speed on a CPU, while the
-# first layers' maps (64 float32 channels at full resolution, twice with flips: ~1 KiB per input
-# pixel for a layer's input and output) grow with every image: 8 wallpaper photos at Q = 512
-# held 2 GB in one such map.  Same-shape groups run in passes of at most this many pixels (one
-# image when it alone is larger), so the peak memory no longer grows with the batch size.
-CPU_PIXELS_PER_PASS = 1 << 19
+# On a CPU, the bytes a forward pass may give the first layer's map (float32, an image and its
+# mirror).  One image at Q = 512 already makes large matrix products, so gathering more buys
+# little speed on a CPU, while the first layers' maps grow with every image: 8 wallpaper photos
+# at Q = 512 held 2 GB in one such map.  Same-shape groups run in passes within this budget (one
+# image when it alone is larger), so the peak memory no longer grows with the batch size: for
+# the paper's widths (64 channels) that is 2^19 input pixels a pass.
+CPU_MAP_BYTES_PER_PASS = 256 << 20
+
+
+def cpu_pixels_per_pass(model: torch.nn.Module) -> int:
+    """Input pixels a CPU forward pass may hold: :data:`CPU_MAP_BYTES_PER_PASS` of the first
+    convolution's float32 output, for an image and its mirror image."""
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    return max(1, CPU_MAP_BYTES_PER_PASS // (first.out_channels * 4 * 2))
 
 
 def placed_device(device: str | torch.device) -> torch.device:
@@ -59,9 +69,10 @@ class DeviceRunner:
 
     Subclasses say what one forward pass computes from same-shape views
     (:meth:`forward_views`) and how an image's per-scale results make its row (:meth:`rows`);
-    calling the runner on a list of images, or streaming images through :meth:`stream`, batches
-    views of exactly the same shape together (:class:`ShapeBatches`).  ``window`` (default
-    ``4 × batch_size``) is how many consecutive images a stream gathers passes from.
+    calling the runner on a list of images, streaming images through :meth:`stream`, or running
+    a loader through :meth:`run_loader` batches views of exactly the same shape together
+    (:class:`ShapeBatches`).  ``window`` (default ``4 × batch_size``) is how many consecutive
+    images a stream gathers passes from.
 
     ``backend`` (``auto``, ``eager`` or ``winograd``; see :mod:`vggfeat.models.backends`) says
     how the 3×3 convolutions run; ``self.backend`` is the one that runs (``auto`` resolves to
@@ -85,7 +96,7 @@ class DeviceRunner:
         self.model = with_backend(model, self.backend, reads=reads)
         self.batch_size = batch_size
         self.window = window or WINDOW_BATCHES * batch_size
-        self.pixels_per_pass = CPU_PIXELS_PER_PASS if self.device.type == "cpu" else None
+        self.pixels_per_pass = cpu_pixels_per_pass(model) if self.device.type == "cpu" else None
         self.forward_passes = 0  # same-shape passes run so far, and the images they held
         self.forward_images = 0
 
@@ -108,6 +119,21 @@ class DeviceRunner:
         """uint8 N×3×H×W views of N images at scale index ``scale`` → N×D results on the device."""
         raise NotImplementedError
 
+    def flip_pass(self, batch: Tensor, forward: Callable[[Tensor], Tensor] | None = None, *,
+                  flip: bool = True) -> Tensor:
+        """``forward`` (default: the dense score map) of uint8 N×3×H×W images and of their
+        mirror images, in one pass: float32 2×N×… on the device, ``[0]`` the images', ``[1]``
+        their mirrors' (1×N×… without ``flip``).  Average over dim 0 for flip-averaged results.
+
+        ``forward`` takes the normalised input and runs under the runner's autocast.
+        """
+        x = self.network_input(batch)
+        if flip:
+            x = torch.cat([x, x.flip(-1)])
+        with self.autocast():
+            out = (forward or self.model.score_map)(x)
+        return out.float().unflatten(0, (2 if flip else 1, len(batch)))
+
     def rows(self, results: list[list[Tensor]]) -> Tensor:
         """Per-image lists of per-scale results (D on the device) → float32 N×D rows on the host."""
         raise NotImplementedError
@@ -116,8 +142,18 @@ class DeviceRunner:
                on_progress: Callable[[float], object] | None = None) -> ShapeBatches:
         """A :class:`ShapeBatches` running this runner's forward passes (window default
         ``self.window`` images; ``on_progress`` as there)."""
-        return ShapeBatches(self._forward, batch_size=self.batch_size, window=window or self.window,
-                            on_progress=on_progress)
+        return ShapeBatches(self.forward_batch, batch_size=self.batch_size,
+                            window=window or self.window, on_progress=on_progress)
+
+    def run_loader(self, loader: Iterable[list], *,
+                   on_progress: Callable[[float], object] | None = None,
+                   unpack: Callable[[tuple], tuple[object, list[Tensor]]] | None = None,
+                   out_of_order: bool = False) -> Iterator[tuple[list, list]]:
+        """Every image of ``loader`` through a new :meth:`stream`: see
+        :meth:`ShapeBatches.run_loader` (yields ``(finished, failed)`` after each batch).  To
+        keep what is finished when stopping early, make the stream and call its ``run_loader``."""
+        yield from self.stream(on_progress=on_progress).run_loader(
+            loader, unpack=unpack, out_of_order=out_of_order)
 
     def __call__(self, items: list[list[Tensor]]) -> Tensor:
         """``items[i][s]`` is image i at scale s (uint8 3×H×W) → float32 N×D rows (host).
@@ -130,8 +166,9 @@ class DeviceRunner:
         stream.finish()
         return self.rows([results for _, results in stream.take()])
 
-    def _forward(self, scale: int, views: list[Tensor]) -> Tensor:
-        """Same-shape views → their results, in passes of at most ``pixels_per_pass`` pixels."""
+    def forward_batch(self, scale: int, views: list[Tensor]) -> Tensor:
+        """Same-shape views → their results (:meth:`forward_views`), in passes of at most
+        ``pixels_per_pass`` pixels, counted in :attr:`images_per_forward`."""
         batch = stack_rows(views)
         step = len(batch)
         if self.pixels_per_pass is not None:
@@ -188,6 +225,33 @@ class ShapeBatches:
             if oldest is None:  # all finished: the caller has yet to take them
                 break
             self._run(next(k for k, queue in self.queues.items() if queue[0][0] == oldest))
+
+    def run_loader(self, loader: Iterable[list], *,
+                   unpack: Callable[[tuple], tuple[object, list[Tensor]]] | None = None,
+                   out_of_order: bool = False) -> Iterator[tuple[list, list]]:
+        """Run every image of ``loader``; after each of its batches, yield ``(finished, failed)``.
+
+        ``loader`` yields batches of items ``(key, views or None, failure reason or None, …)``
+        (:func:`vggfeat.data.loader.image_loader`).  ``unpack(item)`` gives a prepared item's
+        ``(key, views)`` as :meth:`add` takes them (default: its first two fields).  ``finished``
+        is what :meth:`take` hands back (``out_of_order`` as there); ``failed`` lists the items
+        the loader could not prepare, each counted as one image of ``on_progress``.  The last
+        yield comes after every queue ran: by then every image has been handed back.  A caller
+        that stops early finds the images finished since its last turn in :meth:`take`.
+        """
+        unpack = unpack or (lambda item: (item[0], item[1]))
+        for batch in chain(loader, [None]):  # None: the end, where short passes run
+            failed = []
+            for item in batch or ():
+                if item[2] is None:
+                    self.add(*unpack(item))
+                    continue
+                failed.append(item)
+                if self.on_progress is not None:
+                    self.on_progress(1)
+            if batch is None:
+                self.finish()
+            yield self.take(out_of_order=out_of_order), failed
 
     def finish(self) -> None:
         """Run every queue, however short: every image is then finished."""
