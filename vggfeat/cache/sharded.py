@@ -213,7 +213,7 @@ class State:
 
     def live_failures(self) -> list[tuple[str, int, int]]:
         return sorted((s.index.paths[e], k, int(e)) for k, s in enumerate(self.shards)
-                      for e in np.flatnonzero(s.live) if e >= s.index.n_rows)
+                      for e in np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows)
 
 
 def read_state(store: Path) -> State:
@@ -397,9 +397,15 @@ def iter_features(path: str | os.PathLike, *, rows: int = 65536):
 
 
 def store_attrs(store: Path) -> dict:
+    """The settings, ``num_images``, ``num_failed`` and ``failed`` [(path, reason)] of a store,
+    from one reading of its index (no features are read)."""
     state = read_state(store)
-    return {**(state.settings or {}), "num_images": len(state.live_rows()),
-            "num_failed": len(state.live_failures())}
+    failures = state.live_failures()
+    shards = state.shards
+    failed = [(p, shards[k].index.reasons[e - shards[k].index.n_rows]) for p, k, e in failures]
+    n_rows = sum(int(np.count_nonzero(s.live[:s.index.n_rows])) for s in shards)
+    return {**(state.settings or {}), "num_images": n_rows, "num_failed": len(failed),
+            "failed": failed}
 
 
 # -- updating --------------------------------------------------------------------------------------
@@ -492,12 +498,16 @@ def attrs_of(state: State) -> dict:
 
 # -- what an update changes ------------------------------------------------------------------------
 
+EMPTY = np.empty(0, np.int64)
+
+
 @dataclass
 class Changes:
-    """An update of a store, as planned: the entries kept per source file, the inputs whose
-    existing rows need a new shard (label or file identity changed), and failures to record."""
+    """An update of a store, as planned: the entries kept per source file (sorted numbers), the
+    inputs whose existing rows need a new shard (label or file identity changed), and failures
+    to record."""
 
-    keep: dict[Path, set[int]]
+    keep: dict[Path, np.ndarray]
     republish: list[int]                      # inputs
     failures: list[tuple[str, str, int]]      # (path, reason, input or −1)
     class_names: list[str] | None
@@ -507,7 +517,7 @@ class Changes:
         live = {state.store / SHARDS / s.name: s for s in state.shards}
         if self.republish or self.failures or any(f not in live for f in self.keep):
             return False
-        if any(set(np.flatnonzero(s.live).tolist()) != self.keep.get(f, set())
+        if any(not np.array_equal(np.flatnonzero(s.live), self.keep.get(f, EMPTY))
                for f, s in live.items()):
             return False
         return (self.class_names, self.labelled) == (state.class_names, state.class_names
@@ -523,44 +533,47 @@ def input_labels(images) -> list[str]:
 def plan_changes(plan, state: State, images) -> Changes:
     """Which existing entries the update keeps, and what it must write anew (after
     ``plan.attach``: every input has a source)."""
-    labels, cache = input_labels(images), {}
-    keep: dict[Path, set[int]] = {}
+    labels, cache = np.array(input_labels(images), dtype=object), {}
+    keep: dict[Path, np.ndarray] = {}
     republish, failures = [], []
     for k in np.unique(plan.source):
         source = plan.sources[k]
         at = np.flatnonzero(plan.source == k)
         e = plan.entry[at]
-        same_id = ((plan.ids.size[at] == source.ids.size[e])
-                   & (plan.ids.mtime_ns[at] == source.ids.mtime_ns[e])
-                   & (plan.ids.sha256[at] == source.ids.sha256[e]).all(axis=1))
+        same = ((plan.ids.size[at] == source.ids.size[e])
+                & (plan.ids.mtime_ns[at] == source.ids.mtime_ns[e])
+                & (plan.ids.sha256[at] == source.ids.sha256[e]).all(axis=1))
+        is_row = e < source.n_rows
         stored = label_names_of(source.file, state, cache)
-        for i, entry, same in zip(at.tolist(), e.tolist(), same_id.tolist()):
-            if entry < source.n_rows:
-                if not same or (stored[entry] if stored else "") != labels[i]:
-                    republish.append(i)
-                    continue
-            elif not same:
-                failures.append((plan.paths[i], source.reasons[entry - source.n_rows], i))
-                continue
-            keep.setdefault(source.file, set()).add(entry)
-    republish.sort()
-    live_failed = {s.index.paths[e]: (state.store / SHARDS / s.name, int(e),
-                                      s.index.reasons[e - s.index.n_rows])
-                   for s in state.shards for e in np.flatnonzero(s.live) if e >= s.index.n_rows}
+        stored = np.array(stored if stored is not None else [""] * source.n_rows, dtype=object)
+        labelled_same = np.ones(len(at), bool)
+        labelled_same[is_row] = stored[e[is_row]] == labels[at[is_row]]
+        redo, refail = is_row & ~(same & labelled_same), ~is_row & ~same
+        republish += at[redo].tolist()
+        failures += [(plan.paths[i], source.reasons[x - source.n_rows], int(i))
+                     for i, x in zip(at[refail], e[refail])]
+        keep[source.file] = np.union1d(keep.get(source.file, EMPTY), e[~redo & ~refail])
+    live_failed = {}
+    for shard in state.shards:
+        n = shard.index.n_rows
+        for e in np.flatnonzero(shard.live[n:]) + n:
+            live_failed[shard.index.paths[e]] = (state.store / SHARDS / shard.name, int(e),
+                                                 shard.index.reasons[e - n])
     for path, reason in plan.extra_failed:
         found = live_failed.get(path)
         if found is not None and found[2] == reason:
-            keep.setdefault(found[0], set()).add(found[1])
+            keep[found[0]] = np.union1d(keep.get(found[0], EMPTY), [found[1]])
         else:
             failures.append((path, reason, -1))
-    return Changes(keep, republish, failures, images.class_names, images.labels is not None)
+    return Changes(keep, sorted(republish), failures, images.class_names,
+                   images.labels is not None)
 
 
 def publish_update(store: Path, state: State, plan, changes: Changes, images, *, dim: int,
                    n_scales: int, dtype: str) -> Entry:
     """Write the shards an update needs beyond its computed ones, then its index entry."""
     folder = _folder(store, SHARDS, create=True)
-    keep = {f: set(es) for f, es in changes.keep.items()}
+    keep = dict(changes.keep)
     if changes.republish:
         labels = input_labels(images)
         picks = [(plan.sources[plan.source[i]].file, int(plan.entry[i]))
@@ -570,7 +583,7 @@ def publish_update(store: Path, state: State, plan, changes: Changes, images, *,
                                   paths=[plan.paths[i] for i in changes.republish],
                                   label_names=[labels[i] for i in changes.republish],
                                   dim=dim, n_scales=n_scales, dtype=dtype)
-        keep[written] = set(range(len(picks)))
+        keep[written] = np.arange(len(picks))
     if changes.failures:
         at = [i for _, _, i in changes.failures]
         ids = FileIds.concat([plan.ids.take([i]) if i >= 0 else FileIds.empty(1) for i in at])
@@ -579,21 +592,21 @@ def publish_update(store: Path, state: State, plan, changes: Changes, images, *,
                               failed_paths=[p for p, _, _ in changes.failures],
                               failed_reasons=[r for _, r, _ in changes.failures],
                               failed_ids=ids, dtype=dtype, label_names=[])
-        keep[written] = set(range(len(changes.failures)))
+        keep[written] = np.arange(len(changes.failures))
     entry = _entry(state, keep, changes)
     publish_entry(store, entry)
     return entry
 
 
-def _entry(state: State, keep: dict[Path, set[int]], changes: Changes) -> Entry:
+def _entry(state: State, keep: dict[Path, np.ndarray], changes: Changes) -> Entry:
     entry = Entry("", class_names=changes.class_names, labelled=changes.labelled)
     live = {state.store / SHARDS / s.name: s for s in state.shards}
     for file, shard in live.items():
-        kept = keep.get(file, set())
-        if not kept:
+        kept = keep.get(file, EMPTY)
+        if not len(kept):
             entry.retired.append(shard.name)
             continue
-        dead = sorted(set(np.flatnonzero(shard.live).tolist()) - kept)
+        dead = np.setdiff1d(np.flatnonzero(shard.live), kept).tolist()
         if dead:
             entry.removed[shard.name] = dead
     for file, kept in keep.items():
@@ -602,7 +615,7 @@ def _entry(state: State, keep: dict[Path, set[int]], changes: Changes) -> Entry:
         with h5py.File(file, "r") as f:
             n_rows, n_failed = len(f["paths"]), len(f["failed/paths"])
         entry.added[file.name] = [n_rows, n_failed, file.stat().st_size]
-        unused = sorted(set(range(n_rows + n_failed)) - kept)
+        unused = np.setdiff1d(np.arange(n_rows + n_failed), kept).tolist()
         if unused:  # rows of a killed run no input needs: never live
             entry.removed[file.name] = unused
     return entry
@@ -661,7 +674,7 @@ def _rewrite(state: State, shards: list[Shard], folder: Path) -> list[Path]:
     rows = sorted((s.index.paths[e], number[s.name], int(e)) for s in shards
                   for e in np.flatnonzero(s.live[:s.index.n_rows]))
     failed = sorted((s.index.paths[e], number[s.name], int(e)) for s in shards
-                    for e in np.flatnonzero(s.live) if e >= s.index.n_rows)
+                    for e in np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows)
     if not rows and not failed:
         return []
     dim, dtype = _shape(state)

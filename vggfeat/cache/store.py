@@ -59,7 +59,9 @@ def row_chunks(n_rows: int, dim: int, dtype) -> tuple[int, int]:
 def check_suffix(path: Path, what: str = "output") -> None:
     if path.suffix.lower() not in SUFFIXES:
         raise CacheError(f"{what} {path} must be named .h5 or .hdf5: vggfeat writes HDF5 files "
-                         f"(e.g. {path.with_suffix('.h5').name})")
+                         f"(e.g. {path.with_suffix('.h5').name})"
+                         + (f", or a feature store: a folder name without suffix (e.g. "
+                            f"{path.with_suffix('').name})" if what == "output" else ""))
 
 
 def io_error(err: OSError, action: str, path: str | os.PathLike | None = None) -> CacheError:
@@ -456,7 +458,8 @@ def _plain(value):
 
 def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bool = False,
                   group: str | None = None):
-    """Read a vggfeat feature file.
+    """Read a vggfeat feature file, or a feature store (a folder of shards, docs/store.md:
+    rows sorted by path; ``group`` does not apply).
 
     Returns a scikit-learn ``Bunch`` with ``data`` (N×D), ``target`` (N labels or None),
     ``target_names`` (class names or None), ``paths``, ``failed`` (list of (path, reason)),

@@ -55,7 +55,6 @@ from ..cache.sharded import (
     current,
     input_labels,
     is_store,
-    load_store,
     needs_compaction,
     plan_changes,
     planning_sources,
@@ -212,7 +211,8 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     finally:
         lock.release()
     attrs = _attrs(output)
-    failed = _failures(output) if attrs["num_failed"] else []
+    failed = attrs.get("failed", []) if store else (
+        _failures(output) if attrs["num_failed"] else [])
     return ExtractResult(output, attrs["num_images"], attrs["num_failed"], computed,
                          time.monotonic() - start, failed,
                          reused=plan.reused if plan is not None else 0,
@@ -613,8 +613,6 @@ def _attrs(output: Path) -> dict:
 
 
 def _failures(output: Path) -> list[tuple[str, str]]:
-    if output.is_dir():
-        return load_store(output).failed
     with h5py.File(output, "r") as f:
         return list(zip((p.decode() for p in f["failed/paths"][:]),
                         (r.decode() for r in f["failed/reasons"][:])))
