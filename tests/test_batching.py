@@ -116,14 +116,16 @@ def test_cpu_passes_are_split_to_a_pixel_budget_with_the_same_rows():
     """8 same-shape images in one group run as 4 passes of 2 when a pass may hold 2 images'
     pixels: the memory of a pass is bounded, the descriptors are those of one big pass."""
     from vggfeat.extract import DescriptorNet, DescriptorSpec
-    from vggfeat.models.runner import CPU_PIXELS_PER_PASS
+    from vggfeat.models.runner import CPU_MAP_BYTES_PER_PASS
 
     gen = torch.Generator().manual_seed(0)
     items = [[torch.randint(0, 256, (3, 224, 256), generator=gen, dtype=torch.uint8)]
              for _ in range(8)]
     model, spec = tiny_vgg("A"), DescriptorSpec(scales=(224,))
     whole = DescriptorNet(model, spec, batch_size=8)
-    assert whole.pixels_per_pass == CPU_PIXELS_PER_PASS  # the default on a CPU
+    # the default on a CPU: the first map (4 channels here) of an image and its mirror
+    assert whole.pixels_per_pass == CPU_MAP_BYTES_PER_PASS // (4 * 4 * 2)
+    assert DescriptorNet(vggfeat.vgg("D", weights="random"), spec).pixels_per_pass == 1 << 19
     whole.pixels_per_pass = None
     split = DescriptorNet(model, spec, batch_size=8)
     split.pixels_per_pass = 2 * 224 * 256
