@@ -588,6 +588,33 @@ def test_each_localisation_net_runs_at_its_own_test_scales(tmp_path):
     assert Localizer(s384, method="center-crop").net_scales == [(384,)]  # Table 8: Q = S
 
 
+def test_dense_localisation_shares_passes_across_loader_batches_with_the_same_guesses(
+        tmp_path, one_thread):
+    from vggfeat.localize.run import LocImages, evaluate_localization
+
+    # Landscape and portrait images alternate: a loader batch of 2 holds one of each shape, so
+    # only passes gathered across batches can hold 2 images.
+    paths = [str(write_image(tmp_path / f"{k}.png", size=(240, 320) if k % 2 else (320, 240),
+                             seed=k)) for k in range(8)]
+    truth = ImageBoxes([WNIDS[0]], np.array([[10, 10, 100, 100]], np.float32))
+    cls_net = tiny_vgg("A", num_classes=2)
+    cls_net.weights_meta["class_names"] = WNIDS[:2]
+    localizer = Localizer(load_localizer(constant_box_net(tmp_path))[0],
+                          vggfeat.localize.Classifier(cls_net, "dense", (256,)), scales=(256, 288),
+                          batch_size=2)
+    result = evaluate_localization(localizer, LocImages(paths, [truth] * 8), batch_size=2,
+                                   workers=0, progress=False)
+    assert result.images_per_forward == 2.0 and result.summary()["images_per_forward"] == 2.0
+    assert result.paths == paths
+    for path, guesses in zip(paths, result.guesses):
+        views, size = localizer.unpack(localizer.prepare(vggfeat.data.images.read_image(path)))
+        alone = localizer.dense(views, size)
+        assert [g.wnid for g in guesses] == [g.wnid for g in alone]
+        np.testing.assert_allclose([g.box for g in guesses], [g.box for g in alone], rtol=1e-5)
+        np.testing.assert_allclose([g.score for g in guesses], [g.score for g in alone],
+                                   rtol=1e-5)
+
+
 def test_class_scores_are_vggfeat_evaluates_fusion_of_several_classifiers(tmp_path):
     """Two classification nets, each with its own method and scales: the class scores are the
     posteriors that `vggfeat evaluate` computes and fuses for the same image."""

@@ -170,7 +170,8 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
             journal.unlink()
     errors = ", ".join(f"{k} {v:.2f}%" for k, v in result.metrics.items())
     scales = " + ".join(",".join(map(str, qs)) for qs in localizer.net_scales)
-    click.echo(f"{method} Q={scales} on {len(result.paths)} images: {errors}")
+    click.echo(f"{method} Q={scales} on {len(result.paths)} images: {errors} (images per forward: "
+               f"{result.images_per_forward:.1f}, backend: {localizer.locs[0].backend})")
 
 
 @localize_group.command("score")

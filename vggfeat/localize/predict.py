@@ -34,7 +34,7 @@ from ..evaluate.run import default_test_scales
 from ..evaluate.run import model_train_scale
 from ..models.configs import INPUT_SIZE
 from ..models.factory import vgg
-from ..models.runner import DeviceRunner
+from ..models.runner import DeviceRunner, ShapeBatches
 from ..models.vgg import VGG
 from .geometry import decode, dense_boxes, to_original, view_geometry
 from .merge import DEFAULT_THRESHOLD, best_boxes
@@ -147,6 +147,14 @@ def _as_classifiers(cls_net) -> list[Classifier]:
     return out
 
 
+class BoxMaps(DeviceRunner):
+    """A localisation net run densely on same-shape images and their mirror images."""
+
+    def forward_views(self, scale: int, batch: Tensor) -> Tensor:
+        """uint8 N×3×H×W → the box maps N×2×4C×h×w (image, then flip) on the host."""
+        return self.flip_pass(batch).transpose(0, 1).cpu()
+
+
 def class_names_of(model: VGG) -> list[str]:
     """Class names a net's weights record; the ImageNet WordNet ids for any 1000-class net."""
     names = net_class_names(model)
@@ -162,7 +170,10 @@ class Localizer:
     (one net or several fused, see :class:`Classifier`).
 
     Call :meth:`dense` or :meth:`center_crop` on views made by :meth:`prepare`, or
-    :meth:`__call__` on an image file or uint8 tensor for its top-5 guesses.  ``scales``, when
+    :meth:`__call__` on an image file or uint8 tensor for its top-5 guesses.  Many images run
+    the dense protocol together through :meth:`stream` (same-shape views of a window of
+    consecutive images share forward passes, as in ``vggfeat extract``), each finished image's
+    results then giving its guesses through :meth:`dense_guesses`.  ``scales``, when
     given, is every localisation net's Q; by default each net runs at its own
     (:func:`loc_test_scales`).  ``backend`` says how the nets' layers run
     (:mod:`vggfeat.models.backends`).
@@ -189,7 +200,7 @@ class Localizer:
         self.heads: list[BoxHead] = [head_of(m) for m in loc_nets]
         run = dict(device=device or default_device(), batch_size=batch_size, amp=amp,
                    channels_last=channels_last, backend=backend)
-        self.locs = [DeviceRunner(m, **run) for m in loc_nets]
+        self.locs = [BoxMaps(m, **run) for m in loc_nets]
         self.classifiers = classifiers
         self.cls = [Evaluator(c.net, c.method, **run) for c in classifiers]
         self.cls_scales = [c.test_scales() for c in classifiers]
@@ -309,6 +320,8 @@ class Localizer:
                 outputs.append(runner.model(runner.network_input(crops[start:start +
                                                                          runner.batch_size]))
                                .float().cpu())
+            runner.forward_passes += 1
+            runner.forward_images += len(outputs[-1])
         cols = torch.as_tensor(columns[classes.numpy()])
         if (cols < 0).any():
             raise ConfigError("a ground-truth class is not among the localisation net's classes")
@@ -320,15 +333,72 @@ class Localizer:
             out[n] = to_original(boxes[n] + torch.tensor([left, top, left, top]), g, w, h)
         return out
 
+    @property
+    def images_per_forward(self) -> float:
+        """Mean number of images in a forward pass of any of the nets so far (flips not
+        counted); 0 before any."""
+        runners = [*self.locs, *self.cls]
+        passes = sum(r.forward_passes for r in runners)
+        return sum(r.forward_images for r in runners) / passes if passes else 0.0
+
+    def stream(self, *, on_progress=None) -> ShapeBatches:
+        """A :class:`ShapeBatches` running the dense protocol's nets: add an image as
+        :meth:`stream_entry` gives it; a finished image's results go to :meth:`dense_guesses`."""
+        return ShapeBatches(self._forward_scale, batch_size=self.locs[0].batch_size,
+                            window=self.locs[0].window, on_progress=on_progress)
+
+    def stream_entry(self, item: tuple) -> tuple[tuple, list[Tensor]]:
+        """A loader item ``(index, prepared, None)`` → ``((index, (H, W), view widths), views)``:
+        what :meth:`ShapeBatches.add` takes, the key holding what :meth:`dense_guesses` needs."""
+        views, size = self.unpack(item[1])
+        return (item[0], size, tuple(v.shape[-1] for v in views)), views
+
+    def _forward_scale(self, s: int, views: list[Tensor]) -> list[dict]:
+        """Same-shape views at :attr:`view_scales` ``[s]`` → per image, what each net that runs
+        at that scale gives: ``("cls", k)`` a posterior, ``("loc", k)`` box maps."""
+        q = self.view_scales[s]
+        out = [{} for _ in views]
+        for kind, runners, scales in (("cls", self.cls, self.cls_scales),
+                                      ("loc", self.locs, self.net_scales)):
+            for k, (runner, qs) in enumerate(zip(runners, scales)):
+                if q in qs:
+                    for row, result in enumerate(runner.forward_batch(s, views)):
+                        out[row][kind, k] = result
+        return out
+
     @torch.inference_mode()
     def dense(self, views: list[Tensor], size: tuple[int, int]) -> list[Guess]:
         """Top-k guesses of one image from its views at :attr:`view_scales` (uint8 3×Hq×Wq)."""
-        by_scale = dict(zip(self.view_scales, views))
-        posterior = self.class_scores(by_scale)
+        stream = self.stream()
+        stream.add(None, views)
+        stream.finish()
+        [(_, results)] = stream.take()
+        return self.dense_guesses(results, size, tuple(v.shape[-1] for v in views))
+
+    def dense_guesses(self, results: list[dict], size: tuple[int, int],
+                      widths: tuple[int, ...]) -> list[Guess]:
+        """Top-k guesses of one image from its stream results at each view scale, its size
+        (H, W) and the widths of its views."""
+        posterior = torch.stack([
+            runner.rows([[r["cls", k] for r in results if ("cls", k) in r]])[0]
+            for k, runner in enumerate(self.cls)]).mean(0)
+        found = []  # per localisation net and each of its scales: its boxes, its class columns
+        h, w = size
+        for k, (scales, columns) in enumerate(zip(self.net_scales, self._columns)):
+            for q in scales:
+                s = self.view_scales.index(q)
+                maps = results[s]["loc", k]  # 2×4C×h×w: the image, then its flip
+                boxes = dense_boxes(maps.unflatten(1, (-1, 4)), widths[s])  # 2×B×h×w×4
+                found.append((to_original(boxes, view_geometry(h, w, q), w, h), columns))
+        return self._ranked_guesses(posterior, found)
+
+    def _ranked_guesses(self, posterior: Tensor, found: list[tuple[Tensor, np.ndarray]]
+                        ) -> list[Guess]:
+        """The top-k localisable classes of ``posterior``, each with the merged box that
+        gathers the most of its boxes in ``found``, best first."""
         ranked = posterior.masked_fill(torch.as_tensor(~self.localizable), -1.0)
         k = min(self.top_k, int(self.localizable.sum()))
         top = ranked.topk(k).indices.tolist()
-        found = self._net_boxes(by_scale, size)
         groups = []  # per top class: every box predicted for it
         for c in top:
             groups.append(torch.cat([boxes[:, col].reshape(-1, 4) for boxes, columns in found
@@ -352,22 +422,6 @@ class Localizer:
         rows = [runner([[views[q] for q in scales]])[0]
                 for runner, scales in zip(self.cls, self.cls_scales)]
         return torch.stack(rows).mean(0)
-
-    def _net_boxes(self, views: dict[int, Tensor], size: tuple[int, int]
-                   ) -> list[tuple[Tensor, np.ndarray]]:
-        """Per localisation net and each of its scales: its boxes 2×B×h×w×4 (image and flip,
-        original pixels) and the net's box column of each class."""
-        h, w = size
-        found = []
-        for runner, scales, columns in zip(self.locs, self.net_scales, self._columns):
-            for q in scales:
-                view = views[q]
-                with runner.autocast():
-                    x = runner.network_input(view[None])
-                    out = runner.model.score_map(torch.cat([x, x.flip(-1)])).float().cpu()
-                boxes = dense_boxes(out.unflatten(1, (-1, 4)), view.shape[-1])  # 2×B×h×w×4
-                found.append((to_original(boxes, view_geometry(h, w, q), w, h), columns))
-        return found
 
 
 def localize(image: str | os.PathLike | Tensor, *, weights: str | os.PathLike | list,

@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torchvision.utils import draw_bounding_boxes
-from tqdm.auto import tqdm
 
 from ..data.boxes import BoxTable, ImageBoxes, inside_image, write_loc_csv
 from ..data.imagenet import imagenet_classes
@@ -22,6 +21,7 @@ from ..data.sources import gather_images
 from ..devices import default_workers
 from ..errors import InputError
 from ..fileio import atomic_path, write_json_atomic, write_text_atomic
+from ..progress import image_bar
 from .metric import gt_class_errors, score_guesses
 from .predict import Guess, Localizer
 
@@ -69,6 +69,7 @@ class LocResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)  # Localizer.settings(): each net's scales …
+    images_per_forward: float = 0.0  # mean images per forward pass of any net, flips not counted
 
     def summary(self) -> dict:
         nets = {k: self.settings[k] for k in ("scales", "classifiers") if k in self.settings}
@@ -76,7 +77,8 @@ class LocResult:
                 "failed": len(self.failed), "method": self.method, "scales": list(self.scales),
                 **({"net_scales": nets["scales"]} if "scales" in nets else {}),
                 **({"classifiers": nets["classifiers"]} if nets.get("classifiers") else {}),
-                "seconds": round(self.seconds, 1)}
+                "seconds": round(self.seconds, 1),
+                "images_per_forward": round(self.images_per_forward, 2)}
 
 
 def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size: int = 8,
@@ -96,26 +98,27 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
     done = _read_journal(journal, localizer) if journal is not None else {}
     found: dict[int, list[Guess]] = {i: done[p] for i, p in enumerate(images.paths) if p in done}
     todo = np.array([i for i, p in enumerate(images.paths) if p not in done], dtype=np.int64)
-    loader = image_loader(images.paths, todo, localizer.prepare, batch_size=batch_size,
-                          workers=workers, pin_memory=localizer.locs[0].device.type == "cuda")
+    loader = _scorable(image_loader(images.paths, todo, localizer.prepare, batch_size=batch_size,
+                                    workers=workers,
+                                    pin_memory=localizer.locs[0].device.type == "cuda"),
+                       images, localizer)
     failed = []
-    with tqdm(total=len(images), initial=len(found), unit="img", disable=not progress,
-              desc=f"localize {localizer.method}") as bar, \
+    with image_bar(len(images), initial=len(found), disable=not progress,
+                   desc=f"localize {localizer.method}") as bar, \
             (open(journal, "a", encoding="utf-8") if journal is not None else nullcontext()) as log:
-        for batch in loader:
-            good, unusable = _scorable(batch, images, localizer)
+        for guessed, unusable in _guessed_batches(localizer, images, loader, bar):
             failed += unusable
-            bar.update(len(batch) - len(good))
-            found.update(_guess(localizer, images, good, bar))
-            if log is not None and good:
-                _append_to_journal(log, {images.paths[i]: found[i] for i, _ in good})
+            found.update(guessed)
+            if log is not None and guessed:
+                _append_to_journal(log, {images.paths[i]: g for i, g in guessed.items()})
     kept = sorted(found)
     if not kept:
         raise InputError("no image could be read; see the reasons above")
     guesses = [found[i] for i in kept]
     metrics = _metrics(localizer.method, guesses, [images.truths[i] for i in kept])
     return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
-                     metrics, failed, time.monotonic() - start, localizer.settings())
+                     metrics, failed, time.monotonic() - start, localizer.settings(),
+                     localizer.images_per_forward)
 
 
 def _check_classes(localizer: Localizer, images: LocImages) -> None:
@@ -131,35 +134,49 @@ def _check_classes(localizer: Localizer, images: LocImages) -> None:
                          "such images)")
 
 
-def _scorable(batch, images: LocImages, localizer: Localizer) -> tuple[list, list]:
-    """The images of a loader batch that can be scored, as (index, (views, size)), and the
-    (path, reason) of those that cannot: unreadable, or with a true box outside the image."""
-    good = [(i, localizer.unpack(item)) for i, item, _ in batch if item is not None]
-    failed = [(images.paths[i], r) for i, _, r in batch if r is not None]
-    bad = {i: _outside(images.paths[i], images.truths[i], size) for i, (_, size) in good}
-    failed += [(images.paths[i], r) for i, r in bad.items() if r]
-    return [(i, item) for i, item in good if not bad[i]], failed
+def _scorable(loader, images: LocImages, localizer: Localizer):
+    """The loader's batches, an image whose true box lies outside it turned into a failure
+    (its reason in place of its views): the CSV files do not record image sizes, so this is
+    only known once the image is read."""
+    for batch in loader:
+        checked = []
+        for i, item, reason in batch:
+            if item is not None:
+                reason = _outside(images.paths[i], images.truths[i], localizer.unpack(item)[1])
+            checked.append((i, None, reason) if reason else (i, item, None))
+        yield checked
 
 
-def _guess(localizer: Localizer, images: LocImages, good: list, bar) -> dict[int, list[Guess]]:
-    """The guesses of the scorable images of a batch, by image index; moves the bar."""
-    found = {}
-    if localizer.method == "dense":
-        for i, (views, size) in good:
-            found[i] = localizer.dense(views, size)
-            bar.update()  # one image at a time: the bar moves per image
-        return found
+def _guessed_batches(localizer: Localizer, images: LocImages, loader, bar):
+    """After each loader batch: the guesses of the images finished since, by image index, and
+    the (path, reason) of the images that cannot be scored.  Moves the bar."""
+    if localizer.method == "dense":  # same-shape views of consecutive images share passes
+        stream = localizer.stream(on_progress=bar.update)
+        for done, unread in stream.run_loader(loader, unpack=localizer.stream_entry,
+                                              out_of_order=True):
+            yield ({key[0]: localizer.dense_guesses(results, *key[1:]) for key, results in done},
+                   [(images.paths[i], reason) for i, _, reason in unread])
+        return
+    for batch in loader:  # every centre crop has the same shape: a loader batch is a pass
+        good = [(i, localizer.unpack(item)) for i, item, reason in batch if reason is None]
+        bar.update(len(batch) - len(good))
+        yield (_center_crop_guesses(localizer, images, good, bar),
+               [(images.paths[i], reason) for i, _, reason in batch if reason is not None])
+
+
+def _center_crop_guesses(localizer: Localizer, images: LocImages, good: list, bar
+                         ) -> dict[int, list[Guess]]:
+    """The guess for the true class of each readable image of a batch, by image index."""
     if not good:
-        return found
+        return {}
     names = localizer.class_names
     index = {name: k for k, name in enumerate(names)}
     classes = [index[images.truths[i].wnids[0]] for i, _ in good]
     boxes = localizer.center_crop([item[0] for _, item in good], [item[1] for _, item in good],
                                   torch.tensor(classes))
-    for (i, _), c, b in zip(good, classes, boxes):
-        found[i] = [Guess(c, names[c], tuple(b.tolist()), 1.0)]
     bar.update(len(good))
-    return found
+    return {i: [Guess(c, names[c], tuple(b.tolist()), 1.0)]
+            for (i, _), c, b in zip(good, classes, boxes)}
 
 
 def _append_to_journal(log, guesses: dict[str, list[Guess]]) -> None:
