@@ -53,6 +53,49 @@ def test_stream_runs_one_shape_per_pass_within_its_window_and_keeps_input_order(
     assert sum(passes) == 40 and len(passes) < 40 / 2
 
 
+def test_run_loader_yields_finished_images_and_failures_after_each_batch():
+    shapes = [(4, 6), (6, 4)]
+    items = [(i, None, f"bad {i}") if i % 5 == 4 else
+             (i, [torch.full((3, *shapes[i % 2]), i, dtype=torch.uint8)], None)
+             for i in range(12)]
+    loader = [items[k:k + 3] for k in range(0, 12, 3)]  # batches of 3: shapes alternate
+    passes, progress = [], []
+
+    def forward(scale, views):
+        passes.append(len(views))
+        return torch.stack([v.float().mean() for v in views])
+
+    stream = ShapeBatches(forward, batch_size=2, window=8, on_progress=progress.append)
+    turns = list(stream.run_loader(loader))
+    assert len(turns) == len(loader) + 1  # one after each batch, one after the short passes
+    finished = [key for done, _ in turns for key, _ in done]
+    assert finished == [i for i in range(12) if i % 5 != 4]  # in input order, each once
+    assert [float(r[0]) for done, _ in turns for _, r in done] == finished
+    assert [item[2] for _, failed in turns for item in failed] == ["bad 4", "bad 9"]
+    assert sum(progress) == pytest.approx(12) and sum(passes) == 10
+    # unpack gives the key and the views; out_of_order hands over whatever is finished
+    stream = ShapeBatches(forward, batch_size=2, window=8)
+    keyed = stream.run_loader(loader, unpack=lambda item: (("key", item[0]), item[1]),
+                              out_of_order=True)
+    assert sorted(key for done, _ in keyed for key, _ in done) == [("key", i) for i in finished]
+
+
+def test_flip_pass_gives_the_image_and_its_mirror_image_as_separate_passes_would():
+    runner = vggfeat.evaluate.Evaluator(tiny_vgg("A", num_classes=3), "dense")
+    batch = torch.randint(0, 256, (2, 3, 224, 256), dtype=torch.uint8)
+    with torch.inference_mode():
+        maps = runner.flip_pass(batch)
+        alone = runner.model.score_map(runner.network_input(batch))
+        mirrored = runner.model.score_map(runner.network_input(batch.flip(-1)))
+        pooled = runner.flip_pass(batch, lambda x: runner.model.score_map(x).mean((2, 3)),
+                                  flip=False)
+    assert maps.shape == (2, *alone.shape) and maps.dtype == torch.float32
+    torch.testing.assert_close(maps[0], alone, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(maps[1], mirrored, rtol=1e-4, atol=1e-5)
+    assert pooled.shape == (1, 2, 3)
+    torch.testing.assert_close(pooled[0], alone.mean((2, 3)), rtol=1e-4, atol=1e-5)
+
+
 def test_extract_fills_passes_across_batches_with_the_same_rows(tmp_path, shuffled_photos,
                                                                tiny_weights):
     out = tmp_path / "batched.h5"
