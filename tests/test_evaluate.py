@@ -134,6 +134,9 @@ def test_default_test_scales_follow_the_paper():
     assert default_test_scales("dense", "256") == (224, 256, 288)
     assert default_test_scales("dense", "256-512") == (256, 384, 512)
     assert default_test_scales("center-crop", None) == (256,)
+    # S − 32 would fall below the 224 window that dense evaluation needs: 224, 256 instead.
+    assert default_test_scales("dense", "224") == (224, 256)
+    assert default_test_scales("multi-crop", "224") == (224, 256)
 
 
 def test_class_folders_use_torchvision_order(val_folder):

@@ -820,3 +820,11 @@ def test_evaluate_skips_and_names_a_ground_truth_box_outside_its_image(tmp_path)
     assert [(Path(p).name, r) for p, r in result.failed] == [
         ("bad.JPEG", "ground-truth box (200, 100, 900, 700) is outside the 320×240 image; fix "
                      "or drop it in the box file")]
+
+
+def test_a_classifier_trained_at_224_runs_at_its_default_scales_224_and_256():
+    cls_net = tiny_vgg("A", num_classes=2)
+    cls_net.weights_meta.update(class_names=WNIDS[:2], train_scale="224")
+    loc = attach_head(tiny_vgg("A", num_classes=8), box_head("pcr", WNIDS[:2]))
+    localizer = Localizer(loc, vggfeat.localize.Classifier(cls_net, "dense"), scales=(224,))
+    assert localizer.cls_scales == [(224, 256)]

@@ -19,6 +19,7 @@ from ..data.sources import ImageList
 from ..devices import default_device, default_workers
 from ..errors import InputError
 from ..fileio import atomic_path, write_json_atomic
+from ..models.configs import INPUT_SIZE
 from ..models.vgg import VGG
 from ..progress import image_bar
 from .methods import CENTER_CROP_RESIZE, Evaluator, topk_error, topk_misses
@@ -78,13 +79,17 @@ def model_train_scale(model: VGG) -> str | None:
 
 
 def default_test_scales(method: str, s: str | None) -> tuple[int, ...]:
-    """The paper's test scales: {S−32, S, S+32} for fixed S, {256, 384, 512} for jittered S."""
+    """The paper's test scales: {S−32, S, S+32} for fixed S, {256, 384, 512} for jittered S.
+
+    Scales below the net's 224 window are raised to 224 (duplicates dropped): a net trained at
+    S = 224 is tested at 224, 256, as dense and multi-crop evaluation need Q ≥ 224.
+    """
     if method == "center-crop":
         return (CENTER_CROP_RESIZE,)
     if s is None or "-" in s:
         return (256, 384, 512)
     q = int(s)
-    return (q - 32, q, q + 32)
+    return tuple(sorted({max(INPUT_SIZE, v) for v in (q - 32, q, q + 32)}))
 
 
 @dataclass
