@@ -8,9 +8,13 @@ Two measurements, each in a fresh process so its peak RSS is its own:
   time, the size, and the peak RSS beyond the process's RSS before the merge.
 * ``update``: a real ``vggfeat.extract`` run over ``--images`` JPEGs, then a rerun after 1% of
   them were replaced: the rerun's time against the full run's.
+* ``store``: the same synthetic rows in a feature store (a folder of shards): publishing a full
+  build, a 1% update (bytes written, time), a compaction, a sequential read of every row, a
+  random read of 10k rows; each step in a fresh process, with its peak RSS.
 
     python benchmarks/extract_scale.py merge --rows 1000000 --dim 4096 --dir /tmp/vggfeat-scale
     python benchmarks/extract_scale.py update --images 400
+    python benchmarks/extract_scale.py store --rows 1000000 --dim 4096
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ def synthetic_paths(n: int) -> list[str]:
     return [f"/data/images/{i // 1000:04d}/{i:08d}.jpg" for i in range(n)]
 
 
-def write_shards(parts: Path, paths: list[str], dim: int, shard_rows: int, seed: int) -> None:
+def write_shards(parts: Path, paths: list[str], dim: int, shard_rows: int, seed: int,
+                 labelled: bool = False) -> None:
     from vggfeat.cache.store import FileIds, write_shard
 
     rng = np.random.default_rng(seed)
@@ -54,7 +59,8 @@ def write_shards(parts: Path, paths: list[str], dim: int, shard_rows: int, seed:
         write_shard(parts, f"shard-r000-{lo:010d}-{seed:08x}.h5", paths=chunk, ids=FileIds.empty(n),
                     features=block[:n] + np.float16(lo % 7),
                     input_sizes=np.full((n, 1, 2), 224, np.int32), failed_paths=[],
-                    failed_reasons=[], failed_ids=FileIds.empty(0), dtype="float16")
+                    failed_reasons=[], failed_ids=FileIds.empty(0), dtype="float16",
+                    label_names=[""] * n if labelled else None)
 
 
 def join(paths: list[str], sources: list, output: Path, dim: int) -> tuple[float, float, float]:
@@ -124,6 +130,113 @@ def merge(args) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def publish(store: Path, paths: list[str], dim: int) -> None:
+    """What ``vggfeat extract -o STORE`` does once its shards are computed: plan over the live
+    and the newly published shards, then write the index entry."""
+    from types import SimpleNamespace
+
+    from vggfeat.cache.sharded import (
+        compact,
+        needs_compaction,
+        plan_changes,
+        planning_sources,
+        publish_update,
+        read_state,
+        unlisted_shards,
+    )
+    from vggfeat.cache.update import plan_update
+
+    state = read_state(store)
+    plan = plan_update(paths, planning_sources(state, unlisted_shards(store, state)))
+    images = SimpleNamespace(paths=paths, labels=None, class_names=None, skipped=[])
+    changes = plan_changes(plan, state, images)
+    entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=1,
+                           dtype="float16")
+    if needs_compaction(state, entry):  # as extract does: packs a build's small shards
+        start = time.perf_counter()
+        done = compact(store)
+        print(f"  (packed {done.rewritten} small shards into {done.new_shards} in "
+              f"{time.perf_counter() - start:.1f} s)", flush=True)
+
+
+def store_child(args) -> None:
+    from vggfeat.cache.sharded import compact, iter_features
+
+    store, paths = Path(args.dir) / "store", synthetic_paths(args.rows)
+    before, start = rss_mib(), time.perf_counter()
+    size_before = folder_bytes(store)
+    if args.step == "build":
+        publish(store, paths, args.dim)
+        what = f"full build published ({args.rows} rows)"
+    elif args.step == "update":
+        changed = paths[::100]
+        write_shards(store / "shards", changed, args.dim, args.shard_rows, seed=2, labelled=True)
+        computed = time.perf_counter() - start
+        publish(store, paths, args.dim)
+        written = folder_bytes(store) - size_before
+        what = (f"1% update ({len(changed)} rows): {written / 2**20:.1f} MiB written = "
+                f"{100 * written / size_before:.2f}% of the store ({size_before / 2**30:.2f} GiB);"
+                f" shards {computed:.1f} s + publishing "
+                f"{time.perf_counter() - start - computed:.1f} s")
+    elif args.step == "compact":
+        done = compact(store, threshold=0.005)
+        what = (f"compaction of {done.rewritten} shards into {done.new_shards}: "
+                f"{done.bytes_before / 2**30:.2f} → {done.bytes_after / 2**30:.2f} GiB")
+    elif args.step == "read":
+        total = sum(block.nbytes for block, _ in iter_features(store, rows=16384))
+        seconds = time.perf_counter() - start
+        what = f"sequential read {total / 2**30:.2f} GiB at {total / 2**30 / seconds:.2f} GiB/s"
+    else:
+        import vggfeat
+
+        bunch = vggfeat.load_features(store, lazy=True)
+        opened = time.perf_counter() - start
+        rows = np.random.default_rng(0).choice(len(bunch.data), min(10_000, len(bunch.data)),
+                                                 replace=False)
+        t = time.perf_counter()
+        got = bunch.data[rows]
+        bunch.data.close()
+        what = (f"random read of {len(got)} rows: {time.perf_counter() - t:.1f} s "
+                f"(opening the store {opened:.1f} s)")
+    seconds = time.perf_counter() - start
+    print(f"{what}: {seconds:.1f} s; RSS before {before:.0f} MiB, peak {peak_rss_mib():.0f} MiB",
+          flush=True)
+
+
+def store_bench(args) -> None:
+    from vggfeat.cache.sharded import write_settings
+
+    folder = Path(args.dir)
+    shutil.rmtree(folder, ignore_errors=True)
+    needed = 2.2 * args.rows * args.dim * 2
+    free = shutil.disk_usage(folder.parent).free
+    if free < needed:
+        sys.exit(f"{folder.parent} has {free / 2**30:.1f} GiB free; this needs about "
+                 f"{needed / 2**30:.1f} GiB (use --rows or --dir)")
+    store = folder / "store"
+    store.mkdir(parents=True)
+    write_settings(store, {"dtype": "float16", "scales": [224], "layer": "fc7"})
+    start = time.perf_counter()
+    write_shards(store / "shards", synthetic_paths(args.rows), args.dim, args.shard_rows, seed=1,
+                 labelled=True)
+    print(f"wrote {args.rows} synthetic rows in shards of {args.shard_rows} (what a run "
+          f"publishes) in {time.perf_counter() - start:.1f} s", flush=True)
+    try:
+        for step in ("build", "update", "read", "random", "compact", "read"):
+            subprocess.run([sys.executable, __file__, "store-child", step, "--rows",
+                            str(args.rows), "--dim", str(args.dim), "--shard-rows",
+                            str(args.shard_rows), "--dir", str(folder)], check=True)
+        entries = list((store / "index").iterdir())
+        print(f"index: {len(entries)} entries, {sum(p.stat().st_size for p in entries)} bytes; "
+              f"{len(list((store / 'shards').iterdir()))} shard files")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def update(args) -> None:
     import torch
     from PIL import Image
@@ -171,7 +284,10 @@ def main() -> None:
     m = sub.add_parser("merge")
     c = sub.add_parser("merge-child")
     c.add_argument("step", choices=["full", "update"])
-    for p in (m, c):
+    st = sub.add_parser("store")
+    sc = sub.add_parser("store-child")
+    sc.add_argument("step", choices=["build", "update", "compact", "read", "random"])
+    for p in (m, c, st, sc):
         p.add_argument("--rows", type=int, default=1_000_000)
         p.add_argument("--dim", type=int, default=4096)
         p.add_argument("--shard-rows", type=int, default=256)
@@ -184,10 +300,11 @@ def main() -> None:
     u.add_argument("--size", type=int, default=320)
     u.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    if args.command != "merge-child":
+    if not args.command.endswith("-child"):
         print(f"# {platform.processor() or platform.machine()}, Python "
               f"{platform.python_version()}", flush=True)
-    {"merge": merge, "merge-child": merge_child, "update": update}[args.command](args)
+    {"merge": merge, "merge-child": merge_child, "update": update, "store": store_bench,
+     "store-child": store_child}[args.command](args)
 
 
 if __name__ == "__main__":

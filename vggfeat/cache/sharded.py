@@ -221,6 +221,7 @@ def read_state(store: Path) -> State:
     if not store.is_dir():
         raise InputError(f"feature store {store} does not exist")
     settings = read_settings(store)
+    _folder(store, SHARDS)  # a link there is refused, as everywhere in a store
     entries = list_entries(store)
     removed: dict[str, set[int]] = {}
     order: list[str] = []
