@@ -828,3 +828,20 @@ def test_a_classifier_trained_at_224_runs_at_its_default_scales_224_and_256():
     loc = attach_head(tiny_vgg("A", num_classes=8), box_head("pcr", WNIDS[:2]))
     localizer = Localizer(loc, vggfeat.localize.Classifier(cls_net, "dense"), scales=(224,))
     assert localizer.cls_scales == [(224, 256)]
+
+
+def test_offline_the_default_classifier_error_names_cls_weights(tmp_path, monkeypatch, capsys):
+    from vggfeat.cli.main import main
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("VGGFEAT_OFFLINE", "1")
+    write_image(tmp_path / "val" / "a.JPEG")
+    write_loc_csv(tmp_path / "boxes.csv", {"a": [(WNIDS[0], (10, 10, 200, 150))]})
+    with pytest.raises(SystemExit):
+        main(["localize", "evaluate", "--weights", str(constant_box_net(tmp_path)), "--data",
+              str(tmp_path), "--boxes", str(tmp_path / "boxes.csv"), "--quiet"])
+    err = capsys.readouterr().err
+    assert err.startswith("Error: the default classifier (--cls-weights "
+                          "torchvision@dense@256,384,512): vgg16-"), err
+    assert "--cls-weights my-vgg.safetensors" in err and "--cls-weights random" in err
+    assert "--weights" not in err.replace("--cls-weights", "")

@@ -36,6 +36,7 @@ from ..models.configs import INPUT_SIZE
 from ..models.factory import vgg
 from ..models.runner import DeviceRunner, ShapeBatches
 from ..models.vgg import VGG
+from ..models.weights import OfflineError
 from .geometry import decode, dense_boxes, to_original, view_geometry
 from .merge import DEFAULT_THRESHOLD, best_boxes
 from .net import BoxHead, class_boxes, head_of, load_localizer
@@ -145,6 +146,18 @@ def _as_classifiers(cls_net) -> list[Classifier]:
             raise ConfigError(f"classification scales must be ≥ {INPUT_SIZE}, got "
                               f"{c.test_scales()}")
     return out
+
+
+def _classification_net(source: str, spec: str) -> VGG:
+    """The net of a ``--cls-weights`` spec; without a network, the error says which spec
+    (the default one too) asked for hub weights and how to give a file or random weights."""
+    try:
+        return vgg(weights=source)
+    except OfflineError as err:
+        what = "the default classifier" if os.fspath(spec) == DEFAULT_CLASSIFIER else \
+            "the classification net"
+        raise err.for_option(f"{what} (--cls-weights {spec})", "--cls-weights",
+                             "cls_weights") from err
 
 
 class BoxMaps(DeviceRunner):
@@ -276,8 +289,8 @@ class Localizer:
             if isinstance(cls_weights, (str, os.PathLike)) else list(cls_weights)
         parsed = [parse_classifier(spec) for spec in specs]  # a typo fails before any loading
         loc_nets = [load_localizer(p)[0] for p in paths]
-        classifiers = [Classifier(vgg(weights=source), method, scales)
-                       for source, method, scales in parsed]
+        classifiers = [Classifier(_classification_net(source, spec), method, scales)
+                       for spec, (source, method, scales) in zip(specs, parsed)]
         return cls(loc_nets, classifiers or None, **kwargs)
 
     def prepare(self, image: Tensor) -> list[Tensor]:

@@ -116,11 +116,29 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
     return outcome[0] if outcome else f"{host} did not answer within {timeout:g} s"
 
 
-def offline_choices(place_hub_file: str) -> str:
-    """The ways to run without a network, the hub's own file first."""
-    return (f"Offline, {place_hub_file}; or pass a local weights file (--weights "
-            "my-vgg.safetensors, or a .pth/.pt state dict); or use --weights random "
-            "(weights='random'), an untrained net, to try the pipeline")
+def offline_choices(place_hub_file: str, option: str = "--weights",
+                    keyword: str = "weights") -> str:
+    """The ways to run without a network, the hub's own file first; ``option`` and ``keyword``
+    are the command-line option and the argument that asked for the hub's weights."""
+    return (f"Offline, {place_hub_file}; or pass a local weights file ({option} "
+            f"my-vgg.safetensors, or a .pth/.pt state dict); or use {option} random "
+            f"({keyword}='random'), an untrained net, to try the pipeline")
+
+
+class OfflineError(WeightsError):
+    """Hub weights that cannot be had without a network.  The message ends with the ways to run
+    offline, for the option that asked for the weights (``--weights`` unless
+    :meth:`for_option` names another)."""
+
+    def __init__(self, problem: str, place_hub_file: str, option: str = "--weights",
+                 keyword: str = "weights") -> None:
+        self.problem, self.place_hub_file = problem, place_hub_file
+        super().__init__(f"{problem}. {offline_choices(place_hub_file, option, keyword)}")
+
+    def for_option(self, what: str, option: str, keyword: str) -> OfflineError:
+        """The same error for weights asked for by ``option`` (``keyword`` in Python), the
+        problem prefixed by ``what`` asked for them."""
+        return OfflineError(f"{what}: {self.problem}", self.place_hub_file, option, keyword)
 
 
 def fetch(weights: PretrainedWeights, *, download: bool = True, progress: bool = True) -> Path:
@@ -135,23 +153,22 @@ def _fetch_torch_hub(url: str, *, download: bool, progress: bool) -> Path:
     path = folder / Path(url).name
     if path.is_file():
         return path
-    choices = offline_choices(f"put {path.name} (from {url}) into {folder}/ (TORCH_HOME moves "
-                              "this folder)")
+    place = f"put {path.name} (from {url}) into {folder}/ (TORCH_HOME moves this folder)"
     disabled = offline_reason(download)
     if disabled:
-        raise WeightsError(f"{path.name} is not in torch hub's cache and downloads are disabled "
-                           f"({disabled}). {choices}")
+        raise OfflineError(f"{path.name} is not in torch hub's cache and downloads are disabled "
+                           f"({disabled})", place)
     problem = unreachable(url)
     if problem:
-        raise WeightsError(f"no network: {problem}, and {path.name} is not in torch hub's cache. "
-                           f"{choices}")
+        raise OfflineError(f"no network: {problem}, and {path.name} is not in torch hub's cache",
+                           place)
     folder.mkdir(parents=True, exist_ok=True)
     match = torch.hub.HASH_REGEX.search(path.name)
     try:
         torch.hub.download_url_to_file(url, str(path), match.group(1) if match else None,
                                        progress=progress)
     except Exception as err:  # network errors come in many types; the advice is the same
-        raise WeightsError(f"could not download {url} ({err}). {choices}") from err
+        raise OfflineError(f"could not download {url} ({err})", place) from err
     return path
 
 
@@ -168,18 +185,18 @@ def _fetch_hf_hub(repo_id: str, filename: str, *, download: bool) -> Path:
                                     local_files_only=bool(disabled or problem)))
     except Exception as err:
         folder = cache / f"models--{repo_id.replace('/', '--')}"
-        choices = offline_choices(
-            f"copy the folder {folder.name} from the Hugging Face cache of a machine that has "
-            f"downloaded it into {cache}/ (HF_HUB_CACHE moves this folder), or place the file as "
-            f"{folder}/snapshots/<commit>/{filename} with the commit hash in {folder}/refs/main")
+        place = (f"copy the folder {folder.name} from the Hugging Face cache of a machine that "
+                 f"has downloaded it into {cache}/ (HF_HUB_CACHE moves this folder), or place the "
+                 f"file as {folder}/snapshots/<commit>/{filename} with the commit hash in "
+                 f"{folder}/refs/main")
         missing = f"{filename} of {repo_id} is not in the Hugging Face cache"
         if problem:
-            raise WeightsError(f"no network: {problem}, and {missing}. {choices}") from err
+            raise OfflineError(f"no network: {problem}, and {missing}", place) from err
         if disabled:
-            raise WeightsError(f"{missing} and downloads are disabled ({disabled}). "
-                               f"{choices}") from err
-        raise WeightsError(f"could not get {filename} of {repo_id} ({type(err).__name__}: "
-                           f"{err}). {choices}") from err
+            raise OfflineError(f"{missing} and downloads are disabled ({disabled})",
+                               place) from err
+        raise OfflineError(f"could not get {filename} of {repo_id} ({type(err).__name__}: "
+                           f"{err})", place) from err
 
 
 def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
