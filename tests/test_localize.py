@@ -845,3 +845,12 @@ def test_offline_the_default_classifier_error_names_cls_weights(tmp_path, monkey
                           "torchvision@dense@256,384,512): vgg16-"), err
     assert "--cls-weights my-vgg.safetensors" in err and "--cls-weights random" in err
     assert "--weights" not in err.replace("--cls-weights", "")
+
+
+@pytest.mark.parametrize("names", [[1, 2], [WNIDS[0], WNIDS[0]]])
+def test_localisation_weights_with_bad_class_names_are_refused_naming_the_file(tmp_path, names):
+    model = attach_head(tiny_vgg("A", num_classes=8), box_head("pcr", WNIDS[:2]))
+    path = vggfeat.save_weights(model, tmp_path / "odd.safetensors", meta={"class_names": names})
+    with pytest.raises(WeightsError, match=r"odd\.safetensors: its class_names must be a list "
+                                           r"of distinct class names"):
+        load_localizer(path)

@@ -107,6 +107,11 @@ def head_of(model: VGG, *, where: str = "the net") -> BoxHead:
     if not isinstance(info, dict) or "head" not in info or not names:
         raise WeightsError(f"{where} is not a localisation net (its weights record no box head); "
                            "train one with `vggfeat localize train`, or pass it as --cls-weights")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or \
+            len(set(names)) != len(names):
+        raise WeightsError(f"{where}: its class_names must be a list of distinct class names "
+                           f"(strings), got {str(names)[:80]}; re-export the net with "
+                           "vggfeat.save_weights and the class names of its training data")
     head = box_head(info["head"], names)
     if head.outputs != model.num_classes:
         raise WeightsError(f"{where}: fc8 has {model.num_classes} outputs, but its "
