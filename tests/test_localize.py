@@ -854,3 +854,30 @@ def test_localisation_weights_with_bad_class_names_are_refused_naming_the_file(t
     with pytest.raises(WeightsError, match=r"odd\.safetensors: its class_names must be a list "
                                            r"of distinct class names"):
         load_localizer(path)
+
+
+def test_score_refuses_non_finite_and_repeated_rows_and_warns_of_over_five_guesses(
+        tmp_path, capsys):
+    from vggfeat.cli.main import main
+
+    truth = write_loc_csv(tmp_path / "truth.csv", {"a": [(WNIDS[0], (10, 10, 200, 150))],
+                                                   "b": [(WNIDS[1], (10, 10, 200, 150))]})
+    guess = f"{WNIDS[0]} 10 10 200 150"
+    cases = {"nan": (f"a,{WNIDS[0]} nan 10 200 150\n", "nan.csv:2: box 1 of a has non-finite"),
+             "inf": (f"b,{WNIDS[1]} 10 10 200 150\na,{WNIDS[0]} 10 10 inf 150\n",
+                     "inf.csv:3: box 1 of a has non-finite"),
+             "twice": (f"a,{guess}\nb,{guess}\na.JPEG,{guess}\n",
+                       "twice.csv:4: a.JPEG already has a row (line 2)")}
+    for name, (rows, message) in cases.items():
+        path = tmp_path / f"{name}.csv"
+        path.write_text("ImageId,PredictionString\n" + rows)
+        with pytest.raises(SystemExit):
+            main(["localize", "score", str(path), "--boxes", str(truth)])
+        assert message in capsys.readouterr().err
+    many = tmp_path / "many.csv"
+    many.write_text(f"ImageId,PredictionString\na,{' '.join([guess] * 6)}\nb,{guess}\n")
+    main(["localize", "score", str(many), "--boxes", str(truth)])
+    captured = capsys.readouterr()
+    assert "1 image(s) of " in captured.err and "have more than 5 guesses, e.g. a (6)" in \
+        captured.err
+    assert "top-1 localisation error 50.00%" in captured.out

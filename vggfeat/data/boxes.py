@@ -139,10 +139,16 @@ def _read_csv_rows(path: Path, rows, table: BoxTable, *, ordered: bool) -> None:
     if not header or [h.strip() for h in header[:2]] != ["ImageId", "PredictionString"]:
         raise InputError(f"{path}: expected the header 'ImageId,PredictionString' of "
                          f"LOC_*_solution.csv (or a LOC submission), got {header}")
+    first_line: dict[str, int] = {}  # a submission's image → its row's line
     for line, row in enumerate(rows, start=2):
         if not row or not row[0].strip():
             continue
         where = f"{path}:{line}"
+        image = Path(row[0].strip()).stem if "." in row[0] else row[0].strip()
+        if ordered and image in first_line:  # two rankings of one image: which one counts?
+            raise InputError(f"{where}: {row[0].strip()} already has a row (line "
+                             f"{first_line[image]}); a submission gives each image one row")
+        first_line.setdefault(image, line)
         parts = row[1].split() if len(row) > 1 else []
         if len(parts) % 5:
             raise InputError(f"{where}: the prediction string of {row[0]} must hold "
@@ -156,13 +162,15 @@ def _read_csv_rows(path: Path, rows, table: BoxTable, *, ordered: bool) -> None:
                 raise InputError(f"{where}: box {g // 5 + 1} of {row[0]} is not numeric: "
                                  f"{' '.join(parts[g:g + 5])}") from None
             reason = _check(box, None)
+            if ordered and not all(np.isfinite(box)):
+                raise InputError(f"{where}: box {g // 5 + 1} of {row[0]} has non-finite "
+                                 f"coordinates: {' '.join(parts[g:g + 5])}")
             if reason and not ordered:
                 table.bad.append((where, f"{row[0]} box {g // 5 + 1} ({wnid}): {reason}"))
                 continue
             wnids.append(wnid)
             boxes.append(box)
-        _add(table, Path(row[0].strip()).stem if "." in row[0] else row[0].strip(), wnids,
-             boxes, None)
+        _add(table, image, wnids, boxes, None)
 
 
 def _check(box: list[float], size: tuple[int, int] | None) -> str | None:

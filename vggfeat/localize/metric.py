@@ -9,6 +9,7 @@ is wrong when its IoU with every ground-truth box of that class is 0.5 or less.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +19,7 @@ from ..errors import InputError
 from .geometry import iou
 
 IOU_THRESHOLD = 0.5
+TOP_K = 5  # guesses an image is scored on (the ILSVRC top-5 error)
 
 
 def hit(wnid: str, box, truth: ImageBoxes, *, threshold: float = IOU_THRESHOLD) -> bool:
@@ -72,6 +74,11 @@ def score_guesses(predictions: dict[str, list[tuple[str, object]]], truth: BoxTa
 def score_submission(submission: BoxTable, truth: BoxTable) -> LocScore:
     """Score a LOC submission (read with ``read_boxes(path, ordered=True)``) against the truth."""
     predictions = {name: list(zip(b.wnids, b.xyxy)) for name, b in submission.boxes.items()}
+    over = [name for name, guesses in predictions.items() if len(guesses) > TOP_K]
+    if over:
+        warnings.warn(f"{len(over)} image(s) of {submission.source} have more than {TOP_K} "
+                      f"guesses, e.g. {over[0]} ({len(predictions[over[0]])}); only the first "
+                      f"{TOP_K} of each are scored", stacklevel=2)
     unknown = set(predictions) - set(truth.boxes)
     if unknown and len(unknown) == len(predictions):
         raise InputError(f"none of the {len(predictions)} images of {submission.source} is in "
