@@ -881,3 +881,24 @@ def test_score_refuses_non_finite_and_repeated_rows_and_warns_of_over_five_guess
     assert "1 image(s) of " in captured.err and "have more than 5 guesses, e.g. a (6)" in \
         captured.err
     assert "top-1 localisation error 50.00%" in captured.out
+
+
+@pytest.mark.parametrize("method", ["dense", "center-crop"])
+def test_images_of_classes_the_pcr_net_lacks_are_counted_not_scored(tmp_path, method):
+    from vggfeat.localize.run import evaluate_localization, images_with_boxes
+
+    rows = {}
+    for k, wnid in enumerate([WNIDS[0], WNIDS[1], WNIDS[2]]):
+        write_image(tmp_path / "val" / f"v{k}.JPEG", size=(100, 120), seed=k)
+        rows[f"v{k}"] = [(wnid, (10, 10, 80, 60))]
+    write_loc_csv(tmp_path / "boxes.csv", rows)
+    images = images_with_boxes(tmp_path / "val", read_boxes(tmp_path / "boxes.csv"))
+    loc = attach_head(tiny_vgg("A", num_classes=8), box_head("pcr", WNIDS[:2]))
+    cls_net = tiny_vgg("A", num_classes=2)
+    cls_net.weights_meta["class_names"] = WNIDS[:2]
+    localizer = Localizer(loc, cls_net if method == "dense" else None, method=method,
+                          scales=(224,), device="cpu")
+    result = evaluate_localization(localizer, images, workers=0, progress=False)
+    assert [Path(p).name for p in result.paths] == ["v0.JPEG", "v1.JPEG"]
+    assert [Path(p).name for p in result.other_classes] == ["v2.JPEG"]
+    assert result.summary()["other_classes"] == 1 and result.summary()["images"] == 2

@@ -154,6 +154,9 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
                                        workers=workers, progress=not quiet, journal=journal)
         for path, reason in result.failed:
             click.echo(f"skipped {path}: {reason}", err=True)
+        if result.other_classes:
+            click.echo(f"{len(result.other_classes)} image(s) of classes the localisation net(s) "
+                       f"do not box are not scored, e.g. {result.other_classes[0]}", err=True)
         empty = [p for p, guesses in zip(result.paths, result.guesses) if not guesses]
         if empty:
             click.echo(f"{len(empty)} image(s) got no guess (an empty prediction, scored as "

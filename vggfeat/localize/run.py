@@ -70,11 +70,13 @@ class LocResult:
     seconds: float = 0.0
     settings: dict = field(default_factory=dict)  # Localizer.settings(): each net's scales …
     images_per_forward: float = 0.0  # mean images per forward pass of any net, flips not counted
+    other_classes: list[str] = field(default_factory=list)  # images of classes no net boxes
 
     def summary(self) -> dict:
         nets = {k: self.settings[k] for k in ("scales", "classifiers") if k in self.settings}
         return {**{k: round(v, 3) for k, v in self.metrics.items()}, "images": len(self.paths),
-                "failed": len(self.failed), "method": self.method, "scales": list(self.scales),
+                "failed": len(self.failed), "other_classes": len(self.other_classes),
+                "method": self.method, "scales": list(self.scales),
                 **({"net_scales": nets["scales"]} if "scales" in nets else {}),
                 **({"classifiers": nets["classifiers"]} if nets.get("classifiers") else {}),
                 "seconds": round(self.seconds, 1),
@@ -91,10 +93,13 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
         journal: a JSON-lines file that keeps each finished image's guesses as the run goes.
             A run killed and started again with the same journal (and settings) runs only the
             images it lacks.
+
+    Images of classes that no localisation net boxes are not scored; the result lists them
+    (``other_classes``).
     """
     start = time.monotonic()
     workers = default_workers() if workers is None else workers
-    _check_classes(localizer, images)
+    images, other_classes = _of_boxed_classes(localizer, images)
     done = _read_journal(journal, localizer) if journal is not None else {}
     found: dict[int, list[Guess]] = {i: done[p] for i, p in enumerate(images.paths) if p in done}
     todo = np.array([i for i, p in enumerate(images.paths) if p not in done], dtype=np.int64)
@@ -118,20 +123,24 @@ def evaluate_localization(localizer: Localizer, images: LocImages, *, batch_size
     metrics = _metrics(localizer.method, guesses, [images.truths[i] for i in kept])
     return LocResult(localizer.method, localizer.scales, [images.paths[i] for i in kept], guesses,
                      metrics, failed, time.monotonic() - start, localizer.settings(),
-                     localizer.images_per_forward)
+                     localizer.images_per_forward, other_classes)
 
 
-def _check_classes(localizer: Localizer, images: LocImages) -> None:
-    """The centre-crop protocol boxes each image's true class: the net must know it."""
-    if localizer.method != "center-crop":
-        return
-    known = set(localizer.class_names)
-    unknown = [(p, t.wnids[0]) for p, t in zip(images.paths, images.truths)
-               if t.wnids[0] not in known]
-    if unknown:
-        raise InputError(f"{unknown[0][0]}: its class {unknown[0][1]} is not among the "
-                         f"{len(known)} classes of the localisation net ({len(unknown)} "
-                         "such images)")
+def _of_boxed_classes(localizer: Localizer, images: LocImages) -> tuple[LocImages, list[str]]:
+    """The images with a class that some localisation net boxes (and, for ``dense``, the
+    classifier ranks), and the paths of the others, which are not scored: a PCR net trained on
+    some classes cannot localise the rest."""
+    boxed = {n for n, ok in zip(localizer.class_names, localizer.localizable) if ok}
+    keep = [any(w in boxed for w in t.wnids) for t in images.truths]
+    other = [p for p, k in zip(images.paths, keep) if not k]
+    if len(other) == len(images):
+        raise InputError(f"none of the {len(images)} images is of a class the localisation "
+                         f"net(s) box ({len(boxed)} classes, e.g. {sorted(boxed)[0]}); "
+                         f"{other[0]} is of {images.truths[0].wnids[0]}")
+    if not other:
+        return images, []
+    return LocImages([p for p, k in zip(images.paths, keep) if k],
+                     [t for t, k in zip(images.truths, keep) if k], images.without_boxes), other
 
 
 def _scorable(loader, images: LocImages, localizer: Localizer):
@@ -171,7 +180,8 @@ def _center_crop_guesses(localizer: Localizer, images: LocImages, good: list, ba
         return {}
     names = localizer.class_names
     index = {name: k for k, name in enumerate(names)}
-    classes = [index[images.truths[i].wnids[0]] for i, _ in good]
+    # The image's first class the net boxes (an ILSVRC image's boxes are all of one class).
+    classes = [next(index[w] for w in images.truths[i].wnids if w in index) for i, _ in good]
     boxes = localizer.center_crop([item[0] for _, item in good], [item[1] for _, item in good],
                                   torch.tensor(classes))
     bar.update(len(good))
