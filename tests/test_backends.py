@@ -154,7 +154,7 @@ def test_auto_measures_each_case_once_and_remembers_it(tmp_path, monkeypatch):
     def no_timing(*args):
         raise AssertionError("measured again")
 
-    monkeypatch.setattr(backends, "_best_of_two", no_timing)
+    monkeypatch.setattr(backends, "_measure", no_timing)
     again = with_backend(model, "auto", choices=LayerChoices(path))
     with torch.inference_mode():
         again.features(x)  # every case known: nothing is timed
@@ -165,6 +165,41 @@ def test_auto_measures_each_case_once_and_remembers_it(tmp_path, monkeypatch):
     with torch.inference_mode():
         with_backend(model, "auto", choices=choices).features(x)
     assert set(json.loads(path.read_text())) == cases
+
+
+@pytest.mark.parametrize("faster", ["fast", "eager"])
+def test_auto_measuring_a_new_case_returns_a_measured_output(faster, monkeypatch):
+    """A new case costs three extra runs of the layer, not four: the output of the last timed
+    run is the result, whichever path wins; a known case runs its path once."""
+    conv = torch.nn.Conv2d(4, 8, 3, padding=1).eval()
+    layer = with_backend_layer(conv)
+    calls = []
+    clock = iter(range(100))
+    monkeypatch.setattr(backends.time, "perf_counter", lambda: next(clock))
+
+    def path(name, fn, cost):
+        def run(x):
+            calls.append(name)
+            for _ in range(cost - 1):  # the winner takes 1 tick, the loser 3
+                next(clock)
+            return fn(x)
+        return run
+
+    layer.fast = path("fast", layer.fast, 1 if faster == "fast" else 3)
+    layer.eager = path("eager", layer.eager, 1 if faster == "eager" else 3)
+    x = torch.rand(1, 4, 12, 12)
+    with torch.inference_mode():
+        got = layer(x)
+        assert torch.allclose(got, conv(x), atol=1e-5)
+        assert sorted(calls) == ["eager", "eager", "fast", "fast"] and calls[-1] == faster
+        assert layer.auto.__self__.choices == {backends._case(layer, x): faster}
+        calls.clear()
+        layer(x)
+    assert calls == [faster]
+
+
+def with_backend_layer(conv):
+    return WinogradConv2d.from_conv(conv, auto=LayerChoices(None).run)
 
 
 def test_without_a_compiler_winograd_falls_back_to_torch_and_auto_to_eager(fresh_kernels,

@@ -39,7 +39,7 @@ from .winograd import (
     cpu_name,
     kernel_dir,
     load_kernels,
-    takes_fast_path,
+    run_layer,
     winograd_eligible,
 )
 
@@ -73,14 +73,14 @@ def resolve_backend(backend: str, *, device: torch.device, amp_dtype: torch.dtyp
 class GemmDenseLinear(DenseLinear):
     """fc6–fc8 applied densely as one matrix product over their sliding windows (im2col), where
     torch's k×k convolution runs well below the CPU's matrix-product rate.  Shares the original
-    layer's parameters; ``fast``/``eager``/``choose`` as in :class:`WinogradConv2d`."""
+    layer's parameters; ``fast``/``eager``/``auto`` as in :class:`WinogradConv2d`."""
 
     @classmethod
-    def from_dense(cls, layer: DenseLinear, *, choose=None) -> GemmDenseLinear:
+    def from_dense(cls, layer: DenseLinear, *, auto=None) -> GemmDenseLinear:
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.kernel_size, new.weight, new.bias = layer.kernel_size, layer.weight, layer.bias
-        new.choose = choose
+        new.auto = auto
         return new
 
     def fast(self, x: Tensor) -> Tensor:
@@ -107,7 +107,7 @@ class GemmDenseLinear(DenseLinear):
 
     def forward(self, x: Tensor) -> Tensor:
         dense = x.shape[-2:] != (self.kernel_size, self.kernel_size)  # crop mode: a GEMM already
-        return self.fast(x) if dense and takes_fast_path(self, x) else self.eager(x)
+        return run_layer(self, x) if dense else self.eager(x)
 
 
 def with_backend(model: VGG, backend: str, *, reads: Iterable[str] | None = None,
@@ -122,7 +122,7 @@ def with_backend(model: VGG, backend: str, *, reads: Iterable[str] | None = None
     """
     if backend == "eager":
         return model
-    choose = (choices or LayerChoices.for_this_machine()).choose if backend == "auto" else None
+    auto = (choices or LayerChoices.for_this_machine()).run if backend == "auto" else None
     pre_read = None if reads is None else {n[:-len(PRE)] for n in reads if n.endswith(PRE)}
     layers = list(model.features.named_children())
     features: OrderedDict[str, nn.Module] = OrderedDict()
@@ -134,10 +134,10 @@ def with_backend(model: VGG, backend: str, *, reads: Iterable[str] | None = None
             continue
         after, next_layer = layers[i + 1] if i + 1 < len(layers) else (None, None)
         relu = pre_read is not None and name not in pre_read and isinstance(next_layer, nn.ReLU)
-        features[name] = WinogradConv2d.from_conv(layer, relu=relu, choose=choose)
+        features[name] = WinogradConv2d.from_conv(layer, relu=relu, auto=auto)
         if relu:
             features[after] = nn.Identity()
-    head = OrderedDict((name, GemmDenseLinear.from_dense(layer, choose=choose)
+    head = OrderedDict((name, GemmDenseLinear.from_dense(layer, auto=auto)
                         if type(layer) is DenseLinear else layer)
                        for name, layer in model.head.named_children())
     # A copy of the net's structure and metadata that shares its parameters and buffers; layers
@@ -159,9 +159,10 @@ def _case(layer: nn.Module, x: Tensor) -> str:
 class LayerChoices:
     """Per-case choice between a layer's fast path and torch's, measured once per machine.
 
-    The first call in a case times both paths on its input (best of two runs each) and keeps
-    the faster; choices are saved to ``path`` (JSON) and reused by later processes.
-    ``path=None`` keeps them in memory only.
+    The first call in a case times both paths on its input, in turns (best of two runs each),
+    keeps the faster and returns the output of its last run, so measuring costs three extra
+    runs of the layer, not four; choices are saved to ``path`` (JSON) and reused by later
+    processes.  ``path=None`` keeps them in memory only.
     """
 
     def __init__(self, path: Path | None) -> None:
@@ -184,14 +185,15 @@ class LayerChoices:
         safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in machine)
         return cls(kernel_dir() / "backend-choices" / f"{safe}.json")
 
-    def choose(self, layer: nn.Module, x: Tensor) -> bool:
-        """True where the layer's fast path is (or was measured) the faster for this call."""
+    def run(self, layer: nn.Module, x: Tensor) -> Tensor:
+        """The layer's output by the path that is (or, for a new case, was just measured) the
+        faster for this call."""
         case = _case(layer, x)
-        if case not in self.choices:
-            fast, eager = _best_of_two(layer.fast, x), _best_of_two(layer.eager, x)
-            self.choices[case] = "fast" if fast < eager else "eager"
-            self._save()
-        return self.choices[case] == "fast"
+        if case in self.choices:
+            return layer.fast(x) if self.choices[case] == "fast" else layer.eager(x)
+        y, self.choices[case] = _measure(layer, x)
+        self._save()
+        return y
 
     def _save(self) -> None:
         if self.path is None:
@@ -203,10 +205,27 @@ class LayerChoices:
             pass  # a read-only cache only costs measuring again next time
 
 
-def _best_of_two(fn, x: Tensor) -> float:
-    times = []
-    for _ in range(2):
+def _measure(layer: nn.Module, x: Tensor) -> tuple[Tensor, str]:
+    """Time ``layer.fast`` and ``layer.eager`` on ``x``, best of two runs each: (the output of
+    the faster, its name).
+
+    The runs alternate (fast, eager, then the one behind, then the one ahead), so that a
+    change in the machine's load weighs on both; the last run is the leader's, whose output
+    is returned without running it again unless the lead changed on the last run.
+    """
+    paths = {"fast": layer.fast, "eager": layer.eager}
+    best = dict.fromkeys(paths, math.inf)
+
+    def timed(name: str) -> Tensor:
         start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return min(times)
+        y = paths[name](x)
+        best[name] = min(best[name], time.perf_counter() - start)
+        return y
+
+    timed("fast")  # each output is dropped at once: one layer output at a time, as in a pass
+    timed("eager")
+    leader = min(best, key=best.get)
+    timed("eager" if leader == "fast" else "fast")
+    y = timed(leader)
+    winner = min(best, key=best.get)
+    return (y if winner == leader else paths[winner](x)), winner

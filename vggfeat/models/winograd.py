@@ -251,15 +251,22 @@ def winograd_eligible(conv: nn.Module) -> bool:
             and conv.padding_mode == "zeros")
 
 
-def takes_fast_path(layer: nn.Module, x: Tensor) -> bool:
-    """Whether a CPU backend layer (``fast``, ``eager``, ``weight``, ``choose``) runs ``fast``
-    on ``x``: float32 on the CPU, no autocast and no autograd (the fast paths compute values
-    only), and ``choose(layer, x)`` agrees where the layer has one (the ``auto`` backend)."""
+def fast_path_applies(layer: nn.Module, x: Tensor) -> bool:
+    """Whether a CPU backend layer (``fast``, ``eager``, ``weight``) may run ``fast`` on ``x``:
+    float32 on the CPU, no autocast and no autograd (the fast paths compute values only)."""
     weight = layer.weight
     return (x.device.type == "cpu" and x.dtype == torch.float32 and x.dim() == 4
             and weight.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and (layer.choose is None or layer.choose(layer, x)))
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def run_layer(layer: nn.Module, x: Tensor) -> Tensor:
+    """A CPU backend layer's output: ``fast`` where it applies, unless the layer has an
+    ``auto`` (the ``auto`` backend's ``auto(layer, x)``, which runs the path measured faster
+    for this case, measuring it first if the case is new); ``eager`` elsewhere."""
+    if not fast_path_applies(layer, x):
+        return layer.eager(x)
+    return layer.fast(x) if layer.auto is None else layer.auto(layer, x)
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -270,12 +277,12 @@ class WinogradConv2d(nn.Conv2d):
     not changed) and holds their Winograd transform, ``u`` (made again if the weights change in
     place through the parameter, e.g. by an optimiser step; not after changes through
     ``.data``).  With ``relu``, the layer also applies the ReLU that follows it (the backend
-    then drops that ReLU).  ``choose(layer, x)``, if given, decides per call between
-    :meth:`fast` and :meth:`eager` (the ``auto`` backend's measured choice).
+    then drops that ReLU).  ``auto(layer, x)``, if given, runs whichever of :meth:`fast` and
+    :meth:`eager` was measured faster (the ``auto`` backend's choice; see :func:`run_layer`).
     """
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, *, relu: bool = False, choose=None) -> WinogradConv2d:
+    def from_conv(cls, conv: nn.Conv2d, *, relu: bool = False, auto=None) -> WinogradConv2d:
         if not winograd_eligible(conv):
             raise ValueError(f"not a 3×3 stride-1 padding-1 convolution: {conv}")
         layer = cls(conv.in_channels, conv.out_channels, 3, padding=1, bias=conv.bias is not None,
@@ -283,7 +290,7 @@ class WinogradConv2d(nn.Conv2d):
         layer.weight, layer.bias = conv.weight, conv.bias
         layer.register_buffer("u", filter_transform(conv.weight), persistent=False)
         layer.u_version = conv.weight._version
-        layer.relu, layer.choose = relu, choose
+        layer.relu, layer.auto = relu, auto
         return layer
 
     def fast(self, x: Tensor) -> Tensor:
@@ -296,7 +303,7 @@ class WinogradConv2d(nn.Conv2d):
         return y.relu_() if self.relu else y
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fast(x) if takes_fast_path(self, x) else self.eager(x)
+        return run_layer(self, x)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (", relu=True" if self.relu else "")
