@@ -902,3 +902,17 @@ def test_images_of_classes_the_pcr_net_lacks_are_counted_not_scored(tmp_path, me
     assert [Path(p).name for p in result.paths] == ["v0.JPEG", "v1.JPEG"]
     assert [Path(p).name for p in result.other_classes] == ["v2.JPEG"]
     assert result.summary()["other_classes"] == 1 and result.summary()["images"] == 2
+
+
+def test_xml_boxes_belong_to_the_image_of_the_xml_files_name(tmp_path):
+    from vggfeat.localize.run import images_with_boxes
+
+    # The <filename> tag names another image: the XML file's own name is the image's.
+    ilsvrc_xml(tmp_path / "bbox" / WNIDS[0] / f"{WNIDS[0]}_5.xml", f"{WNIDS[0]}_77", (320, 240),
+               [(WNIDS[0], (10, 20, 300, 200))])
+    table = read_boxes(tmp_path / "bbox")
+    assert sorted(table.boxes) == [f"{WNIDS[0]}_5"]
+    write_image(tmp_path / "val" / "other.JPEG")
+    with pytest.raises(InputError, match=rf"1 boxes read from .*bbox, none matches an image "
+                                         rf"name, e.g. {WNIDS[0]}_5 vs other"):
+        images_with_boxes(tmp_path / "val", table)

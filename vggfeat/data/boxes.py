@@ -9,7 +9,8 @@
 
 Boxes are kept as the files give them, in pixels of the original image, corners (xmin, ymin,
 xmax, ymax); areas and overlaps treat them as continuous rectangles (width = xmax − xmin).
-Images are matched to their boxes by file name without extension.  Bad boxes (zero or negative
+Images are matched to their boxes by file name without extension (an XML file's own name, not
+its ``<filename>`` tag).  Bad boxes (zero or negative
 area, outside the image the XML describes) are dropped and reported with the file they came from.
 """
 
@@ -57,6 +58,16 @@ class BoxTable:
     def get(self, image_path: str | os.PathLike) -> ImageBoxes | None:
         return self.boxes.get(Path(image_path).stem)
 
+    def no_match(self, image_paths: list[str]) -> str:
+        """Why none of ``image_paths`` has boxes here, with a name of each side to compare."""
+        count = sum(len(b.wnids) for b in self.boxes.values())
+        if not count:
+            return f"{self.source} holds no usable box"
+        example = f", e.g. {next(iter(self.boxes))} vs {Path(image_paths[0]).stem}" \
+            if image_paths else ""
+        return (f"{count} boxes read from {self.source}, none matches an image name{example} "
+                "(images are matched by file name without extension)")
+
 
 def read_boxes(path: str | os.PathLike, *, ordered: bool = False) -> BoxTable:
     """Read an XML folder (or one XML file) or a ``LOC_*_solution.csv`` file.
@@ -90,7 +101,8 @@ def _read_xml(file: Path, table: BoxTable) -> None:
     except (OSError, ET.ParseError) as err:
         raise InputError(f"{file}: not a readable Pascal-VOC XML box file ({err})") from err
     size = _image_size(root, file)
-    name = (root.findtext("filename") or file.stem).strip()
+    # The image is the XML file's own name (ILSVRC: <wnid>/<image>.xml); the <filename> tag is
+    # often wrong in the archives (a folder's name, another image's).
     wnids, boxes = [], []
     for k, obj in enumerate(root.iter("object")):
         wnid = (obj.findtext("name") or "").strip()
@@ -105,7 +117,7 @@ def _read_xml(file: Path, table: BoxTable) -> None:
             continue
         wnids.append(wnid)
         boxes.append(box)
-    _add(table, Path(name).stem if "." in name else name, wnids, boxes, size)
+    _add(table, file.stem, wnids, boxes, size)
 
 
 def _image_size(root: ET.Element, file: Path) -> tuple[int, int] | None:

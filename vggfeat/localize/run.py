@@ -54,8 +54,8 @@ def images_with_boxes(folder: str | os.PathLike, boxes: BoxTable) -> LocImages:
             paths.append(path)
             truths.append(truth)
     if not paths:
-        raise InputError(f"none of the {len(found)} images in {folder} has a box in "
-                         f"{boxes.source}; images are matched by file name without extension")
+        raise InputError(f"none of the {len(found)} images in {folder} has a box: "
+                         f"{boxes.no_match(found.paths)}")
     return LocImages(paths, truths, missing)
 
 

@@ -116,8 +116,8 @@ class Localization(Task):
                 kept_boxes.append(own)
         if not paths:
             raise InputError(f"none of the {len(train)} training images in {root / 'train'} has "
-                             "a box; give the training boxes (LOC_train_solution.csv or the "
-                             "train bbox XML folder) with --boxes")
+                             f"a box: {table.no_match(train.paths)}; give the training boxes "
+                             "(LOC_train_solution.csv or the train bbox XML folder) with --boxes")
         # The head covers the classes the training images have boxes for (ILSVRC: all 1000),
         # not every class of the label space (1000 for WordNet-id folders): a class never
         # trained would keep random box outputs.
