@@ -22,6 +22,8 @@ Each step reports its peak ``torch.cuda.max_memory_allocated``.  The steps run i
 process under their own time budget; a step that fails, crashes the worker or runs out of time is
 recorded as such and the remaining steps run in a fresh worker.  The table goes to stdout and
 OUT/gpu_check.md, every figure to OUT/gpu_check.json; the exit status is 1 when a step did not pass.
+With ``--only``, the steps of an earlier report in OUT that were not run again are kept in it,
+each with the date and command of the run that measured it.
 """
 
 from __future__ import annotations
@@ -222,6 +224,38 @@ def _cell(text) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def merge_earlier(report: dict, earlier: dict | None) -> dict:
+    """``report`` with the steps of ``earlier`` (a report in the same folder) that it did not
+    run, in the order of STEPS, each marked with the run that measured it.  A dry run and a
+    GPU run are never mixed."""
+    if not earlier or earlier.get("dry_run") != report["dry_run"]:
+        return report
+    run = {"date": earlier.get("date", "?"), "command": earlier.get("command", "?")}
+    kept = {name: {**result, "run": result.get("run", run)}
+            for name, result in earlier.get("steps", {}).items()
+            if name in STEPS and name not in report["steps"]}
+    steps = {name: report["steps"].get(name) or kept[name] for name in STEPS
+             if name in report["steps"] or name in kept}
+    return {**report, "steps": steps}
+
+
+def _read_earlier(out: Path) -> dict | None:
+    """The report already in ``out``, None when there is none or it cannot be read."""
+    try:
+        earlier = json.loads((out / "gpu_check.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return earlier if isinstance(earlier, dict) and isinstance(earlier.get("steps"), dict) \
+        else None
+
+
+def cuda_device_count() -> int:
+    """The CUDA devices torch sees (the supervisor's only use of torch)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def markdown(report: dict) -> str:
     env = report.get("environment", {})
     dry = " (dry run: toy sizes on the CPU)" if report["dry_run"] else ""
@@ -239,6 +273,10 @@ def markdown(report: dict) -> str:
             text += f"; {result['error']}"
         lines.append(f"| {TITLES[name]} | {result['status']} | {_cell(text)} | "
                      f"{_cell(result.get('memory', ''))} | {result.get('seconds', 0):.1f} |")
+    earlier = [(TITLES[name], r["run"]) for name, r in report["steps"].items() if "run" in r]
+    if earlier:
+        lines += ["", "Kept from earlier runs: " + "; ".join(
+            f"{title} ({run['date']}, `{run['command']}`)" for title, run in earlier)]
     return "\n".join(lines) + "\n"
 
 
@@ -249,6 +287,11 @@ def main(argv: list[str] | None = None) -> int:
         import gpu_check_steps  # torch, vggfeat and the other benchmarks: in the worker only
 
         return gpu_check_steps.run(args, settings(args), args.worker_steps.split(","))
+    device = args.device or ("cpu" if args.dry_run else "cuda")
+    if device.startswith("cuda") and cuda_device_count() == 0:
+        print("gpu_check: no CUDA device: use --dry-run (or --device)", file=sys.stderr)
+        return 2
+    earlier = _read_earlier(args.out) if args.only is not None else None
     args.out.mkdir(parents=True, exist_ok=True)
     for stale in ("steps", "worker.log"):
         path = args.out / stale
@@ -261,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
               "dry_run": args.dry_run, "seconds": time.time() - start,
               "environment": json.loads(env_file.read_text()) if env_file.exists() else {},
               "settings": settings(args), "steps": steps}
+    report = merge_earlier(report, earlier)
     table = markdown(report)
     (args.out / "gpu_check.md").write_text(table)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=1) + "\n")

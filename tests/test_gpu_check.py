@@ -95,6 +95,7 @@ def test_a_hung_or_crashed_step_is_recorded_and_the_others_still_run(tmp_path, m
     monkeypatch.setattr(gpu_check, "worker_command",
                         lambda argv, todo, work: [sys.executable, str(worker), *argv,
                                                   "--worker-steps", ",".join(todo)])
+    monkeypatch.setattr(gpu_check, "cuda_device_count", lambda: 1)
     out = tmp_path / "check"
     status = gpu_check.main(["--only", "cuda_tests,train_eager,extract", "--step-seconds",
                              "cuda_tests=1.5", "--out", str(out)])
@@ -122,3 +123,45 @@ def test_unknown_step_names_are_refused(capsys):
         assert stop.value.code == 2
     errors = capsys.readouterr().err
     assert "--only: unknown step 'train'" in errors and "--step-seconds 'compile=60'" in errors
+
+
+def test_without_a_cuda_device_it_stops_at_once_and_names_dry_run(tmp_path, monkeypatch, capsys):
+    gpu_check = load_gpu_check()
+    monkeypatch.setattr(gpu_check, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(gpu_check, "supervise", lambda *a: pytest.fail("a step was started"))
+    assert gpu_check.main(["--out", str(tmp_path / "check")]) == 2
+    assert capsys.readouterr().err == "gpu_check: no CUDA device: use --dry-run (or --device)\n"
+    assert not (tmp_path / "check").exists()
+
+
+OK_WORKER = r"""
+import json, os, sys
+args = sys.argv[1:]
+out, todo = args[args.index("--out") + 1], args[args.index("--worker-steps") + 1].split(",")
+for name in todo:
+    with open(os.path.join(out, "steps", name + ".json"), "w") as f:
+        json.dump({"status": "ok", "summary": name + " done", "seconds": 0.1}, f)
+"""
+
+
+def test_only_some_steps_merges_them_into_the_earlier_report(tmp_path, monkeypatch, capsys):
+    gpu_check = load_gpu_check()
+    worker = tmp_path / "ok_worker.py"
+    worker.write_text(OK_WORKER)
+    monkeypatch.setattr(gpu_check, "worker_command",
+                        lambda argv, todo, work: [sys.executable, str(worker), *argv,
+                                                  "--worker-steps", ",".join(todo)])
+    monkeypatch.setattr(gpu_check, "cuda_device_count", lambda: 1)
+    out = tmp_path / "check"
+    assert gpu_check.main(["--only", "extract,train_compiled", "--out", str(out)]) == 0
+    first = json.loads((out / "gpu_check.json").read_text())
+    assert gpu_check.main(["--only", "train_eager,extract", "--out", str(out)]) == 0
+    report = json.loads((out / "gpu_check.json").read_text())
+    assert list(report["steps"]) == ["train_eager", "extract", "train_compiled"]
+    assert "run" not in report["steps"]["extract"]  # measured again: this run's
+    assert report["steps"]["train_compiled"]["run"] == {"date": first["date"],
+                                                        "command": first["command"]}
+    table = (out / "gpu_check.md").read_text()
+    assert "| training, vggfeat eager | ok |" in table and "| extraction | ok |" in table
+    assert "| training, compiled | ok |" in table
+    assert "Kept from earlier runs: training, compiled (" in table
