@@ -916,3 +916,20 @@ def test_xml_boxes_belong_to_the_image_of_the_xml_files_name(tmp_path):
     with pytest.raises(InputError, match=rf"1 boxes read from .*bbox, none matches an image "
                                          rf"name, e.g. {WNIDS[0]}_5 vs other"):
         images_with_boxes(tmp_path / "val", table)
+
+
+def test_json_and_predictions_naming_one_file_are_refused_up_front(tmp_path, capsys):
+    from vggfeat.cli.main import main
+
+    write_image(tmp_path / "val" / "a.JPEG")
+    write_loc_csv(tmp_path / "boxes.csv", {"a": [(WNIDS[0], (10, 10, 200, 150))]})
+    out = tmp_path / "out.csv"
+    with pytest.raises(SystemExit) as stop:
+        main(["localize", "evaluate", "--weights", str(constant_box_net(tmp_path)), "--data",
+              str(tmp_path), "--boxes", str(tmp_path / "boxes.csv"), "--method", "center-crop",
+              "--json", str(out), "--predictions", str(tmp_path / "." / "out.csv"),
+              "--workers", "0", "--quiet"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err == f"Error: --json and --predictions both name {out}; give " \
+                                      "each its own file\n"
+    assert not out.exists()

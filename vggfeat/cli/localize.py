@@ -122,6 +122,7 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
 
     from ..cache.lock import OutputLock
     from ..data.boxes import read_boxes
+    from ..errors import InputError
     from ..localize.predict import Localizer, classification_nets
     from ..localize.run import (
         draw_all,
@@ -131,6 +132,9 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
         write_summary,
     )
 
+    if predictions and json_out and Path(predictions).resolve() == Path(json_out).resolve():
+        raise InputError(f"--json and --predictions both name {json_out}; give each its own "
+                         "file")
     cls_weights = classification_nets(method, cls_weights)
     outputs = [p for p in (predictions, json_out) if p]
     with ExitStack() as held:
