@@ -156,15 +156,7 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
         journal = Path(f"{outputs[0]}.partial.jsonl") if outputs else None
         result = evaluate_localization(localizer, images, batch_size=batch_size,
                                        workers=workers, progress=not quiet, journal=journal)
-        for path, reason in result.failed:
-            click.echo(f"skipped {path}: {reason}", err=True)
-        if result.other_classes:
-            click.echo(f"{len(result.other_classes)} image(s) of classes the localisation net(s) "
-                       f"do not box are not scored, e.g. {result.other_classes[0]}", err=True)
-        empty = [p for p, guesses in zip(result.paths, result.guesses) if not guesses]
-        if empty:
-            click.echo(f"{len(empty)} image(s) got no guess (an empty prediction, scored as "
-                       f"wrong), e.g. {empty[0]}", err=True)
+        _report_unscored(result)
         weights = {"weights": list(loc_weights), "cls_weights": cls_weights,
                    "backend": localizer.locs[0].backend}
         if json_out:
@@ -179,6 +171,19 @@ def evaluate_command(loc_weights, cls_weights, data, boxes_path, method, scales,
     scales = " + ".join(",".join(map(str, qs)) for qs in localizer.net_scales)
     click.echo(f"{method} Q={scales} on {len(result.paths)} images: {errors} (images per forward: "
                f"{result.images_per_forward:.1f}, backend: {localizer.locs[0].backend})")
+
+
+def _report_unscored(result) -> None:
+    """The images a localisation run skipped, left out, or could not guess, on stderr."""
+    for path, reason in result.failed:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if result.other_classes:
+        click.echo(f"{len(result.other_classes)} image(s) of classes the localisation net(s) "
+                   f"do not box are not scored, e.g. {result.other_classes[0]}", err=True)
+    empty = [p for p, guesses in zip(result.paths, result.guesses) if not guesses]
+    if empty:
+        click.echo(f"{len(empty)} image(s) got no guess (an empty prediction, scored as "
+                   f"wrong), e.g. {empty[0]}", err=True)
 
 
 @localize_group.command("score")
