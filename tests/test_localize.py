@@ -933,3 +933,14 @@ def test_json_and_predictions_naming_one_file_are_refused_up_front(tmp_path, cap
     assert capsys.readouterr().err == f"Error: --json and --predictions both name {out}; give " \
                                       "each its own file\n"
     assert not out.exists()
+
+
+def test_a_classifier_spec_repeating_its_method_or_scales_is_refused():
+    from vggfeat.localize.predict import parse_classifier
+
+    with pytest.raises(vggfeat.errors.ConfigError, match="two scales parts, '224' and '384'"):
+        parse_classifier("W.safetensors@dense@224@384")
+    with pytest.raises(vggfeat.errors.ConfigError,
+                       match="two method parts, 'dense' and 'multi-crop'"):
+        parse_classifier("W.safetensors@224@dense@multi-crop")
+    assert parse_classifier("W.safetensors@224@dense") == ("W.safetensors", "dense", (224,))

@@ -101,17 +101,23 @@ def parse_classifier(spec: str) -> tuple[str, str, tuple[int, ...] | None]:
     ``runs/E-256-512/final.safetensors@dense+multi-crop@256,384,512`` or ``torchvision``."""
     parts = os.fspath(spec).split("@")
     method, scales = "dense", None
+    seen: dict[str, str] = {}  # "method"/"scales" → the part that gave it
     while len(parts) > 1:  # peel method and scales off the end; a path may hold an "@"
         last = parts[-1].replace(" ", "")
         if last in CLASSIFIER_METHODS:
-            method = last
+            kind, method = "method", last
         elif last and all(q.isdigit() for q in last.split(",")):
-            scales = tuple(int(q) for q in last.split(","))
+            kind, scales = "scales", tuple(int(q) for q in last.split(","))
         elif "/" in last or "." in last:  # part of a path
             break
         else:
             raise ConfigError(f"classification net {spec!r}: {last!r} is neither a method "
                               f"({', '.join(CLASSIFIER_METHODS)}) nor scales such as 256,384")
+        if kind in seen:
+            raise ConfigError(f"classification net {spec!r}: two {kind} parts, {last!r} and "
+                              f"{seen[kind]!r}; give one {kind} part "
+                              f"(WEIGHTS[@METHOD][@Q,Q,…], e.g. torchvision@dense@256,384,512)")
+        seen[kind] = last
         parts.pop()
     weights = "@".join(parts)
     if not weights:
