@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 
@@ -365,3 +366,16 @@ def test_disabled_downloads_name_the_offline_choices(offline_hubs):
         with pytest.raises(WeightsError, match=r"VGGFEAT_OFFLINE.*--weights random") as err:
             vggfeat.vgg("D", weights=source)
         assert "no network" not in str(err.value)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_written_weights_get_the_usual_file_mode_of_the_umask(tiny_weights, tmp_path, umask):
+    model = vggfeat.vgg(weights=tiny_weights)
+    before = os.umask(umask)
+    try:
+        paths = [vggfeat.save_weights(model, tmp_path / "w.safetensors"),
+                 vggfeat.fileio.write_json_atomic(tmp_path / "w.json", {"a": 1})]
+    finally:
+        os.umask(before)
+    assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o666 & ~umask)] * 2

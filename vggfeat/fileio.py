@@ -56,6 +56,44 @@ def create_new(path: str | os.PathLike, mode: int = 0o644) -> int:
                    mode)
 
 
+def new_file_mode() -> int:
+    """The mode a file the user creates gets: 0666 less the process's umask.
+
+    Read from /proc on Linux; elsewhere by setting the umask and restoring it at once.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _publishable(tmp: Path) -> None:
+    """Give the finished temporary the user's usual file mode (writers such as safetensors
+    leave it 0600) and flush it, through a descriptor of the plain file itself (never a
+    link)."""
+    if not stat.S_ISREG(os.lstat(tmp).st_mode):
+        raise OSError(errno.ELOOP, "the temporary file was replaced by a link or a folder "
+                      "while being written; nothing was published", str(tmp))
+    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.ELOOP, "the temporary file was replaced while being written; "
+                          "nothing was published", str(tmp))
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, new_file_mode())
+        else:
+            os.chmod(tmp, new_file_mode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's (or a folder's) data and metadata to disk.
 
@@ -87,17 +125,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     The temporary name is hidden (``.name.<random>.tmp``) so folder globs never see it.  It is
     created here, new (``O_EXCL``, not through a link), before the writer opens it: a file or a
     symbolic link planted under that name makes the write fail rather than write elsewhere, and
-    a temporary that is no longer a plain file when the block ends is not published.
+    a temporary that is no longer a plain file when the block ends is not published.  The
+    published file has the user's usual mode (0666 less the umask), whatever the writer gave it.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     os.close(create_new(tmp))
     try:
         yield tmp
-        if not stat.S_ISREG(os.lstat(tmp).st_mode):
-            raise OSError(errno.ELOOP, "the temporary file was replaced by a link or a folder "
-                          "while being written; nothing was published", str(tmp))
-        fsync_path(tmp)
+        _publishable(tmp)
         os.replace(tmp, path)
     except BaseException:
         try:
