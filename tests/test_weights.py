@@ -379,3 +379,18 @@ def test_written_weights_get_the_usual_file_mode_of_the_umask(tiny_weights, tmp_
     finally:
         os.umask(before)
     assert [oct(p.stat().st_mode & 0o777) for p in paths] == [oct(0o666 & ~umask)] * 2
+
+
+def test_weights_messages_name_the_cli_form_the_folder_and_the_bad_entry(tmp_path):
+    with pytest.raises(vggfeat.errors.ConfigError,
+                       match=r"drop width_mult/fc_dim \(--width-mult/--fc-dim\), or use random "
+                             r"weights \(weights='random', --weights random\)"):
+        vggfeat.vgg(weights="torchvision", width_mult=1 / 16)
+    folder = tmp_path / "somefolder"
+    folder.mkdir()
+    with pytest.raises(WeightsError, match=r"somefolder is a folder; give the weights file in it"):
+        vggfeat.vgg(weights=str(folder))
+    torch.save({"features.0.weight": torch.zeros(2), "epoch": 3}, tmp_path / "ckpt.pth")
+    with pytest.raises(WeightsError, match=r"ckpt\.pth does not hold a state dict of tensors: "
+                                           r"entry 'epoch' is of type int, not a tensor"):
+        vggfeat.vgg(weights=tmp_path / "ckpt.pth")

@@ -174,7 +174,8 @@ def _hub_weights(source: str, arch: str | None, options: dict, *, download: bool
     spec = parse_arch(arch or "D", batch_norm=options["batch_norm"])
     if (options["width_mult"] or 1.0, options["fc_dim"] or FC_DIM) != (1.0, FC_DIM):
         raise ConfigError(f"{source} weights are for the full-width net; drop width_mult/fc_dim "
-                          "or use weights=None")
+                          "(--width-mult/--fc-dim), or use random weights (weights='random', "
+                          "--weights random)")
     entry = pretrained_for(spec, source)
     path = fetch(entry, download=download, progress=progress)
     state_dict, _ = read_weights_file(path)

@@ -206,6 +206,9 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
     A pickle holding anything but tensors and containers is refused: it could run code.
     """
     path = Path(path)
+    if path.is_dir():
+        raise WeightsError(f"weights file {path} is a folder; give the weights file in it "
+                           "(.safetensors, .pth or .pt)")
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
@@ -240,8 +243,13 @@ def read_weights_file(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[
     for wrapper in ("state_dict", "model", "model_state"):
         if isinstance(obj, dict) and isinstance(obj.get(wrapper), dict):
             obj = obj[wrapper]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise WeightsError(f"{path} does not hold a state dict of tensors")
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path} does not hold a state dict of tensors (it holds a "
+                           f"{type(obj).__name__})")
+    other = next((k for k, v in obj.items() if not isinstance(v, Tensor)), None)
+    if other is not None:
+        raise WeightsError(f"{path} does not hold a state dict of tensors: entry {other!r} is "
+                           f"of type {type(obj[other]).__name__}, not a tensor")
     _refuse_non_finite(obj, path)
     return obj, {}
 
