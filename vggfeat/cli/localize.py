@@ -87,8 +87,8 @@ def train_command(data, boxes_paths, weights, head, finetune, lr, recipe_file, o
               help="localisation net weights (repeat --weights to merge several nets' boxes)")
 @click.option("--cls-weights", "cls_weights", multiple=True,
               help="classification net for the dense protocol's class scores, as "
-                   "WEIGHTS[@METHOD][@Q,Q,…]: WEIGHTS torchvision, timm, a file or random; METHOD "
-                   f"{', '.join(LOC_CLASSIFIER_METHODS[:-1])} or {LOC_CLASSIFIER_METHODS[-1]}; Q "
+                   "WEIGHTS[@METHOD][@Q,Q,…]: WEIGHTS torchvision, timm, a file or random; "
+                   f"METHOD {', '.join(LOC_CLASSIFIER_METHODS[:-1])} or {LOC_CLASSIFIER_METHODS[-1]}; Q "
                    "as vggfeat evaluate's default. Repeat it to fuse several nets, e.g. "
                    "D.safetensors@dense+multi-crop --cls-weights E.safetensors@dense+multi-crop "
                    f"(the paper's best system) [default: {DEFAULT_LOC_CLASSIFIER}]")
