@@ -45,6 +45,9 @@ from .winograd import (
 
 # Largest im2col copy of a dense fc layer's input windows (bytes).
 IM2COL_BYTES = 256 * 2**20
+# How auto times a case (part of the choices file's name): choices timed by an earlier method
+# are measured again.  2: both paths in turns (1: one path's two runs, then the other's).
+MEASUREMENT = 2
 
 
 def check_backend(backend: str) -> str:
@@ -177,11 +180,12 @@ class LayerChoices:
 
     @classmethod
     def for_this_machine(cls) -> LayerChoices:
-        """Choices kept under :func:`kernel_dir`, one file per CPU, thread count, torch and
-        kernel source, since each changes which path wins."""
+        """Choices kept under :func:`kernel_dir`, one file per CPU, thread count, torch,
+        kernel source and way of timing (:data:`MEASUREMENT`), since each changes which path
+        wins."""
         source = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
         machine = (f"{platform.machine()}-{cpu_name()}-{torch.get_num_threads()}t-"
-                   f"torch{torch.__version__}-{source}")
+                   f"torch{torch.__version__}-{source}-m{MEASUREMENT}")
         safe = "".join(ch if ch.isalnum() or ch in "-._" else "_" for ch in machine)
         return cls(kernel_dir() / "backend-choices" / f"{safe}.json")
 
