@@ -19,7 +19,8 @@ from .options import IntList, backend_option, device_option, device_options, mod
 @click.option("--method", type=click.Choice(METHODS), default="dense", show_default=True)
 @click.option("--scales", type=IntList(), default=None,
               help="test scales Q [default: the paper's: {S-32,S,S+32} for a fixed training S, "
-                   "256,384,512 for jittered or unknown S; 256 for center-crop]")
+                   "raised to at least 224 (224,256 for S=224); 256,384,512 for jittered or "
+                   "unknown S; 256 for center-crop]")
 @click.option("--train-scale", default=None,
               help="training S of the weights (256, 384 or 256-512) when the file does not say")
 @click.option("--fuse", "fuse_files", multiple=True, type=click.Path(exists=True, dir_okay=False),
