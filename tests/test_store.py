@@ -281,3 +281,35 @@ def test_a_store_settings_file_is_never_written_through_a_link(tmp_path, image_f
         run([image_folder], store, tiny_vgg("A"))
     assert victim.read_text() == "precious"
     assert sorted(p.name for p in store.iterdir()) == ["settings.json"]
+
+
+def plant_entry(store, **fields):
+    """A hand-written index entry after the store's own ones."""
+    import json
+
+    seq = len(list((store / "index").iterdir())) + 1
+    entry = store / "index" / f"{seq:012d}-{'0' * 32}.json"
+    data = {"format": "vggfeat-store/1", "added": {}, "removed": {}, "retired": [], **fields}
+    entry.write_text(json.dumps(data))
+    return entry
+
+
+def test_shard_names_leading_out_of_the_store_are_refused(tmp_path, image_folder):
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    entry = plant_entry(store, retired=["../../victim.txt"])
+    with pytest.raises(CacheError, match=f"index entry {entry} names the shard "
+                                         "'../../victim.txt'.*move it out"):
+        compact(store)
+    assert victim.read_text() == "keep me"
+    entry.unlink()
+    run([image_folder / "cat"], tmp_path / "outside.h5", model)
+    entry = plant_entry(store, added={"../../outside.h5": [4, 0, 1]})
+    with pytest.raises(CacheError, match=f"index entry {entry} names the shard"):
+        vggfeat.load_features(store)
+    entry.unlink()
+    entry = plant_entry(store, removed={"shard-x/../../y.h5": [0]})
+    with pytest.raises(CacheError, match="not a shard name"):
+        read_state(store)

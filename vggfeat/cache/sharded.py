@@ -155,14 +155,27 @@ def _read_entry(path: Path) -> Entry:
         data = json.loads(path.read_text())
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, not {FORMAT}")
-        return Entry(path.name, {k: list(v) for k, v in data["added"].items()},
-                     {k: list(v) for k, v in data["removed"].items()}, list(data["retired"]),
-                     data.get("class_names"), bool(data.get("labelled")))
+        entry = Entry(path.name, {k: list(v) for k, v in data["added"].items()},
+                      {k: list(v) for k, v in data["removed"].items()}, list(data["retired"]),
+                      data.get("class_names"), bool(data.get("labelled")))
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
         raise CacheError(f"index entry {path} is damaged ({err}); the store cannot be read "
                          "safely without it: restore it from a copy of the store, or move it "
                          "away to drop the change it records (then run the update "
                          "again)") from err
+    _check_shard_names(path, entry)
+    return entry
+
+
+def _check_shard_names(path: Path, entry: Entry) -> None:
+    """Every shard an entry names is a plain name in ``shards/``: a name such as
+    ``../../x`` would make readers serve, and compaction delete, a file outside the store."""
+    for name in [*entry.added, *entry.removed, *entry.retired]:
+        if not isinstance(name, str) or not SHARD_NAME.fullmatch(name):
+            raise CacheError(f"index entry {path} names the shard {name!r}, which is not a "
+                             "shard name (shard-….h5, a plain name in shards/): vggfeat did not "
+                             "write this entry; move it out of the store (or restore the store "
+                             "from a copy) before using the store")
 
 
 def publish_entry(store: Path, entry: Entry) -> Path:
