@@ -313,3 +313,19 @@ def test_shard_names_leading_out_of_the_store_are_refused(tmp_path, image_folder
     entry = plant_entry(store, removed={"shard-x/../../y.h5": [0]})
     with pytest.raises(CacheError, match="not a shard name"):
         read_state(store)
+
+
+def test_damaged_numbers_in_an_index_entry_are_named(tmp_path, image_folder):
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model)
+    shard = sorted((store / "shards").iterdir())[0].name
+    for removed in (["x"], [-1], [True], [9]):
+        entry = plant_entry(store, removed={shard: removed})
+        with pytest.raises(CacheError, match=f"index entry {entry} is damaged .*{shard}"):
+            vggfeat.load_features(store)
+        entry.unlink()
+    entry = plant_entry(store, added={shard: [8, -1, 5]})
+    with pytest.raises(CacheError, match=f"index entry {entry} is damaged"):
+        read_state(store)
+    entry.unlink()
+    assert len(vggfeat.load_features(store).paths) == 8

@@ -159,12 +159,34 @@ def _read_entry(path: Path) -> Entry:
                       {k: list(v) for k, v in data["removed"].items()}, list(data["retired"]),
                       data.get("class_names"), bool(data.get("labelled")))
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
-        raise CacheError(f"index entry {path} is damaged ({err}); the store cannot be read "
-                         "safely without it: restore it from a copy of the store, or move it "
-                         "away to drop the change it records (then run the update "
-                         "again)") from err
+        raise damaged_entry(path, str(err)) from err
     _check_shard_names(path, entry)
+    _check_numbers(path, entry)
     return entry
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_numbers(path: Path, entry: Entry) -> None:
+    """Entry numbers and sizes are counts: a negative one would remove a row from the end."""
+    bad = next((f"added {name}: {v!r} is not 3 counts" for name, v in entry.added.items()
+                if len(v) != 3 or not all(map(_count, v))), None)
+    bad = bad or next((f"removed {name}: {v!r} is not a list of entry numbers"
+                       for name, v in entry.removed.items() if not all(map(_count, v))), None)
+    names = entry.class_names
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str)
+                                                                    for n in names)):
+        bad = bad or f"class_names {names!r} is not a list of names"
+    if bad:
+        raise damaged_entry(path, bad[:300])
+
+
+def damaged_entry(path: Path, why: str) -> CacheError:
+    return CacheError(f"index entry {path} is damaged ({why}); the store cannot be read "
+                      "safely without it: restore it from a copy of the store, or move it away "
+                      "to drop the change it records (then run the update again)")
 
 
 def _check_shard_names(path: Path, entry: Entry) -> None:
@@ -239,13 +261,19 @@ def read_state(store: Path) -> State:
     removed: dict[str, set[int]] = {}
     order: list[str] = []
     retired: set[str] = set()
+    sizes: dict[str, int] = {}  # entries of each shard, as its adding entry says
     class_names, labelled = None, False
     for entry in entries:
         for name in entry.added:
             if name not in removed and name not in retired:
                 order.append(name)
                 removed[name] = set()
+        sizes.update((name, n_rows + n_failed) for name, (n_rows, n_failed, _) in
+                     entry.added.items())
         for name, dead in entry.removed.items():
+            if dead and name in sizes and max(dead) >= sizes[name]:
+                raise damaged_entry(store / INDEX / entry.name, f"removed {name}: entry "
+                                    f"{max(dead)} of a shard of {sizes[name]} entries")
             removed.setdefault(name, set()).update(dead)
         retired.update(entry.retired)
         class_names, labelled = entry.class_names, entry.labelled
