@@ -643,3 +643,16 @@ def test_lazy_features_hold_no_file_open_until_read_and_close(tmp_path, image_fo
     run([image_folder], out, tiny_vgg("A", seed=1), overwrite=True)  # a writer replaces it
     with pytest.raises(CacheError, match="changed since its rows were listed"):
         X[0]
+
+
+@pytest.mark.parametrize("suffix", [".h5", ""])
+def test_an_output_name_too_long_for_the_file_system_is_a_usage_error(tmp_path, suffix):
+    from click.testing import CliRunner
+
+    from vggfeat.cli.main import cli
+
+    name = str(tmp_path / ("x" * 300 + suffix))
+    result = CliRunner().invoke(cli, ["extract", str(tmp_path), "-o", name])
+    assert result.exit_code == 2, result.output
+    assert "Invalid value for '-o' / '--output'" in result.output
+    assert "File name too long; choose another name" in result.output

@@ -34,9 +34,12 @@ class FileOrStore(HDF5Output):
 
     def convert(self, value, param, ctx):
         path = Path(value)
-        if path.is_dir() or (not path.exists() and path.suffix == ""):
-            return value
-        return super().convert(value, param, ctx)
+        try:
+            is_store = path.is_dir() or (not path.exists() and path.suffix == "")
+        except OSError as err:  # a name too long for the file system, a loop of links, …
+            self.fail(f"{str(value)[:60]}{'…' if len(str(value)) > 60 else ''}: "
+                      f"{err.strerror or err}; choose another name", param, ctx)
+        return value if is_store else super().convert(value, param, ctx)
 
 
 @click.command("extract")
