@@ -626,6 +626,22 @@ def test_an_up_to_date_rerun_builds_no_net(tmp_path, image_folder, tiny_weights,
     assert again.up_to_date and built == ["meta"]
 
 
+def test_an_up_to_date_rerun_loads_neither_torchvision_nor_scikit_learn(tmp_path, image_folder,
+                                                                       tiny_weights):
+    """Each costs about a second to import: a rerun with nothing to do needs neither."""
+    out = tmp_path / "f.h5"
+    run_cli("extract", image_folder, "-o", out, "--weights", tiny_weights, "--scales", "224",
+            "--workers", "0")
+    code = ("import sys; from vggfeat.cli import main\n"
+            "try:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('loaded:', sorted(m for m in ('torchvision', 'sklearn') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, "extract", str(image_folder), "-o",
+                           str(out), "--weights", str(tiny_weights), "--scales", "224"],
+                          capture_output=True, text=True, check=True)
+    assert "is up to date" in proc.stderr + proc.stdout
+    assert "loaded: []" in proc.stdout, proc.stdout + proc.stderr
+
+
 def open_handles(path):
     fds = Path("/proc/self/fd")
     return sum(1 for fd in fds.iterdir() if os.path.realpath(fd) == str(path))

@@ -32,7 +32,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from sklearn.utils import Bunch
 
 from ..errors import CacheError, InputError
 from ..fileio import atomic_path, leftovers, sha256_file, write_bytes_atomic
@@ -493,6 +492,8 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
         if return_X_y:
             return data, target
         failed = list(zip(_strings(g["failed/paths"]), _strings(g["failed/reasons"])))
+        from sklearn.utils import Bunch  # imported here: scikit-learn takes a second to load
+
         return Bunch(data=data, target=target,
                      target_names=_strings(g["class_names"]) if "class_names" in g else None,
                      paths=_strings(g["paths"]), failed=failed,

@@ -28,13 +28,13 @@ def _meta_model(arch: str, batch_norm: bool = False) -> VGG:
               help="input side in px for the layer shapes (dense mode above 224)")
 def info_command(arch: str | None, size: int) -> None:
     """Weight layers, parameters and multiply-adds of every config (paper Table 2, exact)."""
-    from ..models import PRETRAINED, count_macs, count_params, weight_layers
+    from ..models import count_macs, count_params, pretrained_table, weight_layers
 
     click.echo(f"{'config':<8}{'name':<11}{'weight layers':>14}{'parameters':>14}"
                f"{'MACs @224':>12}  pretrained")
     for config in CFGS:
         model = _meta_model(config)
-        sources = sorted({src for (name, src) in PRETRAINED if name == COMMON_NAMES[config]})
+        sources = sorted({src for (name, src) in pretrained_table() if name == COMMON_NAMES[config]})
         click.echo(f"{config:<8}{COMMON_NAMES[config]:<11}{weight_layers(model):>14}"
                    f"{count_params(model):>14,}{count_macs(model) / 1e9:>11.3f}G  "
                    f"{', '.join(sources) or '-'}")

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
-from torchvision.transforms.v2 import functional as TF
 
 from ..choices import MAX_ASPECT
 
@@ -27,6 +26,15 @@ from ..choices import MAX_ASPECT
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 # An image longer than MAX_ASPECT (vggfeat.choices) times its short side is centre-cropped to
 # that ratio before rescaling, so a 1×4000 px strip cannot become a 256×1,024,000 tensor.
+
+
+def transforms():
+    """torchvision's v2 functional transforms, imported on first use: importing torchvision
+    costs about a second (it loads its detection ops and torch's compiler), which a rerun that
+    finds its output up to date never needs."""
+    from torchvision.transforms.v2 import functional
+
+    return functional
 
 
 class BadImage(Exception):
@@ -51,7 +59,7 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ten
                     raise BadImage(f"decompression bomb: {img.width}×{img.height} px is over the "
                                    f"{max_pixels} px limit")
                 img = ImageOps.exif_transpose(img)
-                return TF.pil_to_tensor(_to_rgb(img))
+                return transforms().pil_to_tensor(_to_rgb(img))
     except BadImage:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -135,11 +143,12 @@ def resize_short_side(image: Tensor, size: int) -> Tensor:
     """
     if min(image.shape[-2:]) == size:
         return image
-    return TF.resize(image, [size], interpolation=TF.InterpolationMode.BILINEAR, antialias=True)
+    tf = transforms()
+    return tf.resize(image, [size], interpolation=tf.InterpolationMode.BILINEAR, antialias=True)
 
 
 def center_crop(image: Tensor, size: int) -> Tensor:
-    return TF.center_crop(image, [size, size])
+    return transforms().center_crop(image, [size, size])
 
 
 def rescale_views(image: Tensor, scales: tuple[int, ...], *, max_aspect: float = MAX_ASPECT,
@@ -152,4 +161,4 @@ def rescale_views(image: Tensor, scales: tuple[int, ...], *, max_aspect: float =
 
 
 def to_pil(image: Tensor) -> Image.Image:
-    return TF.to_pil_image(image)
+    return transforms().to_pil_image(image)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from .images import BadImage, read_image
+from .images import BadImage, read_image, transforms
 
 
 class PreparedImages(Dataset):
@@ -82,6 +82,7 @@ def image_loader(paths: list[str], indices: np.ndarray, prepare: Callable[[Tenso
                  items: type[PreparedImages] = PreparedImages) -> DataLoader:
     """Batches (:class:`PreparedBatch` lists) of ``items`` (:class:`PreparedImages` or a
     subclass) in input order."""
+    transforms()  # loaded here, once: forked workers inherit torchvision instead of each loading it
     return DataLoader(items(paths, indices, prepare), batch_size=batch_size,
                       collate_fn=PreparedBatch, num_workers=workers,
                       worker_init_fn=single_threaded_worker,

@@ -18,8 +18,8 @@ _LAZY = {"detect_format": "convert", "infer_config": "convert", "to_torchvision"
          "CAFFE": "preprocessing", "IMAGENET": "preprocessing", "PAPER": "preprocessing",
          "Preprocessing": "preprocessing", "get_preprocessing": "preprocessing",
          "count_macs": "stats", "count_params": "stats", "weight_layers": "stats", "VGG": "vgg",
-         "score_map_size": "vgg", "PRETRAINED": "weights", "WeightsError": "weights",
-         "read_weights_file": "weights", "save_weights": "weights"}
+         "score_map_size": "vgg", "PRETRAINED": "weights", "pretrained_table": "weights",
+         "WeightsError": "weights", "read_weights_file": "weights", "save_weights": "weights"}
 
 __all__ = ["CFGS", "ArchSpec", "parse_arch", *_LAZY]
 

@@ -23,9 +23,9 @@ from .preprocessing import CAFFE, IMAGENET, Preprocessing, get_preprocessing
 from .vgg import VGG
 from .weights import (
     FORMAT_TAG,
-    PRETRAINED,
     fetch,
     pretrained_for,
+    pretrained_table,
     read_weights_file,
     sha256,
 )
@@ -132,7 +132,7 @@ def weights_source(weights, pretrained: bool | None = None) -> tuple[str | None,
 def _enum_arch(weights) -> str:
     """``VGG19_BN_Weights.IMAGENET1K_V1`` → ``vgg19_bn``, checked against the published files."""
     arch = type(weights).__name__.removesuffix("_Weights").lower()
-    entry = PRETRAINED.get((arch, "torchvision"))
+    entry = pretrained_table().get((arch, "torchvision"))
     if entry is None:
         raise WeightsError(f"{weights} are not weights of a VGG vggfeat knows; use one of "
                            "VGG11/13/16/19(_BN)_Weights")

@@ -8,6 +8,7 @@ tensors: ``.pth`` files are read with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -32,7 +33,7 @@ FORMAT_TAG = "vggfeat"
 
 @dataclass(frozen=True)
 class PretrainedWeights:
-    """One published set of weights (an entry of :data:`PRETRAINED`)."""
+    """One published set of weights (an entry of :func:`pretrained_table`)."""
 
     source: str  # "torchvision" or "timm"
     arch: str  # common name, e.g. "vgg16_bn"
@@ -62,17 +63,27 @@ def _torchvision_entries() -> dict[tuple[str, str], PretrainedWeights]:
     return entries
 
 
-PRETRAINED: dict[tuple[str, str], PretrainedWeights] = _torchvision_entries()
+@functools.lru_cache(maxsize=1)
+def pretrained_table() -> dict[tuple[str, str], PretrainedWeights]:
+    """The published weights by (torchvision architecture name, hub), read from torchvision's
+    weight enums on first use (importing torchvision takes about a second)."""
+    return _torchvision_entries()
+
+
+def __getattr__(name: str):
+    if name == "PRETRAINED":  # the table, built when first asked for
+        return pretrained_table()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def pretrained_for(spec: ArchSpec, source: str) -> PretrainedWeights:
-    key = (spec.common_name, source)
-    if key not in PRETRAINED:
-        have = sorted({arch for arch, src in PRETRAINED if src == source})
+    key, table = (spec.common_name, source), pretrained_table()
+    if key not in table:
+        have = sorted({arch for arch, src in table if src == source})
         raise WeightsError(f"no {source} weights exist for VGG {spec.name} ({spec.common_name}); "
                            f"{source} publishes: {', '.join(have)}. Train one with `vggfeat train` "
                            "or pass a weights file.")
-    return PRETRAINED[key]
+    return table[key]
 
 
 def offline(download: bool = True) -> bool:
