@@ -329,3 +329,34 @@ def test_damaged_numbers_in_an_index_entry_are_named(tmp_path, image_folder):
         read_state(store)
     entry.unlink()
     assert len(vggfeat.load_features(store).paths) == 8
+
+
+def test_export_refuses_to_replace_or_write_inside_and_carries_the_attributes(tmp_path,
+                                                                             image_folder):
+    from vggfeat.cache.sharded import export_file
+    from vggfeat.cache.store import read_attrs
+
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model)
+    run([image_folder], tmp_path / "ref.h5", model)
+    other = tmp_path / "other.h5"
+    other.write_bytes(b"someone's file")
+    with pytest.raises(CacheError, match=f"{other} already exists: pass --overwrite"):
+        export_file(store, other)
+    assert other.read_bytes() == b"someone's file"
+    with pytest.raises(CacheError, match="inside the feature store"):
+        export_file(store, store / "inside.h5")
+    with pytest.raises(CacheError, match="inside the feature store"):
+        export_file(store, store / "shards" / "x.h5", overwrite=True)
+    assert sorted(p.name for p in store.iterdir()) == ["index", "settings.json", "shards"]
+    with pytest.raises(CacheError, match=r"export file .*z.npy must be named .h5 or .hdf5: "
+                                         r"vggfeat writes HDF5 files \(e.g. z.h5\)$"):
+        export_file(store, tmp_path / "z.npy")
+    assert export_file(store, other, overwrite=True) == 8
+    attrs, ref = read_attrs(other), read_attrs(tmp_path / "ref.h5")
+    for key in ("weights_source", "vggfeat_version", "torch_version"):
+        assert attrs[key] == ref[key]
+    assert attrs["created"][:4] == ref["created"][:4] and attrs["complete"]
+    compact(store, threshold=0.0001)  # a compaction's entry carries the writer on
+    export_file(store, other, overwrite=True)
+    assert read_attrs(other)["weights_source"] == ref["weights_source"]

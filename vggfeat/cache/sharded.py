@@ -135,6 +135,7 @@ class Entry:
     retired: list[str] = field(default_factory=list)
     class_names: list[str] | None = None
     labelled: bool = False  # the writer's inputs had classes
+    writer: dict | None = None  # WRITER_KEYS of the run that computed the rows it adds
 
     @property
     def seq(self) -> int:
@@ -157,12 +158,24 @@ def _read_entry(path: Path) -> Entry:
             raise ValueError(f"format {data.get('format')!r}, not {FORMAT}")
         entry = Entry(path.name, {k: list(v) for k, v in data["added"].items()},
                       {k: list(v) for k, v in data["removed"].items()}, list(data["retired"]),
-                      data.get("class_names"), bool(data.get("labelled")))
+                      data.get("class_names"), bool(data.get("labelled")),
+                      _writer(data.get("writer")))
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
         raise damaged_entry(path, str(err)) from err
     _check_shard_names(path, entry)
     _check_numbers(path, entry)
     return entry
+
+
+# What an entry records of the run that wrote it, and an exported file carries (extract.md).
+WRITER_KEYS = ("weights_source", "vggfeat_version", "torch_version")
+
+
+def _writer(value) -> dict | None:
+    if value is not None and not (isinstance(value, dict) and all(
+            isinstance(value.get(k), str) for k in WRITER_KEYS)):
+        raise ValueError(f"writer {value!r} is not {{{', '.join(WRITER_KEYS)}}}")
+    return None if value is None else {k: value[k] for k in WRITER_KEYS}
 
 
 def _count(value) -> bool:
@@ -207,7 +220,8 @@ def publish_entry(store: Path, entry: Entry) -> Path:
     name = f"{max(seqs, default=0) + 1:012d}-{uuid.uuid4().hex}.json"
     data = {"format": FORMAT, "added": entry.added, "removed": entry.removed,
             "retired": entry.retired, "class_names": entry.class_names,
-            "labelled": entry.labelled, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            "labelled": entry.labelled, "writer": entry.writer,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         return write_json_atomic(folder / name, data, indent=None)
     except OSError as err:
@@ -239,6 +253,11 @@ class State:
     listed: set[str]          # every shard any entry names
     retired: set[str]         # shards retired by an entry
     class_names: list[str] | None
+
+    @property
+    def writer(self) -> dict | None:
+        """What the latest entry that records it says of its writer (see WRITER_KEYS)."""
+        return next((e.writer for e in reversed(self.entries) if e.writer), None)
 
     def live_rows(self) -> list[tuple[str, int, int]]:
         """(path, shard number, row) of every live row, sorted by path."""
@@ -612,7 +631,7 @@ def plan_changes(plan, state: State, images) -> Changes:
 
 
 def publish_update(store: Path, state: State, plan, changes: Changes, images, *, dim: int,
-                   n_scales: int, dtype: str) -> Entry:
+                   n_scales: int, dtype: str, writer: dict | None = None) -> Entry:
     """Write the shards an update needs beyond its computed ones, then its index entry."""
     folder = _folder(store, SHARDS, create=True)
     keep = dict(changes.keep)
@@ -636,6 +655,7 @@ def publish_update(store: Path, state: State, plan, changes: Changes, images, *,
                               failed_ids=ids, dtype=dtype, label_names=[])
         keep[written] = np.arange(len(changes.failures))
     entry = _entry(state, keep, changes)
+    entry.writer = None if writer is None else {k: str(writer[k]) for k in WRITER_KEYS}
     publish_entry(store, entry)
     return entry
 
@@ -694,7 +714,7 @@ def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compact
     written = _rewrite(state, [s for s in victims if s.live.any()], folder)
     if victims:
         entry = Entry("", class_names=state.class_names, labelled=state.class_names is not None,
-                      retired=[s.name for s in victims])
+                      retired=[s.name for s in victims], writer=state.writer)
         for path in written:
             with h5py.File(path, "r") as f:
                 entry.added[path.name] = [len(f["paths"]), len(f["failed/paths"]),
@@ -752,13 +772,19 @@ def _copy_entries(folder: Path, state: State, rows, failed, *, dim, n_scales, dt
 
 # -- export and description ------------------------------------------------------------------------
 
-def export_file(store: Path, output: Path) -> int:
-    """Write the store's live rows (sorted by path) as one feature file; the number of rows."""
+def export_file(store: Path, output: Path, *, overwrite: bool = False) -> int:
+    """Write the store's live rows (sorted by path) as one feature file; the number of rows.
+    Its attributes are an extract output's: the settings, what the latest entry records of its
+    writer (weights source, versions), and ``created`` (the export's time)."""
     from .store import check_suffix, check_writable, write_features
 
-    check_suffix(output)
+    check_suffix(output, "export file")
+    check_export_target(store, output, overwrite)
     check_writable(output)
     state = read_state(store)
+    if state.settings is None:
+        raise CacheError(f"{store} is not a vggfeat feature store (no {SETTINGS})")
+    writer = state.writer or dict.fromkeys(WRITER_KEYS, "unknown (an earlier vggfeat)")
     rows, failures = state.live_rows(), state.live_failures()
     shards = state.shards
     files = [store / SHARDS / s.name for s in shards]
@@ -774,9 +800,20 @@ def export_file(store: Path, output: Path) -> int:
         failed_reasons=[shards[k].index.reasons[e - shards[k].index.n_rows]
                         for _, k, e in failures],
         failed_ids=_ids_of(state, failures),
-        attrs={**attrs_of(state), "complete": True}, dim=dim,
+        attrs={**attrs_of(state), **writer, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+               "complete": True}, dim=dim,
         n_scales=len((state.settings or {}).get("scales", [1])), dtype=dtype)
     return len(rows)
+
+
+def check_export_target(store: Path, output: Path, overwrite: bool) -> None:
+    """An export never writes into the store, nor replaces a file unasked."""
+    if output.resolve().is_relative_to(store.resolve()):
+        raise CacheError(f"{output} is inside the feature store {store}: a store holds only "
+                         "the files vggfeat writes there; choose a path outside it")
+    if (output.exists() or output.is_symlink()) and not overwrite:
+        raise CacheError(f"{output} already exists: pass --overwrite to replace it, or choose "
+                         "another name")
 
 
 def _ids_of(state: State, entries) -> FileIds:

@@ -45,9 +45,10 @@ def compact_command(store: Path, threshold: float) -> None:
 @click.argument("store", type=STORE)
 @click.option("--to", "to", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="the .h5/.hdf5 file to write, in the layout of a single-file output")
-def export_command(store: Path, to: Path) -> None:
+@click.option("--overwrite", is_flag=True, help="replace the file if it exists")
+def export_command(store: Path, to: Path, overwrite: bool) -> None:
     """Write STORE's live rows as one feature file (rows sorted by path)."""
     from ..cache.sharded import export_file
 
-    rows = export_file(store, to)
+    rows = export_file(store, to, overwrite=overwrite)
     click.echo(f"{rows} rows of {store} → {to}", err=True)

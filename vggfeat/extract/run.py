@@ -361,7 +361,7 @@ def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, 
     changes = plan_changes(plan, state, images)
     if not changes.nothing_to_do(state):
         entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
-                               dtype=dtype)
+                               dtype=dtype, writer=_file_attrs(settings, model))
         if needs_compaction(state, entry):
             compact(store)
     return int(np.count_nonzero(plan.is_row())) - plan.reused
