@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from pathlib import Path
 
 import pytest
 import timm
@@ -73,17 +74,22 @@ def test_torchvision_hub_cache_offline(name, offline_hubs):
     assert model.weights_meta["file"] == str(cached)
 
 
-@pytest.mark.parametrize("name", ["vgg13", "vgg19_bn"])
-def test_timm_hf_cache_offline(name, offline_hubs):
-    ref = random_timm(name)
-    perturb_bn(ref)
-    repo = offline_hubs / "hf" / f"models--timm--{name}.tv_in1k"
+def put_in_hf_cache(hub: Path, name: str, model: torch.nn.Module) -> None:
+    """``model``'s weights where the Hugging Face hub keeps timm's ``{name}.tv_in1k``."""
+    repo = hub / f"models--timm--{name}.tv_in1k"
     commit = "0123456789abcdef0123456789abcdef01234567"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(commit)
     (repo / "snapshots" / commit).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
               str(repo / "snapshots" / commit / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", ["vgg13", "vgg19_bn"])
+def test_timm_hf_cache_offline(name, offline_hubs):
+    ref = random_timm(name)
+    perturb_bn(ref)
+    put_in_hf_cache(offline_hubs / "hf", name, ref)
     model = vggfeat.vgg(name, weights="timm").eval()
     with torch.no_grad():
         torch.testing.assert_close(model(X224), ref(X224), rtol=1e-4, atol=1e-4)
@@ -348,13 +354,7 @@ def test_hub_weights_in_the_cache_load_at_once_without_network(no_network):
     import time
 
     ref = random_timm("vgg11")
-    repo = no_network / "hf" / "models--timm--vgg11.tv_in1k"
-    commit = "0123456789abcdef0123456789abcdef01234567"
-    (repo / "refs").mkdir(parents=True)
-    (repo / "refs" / "main").write_text(commit)
-    (repo / "snapshots" / commit).mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in ref.state_dict().items()},
-              str(repo / "snapshots" / commit / "model.safetensors"))
+    put_in_hf_cache(no_network / "hf", "vgg11", ref)
     start = time.monotonic()
     model = vggfeat.vgg("A", weights="timm")
     assert time.monotonic() - start < 15  # reading 0.5 GB; the hub's retries alone take 30 s
