@@ -672,3 +672,19 @@ def test_an_output_name_too_long_for_the_file_system_is_a_usage_error(tmp_path, 
     assert result.exit_code == 2, result.output
     assert "Invalid value for '-o' / '--output'" in result.output
     assert "File name too long; choose another name" in result.output
+
+
+def test_a_full_disk_is_reported_in_a_readable_unit(tmp_path, image_folder, monkeypatch):
+    import vggfeat.cache.store as store
+
+    free = 20 << 10  # a 16 KB output does not fit in 20 KiB once HDF5's overhead is counted
+    monkeypatch.setattr(store.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(free, 0, free))
+    with pytest.raises(CacheError, match=r"cannot write .*f\.h5: it needs about 5\d\.\d KiB and "
+                                         r".* has 20\.0 KiB free; free some space"):
+        run([image_folder], tmp_path / "f.h5", tiny_vgg("A"))
+    monkeypatch.undo()
+    run([image_folder], tmp_path / "f.h5", tiny_vgg("A"))  # the computed rows are kept
+    size = (tmp_path / "f.h5").stat().st_size
+    assert size < store.estimated_bytes(8, 32, 1, "float32") < 4 * size
+    assert [store.readable_size(n) for n in (0, 1023, 1536, 5 << 20, 3 << 30)] == [
+        "0 bytes", "1023 bytes", "1.5 KiB", "5.0 MiB", "3.0 GiB"]
