@@ -360,3 +360,14 @@ def test_export_refuses_to_replace_or_write_inside_and_carries_the_attributes(tm
     compact(store, threshold=0.0001)  # a compaction's entry carries the writer on
     export_file(store, other, overwrite=True)
     assert read_attrs(other)["weights_source"] == ref["weights_source"]
+
+
+def test_compact_refuses_a_folder_that_is_not_a_store(tmp_path, image_folder):
+    before = files_of(image_folder)
+    proc = run_cli("store", "compact", image_folder, check=False)
+    assert proc.returncode != 0
+    assert f"Error: {image_folder} is not a vggfeat feature store" in proc.stderr
+    with pytest.raises(CacheError, match="not a vggfeat feature store"):
+        compact(image_folder)
+    assert files_of(image_folder) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]

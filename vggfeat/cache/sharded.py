@@ -303,6 +303,15 @@ def read_state(store: Path) -> State:
                  class_names if labelled else None)
 
 
+def read_store(store: Path) -> State:
+    """:func:`read_state` of a folder that is a store (holds ``settings.json``)."""
+    state = read_state(store)
+    if state.settings is None:
+        raise CacheError(f"{store} is not a vggfeat feature store (no {SETTINGS}); stores are "
+                         "written by vggfeat extract -o FOLDER")
+    return state
+
+
 def _live_shard(store: Path, name: str, dead: set[int]) -> Shard:
     path = store / SHARDS / name
     try:
@@ -701,7 +710,7 @@ def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compact
     files.  Crash-safe: until the entry is
     published the new shards are unlisted (and deleted by the next compaction); after it the old
     files are only garbage (deleted by the next compaction).  Call it holding the store's lock."""
-    state = read_state(store)
+    state = read_store(store)
     folder = _folder(store, SHARDS)
     for leftover in unlisted_shards(store, state):
         if leftover.name.startswith("shard-c-"):  # a killed compaction's: never listed

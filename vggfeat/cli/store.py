@@ -31,9 +31,9 @@ def info_command(store: Path) -> None:
 def compact_command(store: Path, threshold: float) -> None:
     """Rewrite STORE's mostly dead shards and delete retired ones (crash-safe)."""
     from ..cache.lock import OutputLock
-    from ..cache.sharded import compact, read_state
+    from ..cache.sharded import compact, read_store
 
-    read_state(store)  # a damaged or foreign store is named before anything is written
+    read_store(store)  # a damaged or foreign store is named before anything is written
     with OutputLock(store):
         done = compact(store, threshold=threshold)
     click.echo(f"{store}: {done.rewritten} shards rewritten into {done.new_shards}, "
