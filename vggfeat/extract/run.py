@@ -23,7 +23,6 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
-from itertools import chain
 from pathlib import Path
 
 import h5py
@@ -452,27 +451,21 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, parts: Pat
                     desc=f"extract {spec.layer}" + (f" rank 0/{dist.world_size}"
                                                      if dist.world_size > 1 else ""))
     failures = 0
-    # Same-shape images run together across batches; rows come back in input order.
+    # Same-shape images run together across batches.  Finished images are published whatever
+    # their order (shards need none), so a kill loses at most --shard-size finished images.
     stream = net.stream(on_progress=bar.update)
     try:
         with _sigterm_unwinds():
-            for batch in chain(loader, [None]):  # None: the end, where short passes run
-                if batch is None:
-                    stream.finish()
-                for index, views, reason, identity in batch or ():
-                    if reason is not None:
-                        failures += 1
-                        if opts.strict:
-                            raise ExtractError(f"{images.paths[index]}: {reason} (--strict stops "
-                                               "at the first bad image; without it, bad images "
-                                               "are recorded and skipped)")
-                        buffer.add_failure(index, reason, identity)
-                        bar.update(1)
-                    else:
-                        stream.add((index, identity, [v.shape[-2:] for v in views]), views)
-                # Finished images are published whatever their order (shards need none), so a
-                # kill loses at most --shard-size finished images.
-                _hand_over(stream.take(out_of_order=True), net, buffer)
+            for done, unread in stream.run_loader(loader, unpack=_stream_entry,
+                                                  out_of_order=True):
+                for index, _, reason, identity in unread:
+                    failures += 1
+                    if opts.strict:
+                        raise ExtractError(f"{images.paths[index]}: {reason} (--strict stops at "
+                                           "the first bad image; without it, bad images are "
+                                           "recorded and skipped)")
+                    buffer.add_failure(index, reason, identity)
+                _hand_over(done, net, buffer)
                 buffer.maybe_flush()
                 bar.set_postfix(failed=failures, refresh=False)
     finally:
@@ -483,6 +476,12 @@ def _compute(net: DescriptorNet, images: ImageList, mine: np.ndarray, parts: Pat
         finally:
             buffer.flush()
             bar.close()
+
+
+def _stream_entry(item: tuple) -> tuple[tuple, list]:
+    """A decoded loader item → (key kept with its results, views) for the stream."""
+    index, views, _, identity = item
+    return (index, identity, [v.shape[-2:] for v in views]), views
 
 
 NON_FINITE = ("non-finite descriptor (NaN or infinity): the weights or this image give no "
