@@ -371,3 +371,21 @@ def test_compact_refuses_a_folder_that_is_not_a_store(tmp_path, image_folder):
         compact(image_folder)
     assert files_of(image_folder) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["images"]
+
+
+@pytest.mark.parametrize("folder", ["shards", "index"])
+def test_readers_refuse_a_link_at_a_store_folder(tmp_path, image_folder, folder):
+    from vggfeat.cache.sharded import export_file
+
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model)
+    (store / folder).rename(tmp_path / "moved")
+    os.symlink(tmp_path / "moved", store / folder)
+    link = f"{store / folder} is a symbolic link, which vggfeat never follows"
+    for read in (lambda: vggfeat.load_features(store),
+                 lambda: vggfeat.load_features(store, lazy=True),
+                 lambda: list(iter_features(store)),
+                 lambda: export_file(store, tmp_path / "x.h5")):
+        with pytest.raises(CacheError, match=link):
+            read()
+    assert not (tmp_path / "x.h5").exists()
