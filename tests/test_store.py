@@ -389,3 +389,17 @@ def test_readers_refuse_a_link_at_a_store_folder(tmp_path, image_folder, folder)
         with pytest.raises(CacheError, match=link):
             read()
     assert not (tmp_path / "x.h5").exists()
+
+
+def test_an_immutable_store_is_called_immutable(tmp_path, image_folder):
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder / "cat"], store, model)
+    if os.geteuid() != 0 or subprocess.run(["chattr", "+i", str(store)],
+                                           capture_output=True).returncode:
+        pytest.skip("needs root and chattr to make a folder immutable")
+    try:
+        with pytest.raises(CacheError, match=f"{store} is immutable or append-only .*chattr -i"):
+            run([image_folder], store, model)
+    finally:
+        subprocess.run(["chattr", "-i", str(store)], check=True)
+    assert len(vggfeat.load_features(store).paths) == 4

@@ -128,7 +128,16 @@ def check_name_length(output: Path, extra: int = DERIVED_EXTRA) -> None:
 
 def _immutable(path: Path) -> bool:
     """True when ``path`` cannot be opened for writing even by its owner: EPERM (immutable or
-    append-only attribute), as opposed to EACCES (permissions)."""
+    append-only attribute), as opposed to EACCES (permissions).  A folder (a store) is
+    probed by creating an entry in it, which only an immutable folder refuses with EPERM."""
+    if path.is_dir() and not path.is_symlink():
+        probe = path / f".vggfeat-probe-{os.getpid()}-{os.urandom(4).hex()}"
+        try:
+            probe.mkdir()
+        except OSError as err:
+            return err.errno == errno.EPERM
+        probe.rmdir()
+        return False
     try:
         fd = os.open(path, os.O_WRONLY | getattr(os, "O_NONBLOCK", 0)
                      | getattr(os, "O_NOFOLLOW", 0))
