@@ -14,8 +14,10 @@ order), then prints, for each backend in ``--backends`` (measured side by side, 
 * the network's share of the end-to-end run: the time its forward passes took within the run
   over the run's wall time (what the run spends outside the network: set-up, decoding,
   hashing, writing), which, unlike the ratio above, does not move with the machine's load,
-* the peak resident memory (RSS) of the end-to-end run: the main process, and the largest
-  decoding worker (sampled every 20 ms; target on CPU: ≤ 3 GB for the main process).
+* the peak memory of the end-to-end run: the main process's resident memory (RSS), and the
+  largest decoding worker's private memory (what it adds: its RSS also counts the pages it
+  shares with the main process), sampled every 20 ms; target on CPU: ≤ 3 GB for the main
+  process.
 
     python benchmarks/extract.py                      # VGG-16, Q = 256,384,512, CPU: eager vs auto
     python benchmarks/extract.py --backends eager,winograd,auto --repeats 3
@@ -62,6 +64,18 @@ def rss_bytes(pid: int | str = "self") -> int:
         return 0
 
 
+def private_bytes(pid: int | str) -> int:
+    """Memory a process holds for itself (private pages, ``/proc/PID/smaps_rollup``; 0 if it
+    is gone): a forked decoding worker's RSS also counts the pages it shares with the main
+    process."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return sum(int(line.split()[1]) << 10 for line in f
+                       if line.startswith(("Private_Clean:", "Private_Dirty:")))
+    except (OSError, ValueError):
+        return 0
+
+
 def child_pids() -> list[str]:
     pids = []
     for task in Path("/proc/self/task").glob("*"):
@@ -94,14 +108,15 @@ def network_time():
 
 @contextmanager
 def peak_rss(interval: float = 0.02):
-    """Sample the main process's and its children's RSS during a block: yields a dict that holds
-    ``main`` and ``worker`` (the largest child) peaks, in bytes, once the block ends (Linux)."""
+    """Sample the main process's RSS and its children's private memory during a block: yields a
+    dict that holds ``main`` and ``worker`` (the largest child) peaks, in bytes, once the block
+    ends (Linux)."""
     peaks, stop = {"main": 0, "worker": 0}, threading.Event()
 
     def sample() -> None:
         while not stop.wait(interval):
             peaks["main"] = max(peaks["main"], rss_bytes())
-            peaks["worker"] = max([peaks["worker"], *map(rss_bytes, child_pids())])
+            peaks["worker"] = max([peaks["worker"], *map(private_bytes, child_pids())])
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
@@ -192,7 +207,7 @@ def main() -> None:
     ref = backends[0]
     print(f"{'backend':10} {'forward-only':>14} {'end-to-end':>14} {'speed-up':>15} "
           f"{'max |Δ| vs ' + ref:>16} {'e2e/fwd':>8} {'net share':>9} {'images/forward':>15} "
-          f"{'peak RSS main / worker':>23}")
+          f"{'peak RSS main / worker private':>30}")
     for backend in backends:
         diff = float(np.abs(rows[backend] - rows[ref]).max())
         ran = nets[backend].backend
