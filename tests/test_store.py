@@ -403,3 +403,21 @@ def test_an_immutable_store_is_called_immutable(tmp_path, image_folder):
     finally:
         subprocess.run(["chattr", "-i", str(store)], check=True)
     assert len(vggfeat.load_features(store).paths) == 4
+
+
+def test_iter_features_feeds_partial_fit_from_a_store_or_a_file(tmp_path, image_folder):
+    from sklearn.linear_model import SGDClassifier
+
+    model = tiny_vgg("A")
+    run([image_folder], tmp_path / "feats", model)
+    run([image_folder], tmp_path / "f.h5", model)
+    for path in (tmp_path / "feats", tmp_path / "f.h5"):
+        X, y = vggfeat.load_features(path, return_X_y=True)
+        blocks = list(vggfeat.iter_features(path, rows=3))
+        assert [len(b) for b, _ in blocks] == [3, 3, 2]
+        np.testing.assert_array_equal(np.concatenate([b for b, _ in blocks]), X)
+        np.testing.assert_array_equal(np.concatenate([t for _, t in blocks]), y)
+        clf = SGDClassifier(random_state=0)
+        for X_block, y_block in vggfeat.iter_features(path, rows=3):
+            clf.partial_fit(X_block, y_block, classes=[0, 1])
+        assert clf.predict(X).shape == (8,)

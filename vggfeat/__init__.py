@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {"VGG": "models", "DescriptorSpec": "extract", "NewHeadWarning": "models",
          "Preprocessing": "models", "VGGFeatError": "errors", "WeightsError": "errors",
          "extract": "extract", "load_features": "cache", "save_weights": "models", "vgg": "models",
-         "image_folder": "data.folders"}
+         "image_folder": "data.folders", "iter_features": "cache"}
 __all__ = ["__version__", *_LAZY]
 
 
