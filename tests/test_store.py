@@ -421,3 +421,42 @@ def test_iter_features_feeds_partial_fit_from_a_store_or_a_file(tmp_path, image_
         for X_block, y_block in vggfeat.iter_features(path, rows=3):
             clf.partial_fit(X_block, y_block, classes=[0, 1])
         assert clf.predict(X).shape == (8,)
+
+
+def test_export_to_npy_and_parquet_for_embedding_readers(tmp_path, image_folder, monkeypatch):
+    from vggfeat.cache.npy import export_npy
+    from vggfeat.errors import MissingDependencyError
+
+    pq = pytest.importorskip("pyarrow.parquet")
+    model, store, out = tiny_vgg("A"), tmp_path / "feats", tmp_path / "npy"
+    run([image_folder], store, model)
+    whole = vggfeat.load_features(store)
+    assert export_npy(store, out, file_bytes=3 * 32 * 4) == 8  # 3 rows of 32 float32 a file
+    embs = sorted((out / "emb").iterdir())
+    metas = sorted((out / "metadata").iterdir())
+    assert [p.name for p in embs] == ["emb_00000.npy", "emb_00001.npy", "emb_00002.npy"]
+    assert [p.name for p in metas] == [f"metadata_0000{k}.parquet" for k in range(3)]
+    X = np.concatenate([np.load(p) for p in embs])
+    meta = [pq.read_table(p).to_pydict() for p in metas]
+    assert [len(np.load(e)) for e in embs] == [len(m["path"]) for m in meta] == [3, 3, 2]
+    np.testing.assert_array_equal(X, whole.data)
+    assert sum((m["path"] for m in meta), []) == whole.paths
+    assert sum((m["label"] for m in meta), []) == whole.target.tolist()
+    assert sum((m["class_name"] for m in meta), []) == [whole.target_names[t]
+                                                        for t in whole.target]
+    with pytest.raises(CacheError, match=f"{out} is not empty: pass --overwrite"):
+        export_npy(store, out)
+    assert export_npy(store, out, overwrite=True) == 8  # one file now: no stale pairs left
+    assert [p.name for p in (out / "emb").iterdir()] == ["emb_00000.npy"]
+    assert [p.name for p in (out / "metadata").iterdir()] == ["metadata_00000.parquet"]
+    with pytest.raises(CacheError, match="inside the feature store"):
+        export_npy(store, store / "npy")
+    assert "8 rows" in run_cli("store", "export", store, "--to-npy", tmp_path / "cli").stderr
+    assert np.array_equal(np.load(tmp_path / "cli" / "emb" / "emb_00000.npy"), whole.data)
+    both = run_cli("store", "export", store, "--to", tmp_path / "a.h5", "--to-npy", out,
+                   check=False)
+    assert both.returncode == 2 and "give one of --to FILE.h5 and --to-npy FOLDER" in both.stderr
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(MissingDependencyError, match=r"--to-npy needs pyarrow.*vggfeat\[parquet\]"):
+        export_npy(store, tmp_path / "npy2")
+    assert not (tmp_path / "npy2").exists()

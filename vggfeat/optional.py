@@ -1,4 +1,5 @@
-"""Packages only some commands need (``pip install "vggfeat[train]"``, ``[plot]``, ``[devkit]``)."""
+"""Packages only some commands need (``pip install "vggfeat[train]"``, ``[plot]``, ``[devkit]``,
+``[parquet]``)."""
 
 from __future__ import annotations
 

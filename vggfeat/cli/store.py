@@ -43,12 +43,22 @@ def compact_command(store: Path, threshold: float) -> None:
 
 @store_group.command("export")
 @click.argument("store", type=STORE)
-@click.option("--to", "to", required=True, type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--to", "to", type=click.Path(dir_okay=False, path_type=Path),
               help="the .h5/.hdf5 file to write, in the layout of a single-file output")
-@click.option("--overwrite", is_flag=True, help="replace the file if it exists")
-def export_command(store: Path, to: Path, overwrite: bool) -> None:
-    """Write STORE's live rows as one feature file (rows sorted by path)."""
-    from ..cache.sharded import export_file
+@click.option("--to-npy", "to_npy", type=click.Path(file_okay=False, path_type=Path),
+              help="a folder to write as emb/*.npy + metadata/*.parquet (the paths), the layout "
+                   "embedding-reader and autofaiss read (needs pyarrow: vggfeat[parquet])")
+@click.option("--overwrite", is_flag=True, help="replace the file, or an earlier --to-npy export")
+def export_command(store: Path, to: Path | None, to_npy: Path | None, overwrite: bool) -> None:
+    """Write STORE's live rows (sorted by path) as one feature file, or as .npy files."""
+    if (to is None) == (to_npy is None):
+        raise click.UsageError("give one of --to FILE.h5 and --to-npy FOLDER")
+    if to_npy is not None:
+        from ..cache.npy import export_npy
 
-    rows = export_file(store, to, overwrite=overwrite)
-    click.echo(f"{rows} rows of {store} → {to}", err=True)
+        rows = export_npy(store, to_npy, overwrite=overwrite)
+    else:
+        from ..cache.sharded import export_file
+
+        rows = export_file(store, to, overwrite=overwrite)
+    click.echo(f"{rows} rows of {store} → {to or to_npy}", err=True)
