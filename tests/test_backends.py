@@ -62,6 +62,28 @@ def test_winograd_conv_matches_float64_convolution(n, c, k, h, w, fallback, monk
             assert got.min() == 0
 
 
+@pytest.mark.parametrize("c,k,tiles", [(64, 64, 2048), (128, 128, 1024), (512, 512, 256),
+                                         (3, 64, 3912)])
+def test_blocks_grow_where_channels_are_few_within_the_same_memory(c, k, tiles):
+    """Fewer blocks, so fewer thread synchronisations, in the first layers; V and M of a block
+    never exceed what a 512→512 layer's 256-tile block holds."""
+    assert winograd.block_tiles(c, k) == tiles
+    assert 36 * tiles * (c + k) * 4 <= max(winograd.BLOCK_BYTES,
+                                           36 * winograd.BLOCK_TILES * (c + k) * 4)
+
+
+def test_many_uneven_blocks_match_one(monkeypatch):
+    """Tiles split over blocks (the last one short) give the same output as one block."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(2, 8, 37, 29), torch.randn(16, 8, 3, 3) / 9, torch.randn(16)
+    u = filter_transform(weight)
+    one = winograd_conv3x3(x, u, bias, relu=True)  # 2·10·8 = 160 tiles: one block
+    monkeypatch.setattr(winograd, "block_tiles", lambda c, k: 7)  # 23 blocks, the last of 6
+    many = winograd_conv3x3(x, u, bias, relu=True)
+    assert torch.allclose(one, many, rtol=0, atol=1e-6 * one.abs().max())
+    assert (many.double() - reference(x, weight, bias, True)).abs().max() <= 1e-5 * many.abs().max()
+
+
 @pytest.mark.parametrize("kernel,size", [(7, (9, 12)), (1, (3, 5))])
 @pytest.mark.parametrize("channels_last", [True, False])
 @pytest.mark.parametrize("im2col_bytes", [backends.IM2COL_BYTES, 3000], ids=["whole", "chunked"])

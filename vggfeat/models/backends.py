@@ -45,9 +45,10 @@ from .winograd import (
 
 # Largest im2col copy of a dense fc layer's input windows (bytes).
 IM2COL_BYTES = 256 * 2**20
-# How auto times a case (part of the choices file's name): choices timed by an earlier method
-# are measured again.  2: both paths in turns (1: one path's two runs, then the other's).
-MEASUREMENT = 2
+# How auto times a case and what it times (part of the choices file's name): choices timed by
+# an earlier method are measured again.  3: both paths in turns, Winograd blocks sized to the
+# channels (2: 256-tile blocks; 1: one path's two runs, then the other's).
+MEASUREMENT = 3
 
 
 def check_backend(backend: str) -> str:

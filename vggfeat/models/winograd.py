@@ -39,6 +39,18 @@ SOURCE = Path(__file__).with_name("csrc") / "winograd.c"
 # Tiles per block: V and M of a block (36 · tiles · channels floats each) stay in the L2/L3
 # caches while the matrix products read them; 256 was fastest from 64 to 512 channels.
 BLOCK_TILES = 256
+# Each block synchronises the threads three times (input transform, products, output
+# transform), and on cores shared with other busy processes each synchronisation waits for the
+# thread another process holds up: conv1_2 at Q = 512 (171 blocks of 256 tiles) then ran 3-6x
+# slower than with 2048-tile blocks, which are as fast on an idle machine.  So blocks hold
+# at least BLOCK_TILES tiles and as many more as fit in the V and M bytes of a 512→512 layer's
+# 256-tile block (2048 tiles at 64 channels).
+BLOCK_BYTES = 36 * BLOCK_TILES * (512 + 512) * 4
+
+
+def block_tiles(c: int, k: int) -> int:
+    """Tiles per block for C input and K output channels."""
+    return max(BLOCK_TILES, BLOCK_BYTES // (36 * (c + k) * 4))
 # A build folder older than this was left by a killed build (a build takes about a second).
 STALE_BUILD_SECONDS = 3600
 
@@ -217,7 +229,7 @@ def winograd_conv3x3(x: Tensor, u: Tensor, bias: Tensor | None, *, relu: bool = 
     bias = None if bias is None else bias.detach().float().contiguous()
     y = torch.empty(n, k, h, w, memory_format=torch.channels_last)
     tiles = n * -(-h // 4) * -(-w // 4)
-    block = min(BLOCK_TILES, tiles)
+    block = min(block_tiles(c, k), tiles)
     v_buf, m_buf = torch.empty(36 * block * c), torch.empty(36 * block * k)
     for t0 in range(0, tiles, block):
         count = min(block, tiles - t0)
