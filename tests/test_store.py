@@ -160,7 +160,8 @@ def test_store_commands_info_compact_export(tmp_path, image_folder, tiny_weights
     assert_same_rows(store, tmp_path / "ref.h5")
     exported = vggfeat.load_features(tmp_path / "all.h5")
     assert exported.paths == vggfeat.load_features(store).paths
-    assert "rewritten" in run_cli("store", "compact", store).stderr
+    compacted = run_cli("store", "compact", store).stderr
+    assert "rewritten" in compacted and " KiB → " in compacted  # not "0.0 MiB → 0.0 MiB"
     assert vggfeat.load_features(store).paths == exported.paths  # foreign file ignored
 
 

@@ -32,13 +32,14 @@ def compact_command(store: Path, threshold: float) -> None:
     """Rewrite STORE's mostly dead shards and delete retired ones (crash-safe)."""
     from ..cache.lock import OutputLock
     from ..cache.sharded import compact, read_store
+    from ..cache.store import readable_size
 
     read_store(store)  # a damaged or foreign store is named before anything is written
     with OutputLock(store):
         done = compact(store, threshold=threshold)
     click.echo(f"{store}: {done.rewritten} shards rewritten into {done.new_shards}, "
-               f"{done.retired} files deleted; live shards {done.bytes_before / 2**20:.1f} MiB "
-               f"→ {done.bytes_after / 2**20:.1f} MiB", err=True)
+               f"{done.retired} files deleted; live shards {readable_size(done.bytes_before)} "
+               f"→ {readable_size(done.bytes_after)}", err=True)
 
 
 @store_group.command("export")
