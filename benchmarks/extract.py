@@ -41,8 +41,8 @@ from PIL import Image
 
 import vggfeat
 from vggfeat.data.images import resize_short_side
-from vggfeat.extract import descriptor
-from vggfeat.extract import DescriptorNet, DescriptorSpec, extract
+from vggfeat.descriptors import descriptor
+from vggfeat.descriptors import DescriptorNet, DescriptorSpec, extract
 from vggfeat.devices import default_workers
 
 

@@ -242,7 +242,7 @@ def update(args) -> None:
     from PIL import Image
 
     import vggfeat
-    from vggfeat.extract import DescriptorSpec, extract
+    from vggfeat.descriptors import DescriptorSpec, extract
 
     model = vggfeat.vgg(args.arch, weights="random", width_mult=args.width_mult)
     spec = DescriptorSpec(scales=(args.scale,))

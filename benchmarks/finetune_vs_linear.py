@@ -29,7 +29,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.svm import LinearSVC
 
 import vggfeat
-from vggfeat.extract import DescriptorSpec
+from vggfeat.descriptors import DescriptorSpec
 from vggfeat.train import Recipe, train
 
 SOURCE, TARGET = (0, 1, 2, 3, 4), (5, 6, 7, 8, 9)

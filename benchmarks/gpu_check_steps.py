@@ -28,7 +28,7 @@ import torch.nn as nn
 import extract as extract_bench  # benchmarks/extract.py
 import train as train_bench  # benchmarks/train.py
 import vggfeat
-from vggfeat.extract import DescriptorSpec, extract
+from vggfeat.descriptors import DescriptorSpec, extract
 from vggfeat.fileio import write_json_atomic
 from vggfeat.models.runner import cudnn_benchmark, tf32_matmuls
 from vggfeat.models.stats import count_macs

@@ -33,7 +33,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 import vggfeat
-from vggfeat.extract import DescriptorSpec, extract
+from vggfeat.descriptors import DescriptorSpec, extract
 from vggfeat.models.convert import TIMM_FC
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -15,7 +15,7 @@ from conftest import run_cli, tiny_vgg, write_image
 
 import vggfeat
 from vggfeat.errors import ConfigError
-from vggfeat.extract import DescriptorNet, DescriptorSpec, ExtractOptions
+from vggfeat.descriptors import DescriptorNet, DescriptorSpec, ExtractOptions
 from vggfeat.models import backends, winograd
 from vggfeat.models.backends import GemmDenseLinear, LayerChoices, resolve_backend, with_backend
 from vggfeat.models.vgg import DenseLinear

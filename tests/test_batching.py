@@ -11,7 +11,7 @@ from conftest import run_cli, tiny_vgg, write_image
 import vggfeat
 from vggfeat.data.sources import gather_images
 from vggfeat.evaluate.run import evaluate
-from vggfeat.extract import extract
+from vggfeat.descriptors import extract
 from vggfeat.models.runner import ShapeBatches
 
 ASPECTS = {(240, 320): 17, (320, 240): 16, (256, 256): 15}  # landscape, portrait, square
@@ -138,7 +138,7 @@ def test_progress_moves_with_every_pass_not_only_when_images_finish():
 
 
 def test_extract_progress_bar_moves_per_pass(tmp_path, image_folder, tiny_weights, monkeypatch):
-    run = importlib.import_module("vggfeat.extract.run")  # (vggfeat.extract is the function)
+    run = importlib.import_module("vggfeat.descriptors.run")
     updates, make_bar = [], run.image_bar
 
     def recording_bar(*args, **kwargs):
@@ -158,7 +158,7 @@ def test_extract_progress_bar_moves_per_pass(tmp_path, image_folder, tiny_weight
 def test_cpu_passes_are_split_to_a_pixel_budget_with_the_same_rows():
     """8 same-shape images in one group run as 4 passes of 2 when a pass may hold 2 images'
     pixels: the memory of a pass is bounded, the descriptors are those of one big pass."""
-    from vggfeat.extract import DescriptorNet, DescriptorSpec
+    from vggfeat.descriptors import DescriptorNet, DescriptorSpec
     from vggfeat.models.runner import CPU_MAP_BYTES_PER_PASS
 
     gen = torch.Generator().manual_seed(0)

@@ -159,7 +159,7 @@ def test_multi_crop_sends_each_image_to_the_device_once_and_matches_cpu_crops():
 
 
 def test_descriptors_come_back_to_the_host_in_one_copy_per_batch():
-    from vggfeat.extract.descriptor import DescriptorNet, DescriptorSpec
+    from vggfeat.descriptors.descriptor import DescriptorNet, DescriptorSpec
 
     spec = DescriptorSpec(layer="fc7", scales=(224, 256))
     net = DescriptorNet(tiny_vgg("A"), spec, batch_size=4)

@@ -25,7 +25,7 @@ from vggfeat.cache import CacheError
 from vggfeat.data import read_image
 from vggfeat.data.images import resize_short_side
 from vggfeat.data.sources import gather_images
-from vggfeat.extract import DescriptorSpec, ExtractError, extract
+from vggfeat.descriptors import DescriptorSpec, ExtractError, extract
 
 
 def by_hand(model, path, layer, scales, flip=True, aggregate="mean", l2=True, pool="avg"):
@@ -332,7 +332,7 @@ def test_one_writer_per_output_and_stale_locks_are_taken_over(tmp_path, tiny_wei
 SIGTERM_RUN = """
 import os, signal, sys
 import vggfeat
-from vggfeat.extract import DescriptorNet, DescriptorSpec, extract
+from vggfeat.descriptors import DescriptorNet, DescriptorSpec, extract
 passes = 0
 forward = DescriptorNet.forward_views
 def counting(self, scale, batch):
@@ -571,7 +571,7 @@ def test_non_finite_descriptors_are_failures_not_rows(tmp_path, image_folder):
 def test_finished_images_are_published_as_shard_size_says(tmp_path, image_folder, monkeypatch):
     """Shapes in input order: A A C B A A C B; passes of 2 run A(0,1), A(4,5), then C(2,6).
     Before the third pass, 4 finished images must be on disk (not only 0 and 1)."""
-    from vggfeat.extract import DescriptorNet
+    from vggfeat.descriptors import DescriptorNet
 
     parts, published = tmp_path / "f.h5.parts", []
     forward = DescriptorNet.forward_views
@@ -610,7 +610,7 @@ def test_a_name_too_long_for_the_temporaries_is_refused_before_any_work(tmp_path
 
 
 def test_an_up_to_date_rerun_builds_no_net(tmp_path, image_folder, tiny_weights, monkeypatch):
-    run_module = sys.modules["vggfeat.extract.run"]
+    run_module = sys.modules["vggfeat.descriptors.run"]
     out, built = tmp_path / "f.h5", []
     extract([image_folder], out, spec=DescriptorSpec(scales=(224,)), weights=str(tiny_weights),
             workers=0, progress=False)

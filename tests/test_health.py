@@ -74,7 +74,7 @@ def test_leftovers_of_killed_writes_are_found_by_name(tmp_path):
 def test_all_user_errors_share_one_base_and_keep_their_old_types():
     from vggfeat.cache.store import CacheError
     from vggfeat.data.sources import InputError
-    from vggfeat.extract.run import ExtractError
+    from vggfeat.descriptors.run import ExtractError
     from vggfeat.models.weights import WeightsError
     from vggfeat.train.loop import TrainingError
     from vggfeat.train.recipe import RecipeError
@@ -120,7 +120,7 @@ def test_cli_does_not_hide_a_bugs_value_error(monkeypatch):
 def test_crop_mode_defaults_live_in_the_descriptor_spec():
     """``DescriptorSpec(crop=224)`` is torchvision's single centre crop: resize 256, no flip, as
     ``vggfeat extract --crop 224`` gives; dense descriptors keep the paper's scales and flip."""
-    from vggfeat.extract import DescriptorSpec
+    from vggfeat.descriptors import DescriptorSpec
 
     crop = DescriptorSpec(crop=224)
     assert (crop.scales, crop.flip) == ((256,), False)
@@ -219,7 +219,7 @@ def test_the_command_lines_choices_are_the_librarys():
     values must accept exactly those."""
     from vggfeat import choices
     from vggfeat.cache import store
-    from vggfeat.extract import run
+    from vggfeat.descriptors import run
     from vggfeat.transfer.protocols import PROTOCOLS
 
     assert choices.DTYPES == run.DTYPES

@@ -21,7 +21,7 @@ from conftest import write_image
 import vggfeat
 from vggfeat.cache import CacheError
 from vggfeat.data.sources import gather_images
-from vggfeat.extract import DescriptorSpec, extract
+from vggfeat.descriptors import DescriptorSpec, extract
 from vggfeat.sklearn import PowerNormalizer, ScaleAggregator, VGGFeatures
 
 

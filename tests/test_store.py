@@ -17,7 +17,7 @@ import vggfeat
 from vggfeat.cache import CacheError
 from vggfeat.cache.sharded import compact, iter_features, read_state
 from vggfeat.data.sources import gather_images
-from vggfeat.extract import DescriptorSpec, extract
+from vggfeat.descriptors import DescriptorSpec, extract
 
 SPEC = DescriptorSpec(scales=(224,))
 
@@ -208,7 +208,7 @@ KILLED = """
 import importlib, os, signal, sys
 from pathlib import Path
 import vggfeat.cache.sharded as sharded
-run = importlib.import_module("vggfeat.extract.run")
+run = importlib.import_module("vggfeat.descriptors.run")
 step, point, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 calls = 0
 

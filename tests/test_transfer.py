@@ -12,7 +12,7 @@ import vggfeat
 from vggfeat.data.folders import caltech_root, class_folders
 from vggfeat.data.sources import InputError
 from vggfeat.data.voc import VOC_CLASSES, read_voc
-from vggfeat.extract import DescriptorSpec, extract
+from vggfeat.descriptors import DescriptorSpec, extract
 from vggfeat.transfer import (
     PROTOCOLS,
     dataset_from_features,
@@ -174,7 +174,7 @@ def test_transfer_extracts_with_the_backend_it_is_given(caltech, tiny_weights, t
         seen.append((kwargs.get("backend"), result.backend))
         return result
 
-    for module in ("vggfeat.extract", "vggfeat.extract.run", "vggfeat.cli.transfer"):
+    for module in ("vggfeat.descriptors", "vggfeat.descriptors.run", "vggfeat.cli.transfer"):
         monkeypatch.setattr(importlib.import_module(module), "extract", spy, raising=False)
     main(["transfer", str(tmp_path / "f.h5"), "--protocol", "folder", "--data", str(caltech),
           "--weights", str(tiny_weights), "--scales", "224", "--workers", "0", "--C", "1",

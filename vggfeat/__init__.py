@@ -5,17 +5,15 @@ The public names are imported on first use, so ``import vggfeat`` (and the comma
 """
 
 # Private names, so that dir() shows the library's names only.
-from ._lazy import keep_function_name as _keep_function_name
 from ._lazy import lazy_names as _lazy_names
 
 __version__ = "0.1.0"
 
-_LAZY = {"VGG": "models", "DescriptorSpec": "extract", "NewHeadWarning": "models",
+_LAZY = {"VGG": "models", "DescriptorSpec": "descriptors", "NewHeadWarning": "models",
          "Preprocessing": "models", "VGGFeatError": "errors", "WeightsError": "errors",
-         "extract": "extract", "load_features": "cache", "save_weights": "models", "vgg": "models",
+         "extract": "descriptors", "load_features": "cache", "save_weights": "models", "vgg": "models",
          "image_folder": "data.folders", "iter_features": "cache"}
 __all__ = ["__version__", *_LAZY]
 
 
 __getattr__, __dir__ = _lazy_names(__name__, _LAZY)
-_keep_function_name(__name__, "extract")

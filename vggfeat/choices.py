@@ -4,7 +4,7 @@ The command line checks its arguments against these, and lists them in ``--help`
 loads torch or scikit-learn; the modules that act on the values import them from here.
 """
 
-# Descriptors (vggfeat.extract): global pooling, how scales are combined, the paper's scales.
+# Descriptors (vggfeat.descriptors): global pooling, how scales are combined, the paper's scales.
 POOLS = ("avg", "max")
 AGGREGATES = ("mean", "stack")
 DENSE_SCALES = (256, 384, 512)

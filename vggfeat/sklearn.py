@@ -51,8 +51,8 @@ from .errors import CacheError, ConfigError, InputError
 from .fileio import atomic_path
 from .data.images import MAX_ASPECT
 from .data.sources import ImageList
-from .extract.descriptor import DescriptorSpec
-from .extract.run import descriptor_settings, extract
+from .descriptors.descriptor import DescriptorSpec
+from .descriptors.run import descriptor_settings, extract
 from .models.backends import check_backend
 from .models.factory import vgg
 from .transfer.transforms import PowerNormalizer, ScaleAggregator

@@ -102,7 +102,7 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
     files are computed, removed files are dropped.
     """
     check_layer_option(layer, arch)
-    from ..extract import DescriptorSpec, ExtractOptions, extract
+    from ..descriptors import DescriptorSpec, ExtractOptions, extract
     from ..models import vgg
 
     spec = DescriptorSpec(layer=layer, scales=scales, pool=pool, aggregate=aggregate, flip=flip,

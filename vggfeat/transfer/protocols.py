@@ -35,7 +35,7 @@ from ..data.voc import (
     voc_root,
     write_person_crops,
 )
-from ..extract.descriptor import DENSE_SCALES, DescriptorSpec
+from ..descriptors.descriptor import DENSE_SCALES, DescriptorSpec
 from .classifiers import C_GRIDS, CLASSIFIERS, choose_C, fit_classifier
 from .metrics import mean_class_recall, voc_ap
 from .splits import fraction_split, holdout, per_class_split

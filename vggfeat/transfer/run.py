@@ -106,7 +106,7 @@ def _missing_features(features: list[str | os.PathLike], data) -> list[str | os.
 
 def _extract(dataset: Dataset, output: str | os.PathLike, spec, arch: str | None, weights,
              options: dict, progress: bool) -> None:
-    from ..extract import extract  # the network code, loaded only when something is extracted
+    from ..descriptors import extract  # the network code, loaded only when something is extracted
 
     extract(extraction_inputs(dataset), output, spec=spec, arch=arch, weights=weights,
             progress=progress, **options)

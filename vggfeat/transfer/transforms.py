@@ -18,7 +18,7 @@ from sklearn.base import (
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import ConfigError
-from ..extract.descriptor import AGGREGATES
+from ..descriptors.descriptor import AGGREGATES
 
 
 class ScaleAggregator(ClassNamePrefixFeaturesOutMixin, TransformerMixin, BaseEstimator):
