@@ -33,6 +33,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ..choices import HDF5_SUFFIXES
 from ..errors import CacheError, InputError
 from ..fileio import atomic_path, leftovers, sha256_file, write_bytes_atomic
 from .rows import FeatureRows, RowSource, stat_key
@@ -41,7 +42,6 @@ CHUNK_BYTES = 1 << 20
 BLOCK_BYTES = 64 << 20  # rows copied per step of a merge: what a merge holds in memory
 STR = h5py.string_dtype("utf-8")
 MANIFEST = "manifest.json"
-SUFFIXES = (".h5", ".hdf5")
 MISSING = -1  # file_size of a file that did not exist
 
 
@@ -56,7 +56,7 @@ def row_chunks(n_rows: int, dim: int, dtype) -> tuple[int, int]:
 
 
 def check_suffix(path: Path, what: str = "output") -> None:
-    if path.suffix.lower() not in SUFFIXES:
+    if path.suffix.lower() not in HDF5_SUFFIXES:
         raise CacheError(f"{what} {path} must be named .h5 or .hdf5: vggfeat writes HDF5 files "
                          f"(e.g. {path.with_suffix('.h5').name})"
                          + (f", or a feature store: a folder name without suffix (e.g. "

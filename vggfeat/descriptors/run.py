@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..choices import DTYPES, SHARD_IMAGES, SHARD_SECONDS
 from ..cache.lock import OutputLock
 from ..cache.store import (
     MANIFEST,
@@ -77,7 +78,6 @@ from ..models.vgg import VGG
 from ..progress import image_bar
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
 
-DTYPES = ("float32", "float16")
 # Settings that must agree for descriptors to be comparable, and so for rows to be reused.
 DESCRIPTOR_SETTINGS = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
                        "scales", "pool", "aggregate", "flip", "l2", "crop", "max_aspect", "dtype")
@@ -113,8 +113,8 @@ class ExtractOptions:
     amp: str | None = None
     backend: str = "auto"
     progress: bool = True
-    shard_images: int = 256
-    shard_seconds: float = 60.0
+    shard_images: int = SHARD_IMAGES
+    shard_seconds: float = SHARD_SECONDS
     download: bool = True
     overwrite: bool = False
     verify: bool = False
