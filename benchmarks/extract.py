@@ -16,8 +16,8 @@ order), then prints, for each backend in ``--backends`` (measured side by side, 
   hashing, writing), which, unlike the ratio above, does not move with the machine's load,
 * the peak memory of the end-to-end run: the main process's resident memory (RSS), and the
   largest decoding worker's private memory (what it adds: its RSS also counts the pages it
-  shares with the main process), sampled every 20 ms; target on CPU: ≤ 3 GB for the main
-  process.
+  shares with the main process), sampled every 20 ms and every 5 s; target on CPU: ≤ 3 GB for
+  the main process.
 
     python benchmarks/extract.py                      # VGG-16, Q = 256,384,512, CPU: eager vs auto
     python benchmarks/extract.py --backends eager,winograd,auto --repeats 3
@@ -107,16 +107,21 @@ def network_time():
 
 
 @contextmanager
-def peak_rss(interval: float = 0.02):
-    """Sample the main process's RSS and its children's private memory during a block: yields a
-    dict that holds ``main`` and ``worker`` (the largest child) peaks, in bytes, once the block
-    ends (Linux)."""
+def peak_rss(interval: float = 0.02, worker_interval: float = 5.0):
+    """Sample the main process's RSS (every ``interval`` s) and its children's private memory
+    (every ``worker_interval`` s: reading it walks a forked worker's page tables, ~60 ms of CPU
+    for a worker forked from a 3 GB process, which would take a core from the network) during a
+    block: yields a dict that holds ``main`` and ``worker`` (the largest child) peaks, in bytes,
+    once the block ends (Linux)."""
     peaks, stop = {"main": 0, "worker": 0}, threading.Event()
 
     def sample() -> None:
+        next_worker = time.monotonic() + 1.0  # once the worker has started and decoded
         while not stop.wait(interval):
             peaks["main"] = max(peaks["main"], rss_bytes())
-            peaks["worker"] = max([peaks["worker"], *map(private_bytes, child_pids())])
+            if time.monotonic() >= next_worker:
+                peaks["worker"] = max([peaks["worker"], *map(private_bytes, child_pids())])
+                next_worker = time.monotonic() + worker_interval
 
     thread = threading.Thread(target=sample, daemon=True)
     thread.start()
