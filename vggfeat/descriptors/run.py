@@ -196,8 +196,11 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
         known = set(list_shards(parts)) if dist.is_main else set()
         if len(todo):
             if model is None:
+                # Built as the runner runs it (eval, channels_last), so the runner need not
+                # copy its 0.5 GB of weights: a net of our own needs no protection.
                 model = vgg(arch, weights=weights, download=opts.download,
-                            progress=opts.progress and dist.is_main)
+                            progress=opts.progress and dist.is_main
+                            ).eval().to(memory_format=torch.channels_last)
             net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size,
                                 amp=opts.amp, backend=opts.backend)
             _compute(net, images, np.array_split(todo, dist.world_size)[dist.rank], parts,
