@@ -108,7 +108,8 @@ def merge_child(args) -> None:
               f" peak {peak:.0f} MiB, +{peak - before:.0f} MiB")
 
 
-def merge(args) -> None:
+def empty_folder(args) -> Path:
+    """``--dir``, emptied, once its disk is known to hold ~2.2× the float16 rows."""
     folder = Path(args.dir)
     shutil.rmtree(folder, ignore_errors=True)
     needed = 2.2 * args.rows * args.dim * 2
@@ -116,6 +117,11 @@ def merge(args) -> None:
     if free < needed:
         sys.exit(f"{folder.parent} has {free / 2**30:.1f} GiB free; this needs about "
                  f"{needed / 2**30:.1f} GiB (use --rows or --dir)")
+    return folder
+
+
+def merge(args) -> None:
+    folder = empty_folder(args)
     start = time.perf_counter()
     write_shards(folder / "features.h5.parts", synthetic_paths(args.rows), args.dim,
                  args.shard_rows, seed=1)
@@ -210,13 +216,7 @@ def store_child(args) -> None:
 def store_bench(args) -> None:
     from vggfeat.cache.sharded import write_settings
 
-    folder = Path(args.dir)
-    shutil.rmtree(folder, ignore_errors=True)
-    needed = 2.2 * args.rows * args.dim * 2
-    free = shutil.disk_usage(folder.parent).free
-    if free < needed:
-        sys.exit(f"{folder.parent} has {free / 2**30:.1f} GiB free; this needs about "
-                 f"{needed / 2**30:.1f} GiB (use --rows or --dir)")
+    folder = empty_folder(args)
     store = folder / "store"
     store.mkdir(parents=True)
     write_settings(store, {"dtype": "float16", "scales": [224], "layer": "fc7"})
