@@ -87,15 +87,21 @@ def _gone(pid: int) -> bool:
     return status.exists() and "\nState:\tZ" in status.read_text()  # killed, not yet reaped
 
 
-def test_a_hung_or_crashed_step_is_recorded_and_the_others_still_run(tmp_path, monkeypatch,
-                                                                       capsys):
+def with_worker(script: str, tmp_path, monkeypatch):
+    """gpu_check as on a 1-GPU machine whose step worker is ``script``."""
     gpu_check = load_gpu_check()
-    worker = tmp_path / "fake_worker.py"
-    worker.write_text(FAKE_WORKER)
+    worker = tmp_path / "worker.py"
+    worker.write_text(script)
     monkeypatch.setattr(gpu_check, "worker_command",
                         lambda argv, todo, work: [sys.executable, str(worker), *argv,
                                                   "--worker-steps", ",".join(todo)])
     monkeypatch.setattr(gpu_check, "cuda_device_count", lambda: 1)
+    return gpu_check
+
+
+def test_a_hung_or_crashed_step_is_recorded_and_the_others_still_run(tmp_path, monkeypatch,
+                                                                       capsys):
+    gpu_check = with_worker(FAKE_WORKER, tmp_path, monkeypatch)
     out = tmp_path / "check"
     status = gpu_check.main(["--only", "cuda_tests,train_eager,extract", "--step-seconds",
                              "cuda_tests=1.5", "--out", str(out)])
@@ -145,13 +151,7 @@ for name in todo:
 
 
 def test_only_some_steps_merges_them_into_the_earlier_report(tmp_path, monkeypatch, capsys):
-    gpu_check = load_gpu_check()
-    worker = tmp_path / "ok_worker.py"
-    worker.write_text(OK_WORKER)
-    monkeypatch.setattr(gpu_check, "worker_command",
-                        lambda argv, todo, work: [sys.executable, str(worker), *argv,
-                                                  "--worker-steps", ",".join(todo)])
-    monkeypatch.setattr(gpu_check, "cuda_device_count", lambda: 1)
+    gpu_check = with_worker(OK_WORKER, tmp_path, monkeypatch)
     out = tmp_path / "check"
     assert gpu_check.main(["--only", "extract,train_compiled", "--out", str(out)]) == 0
     first = json.loads((out / "gpu_check.json").read_text())
