@@ -17,6 +17,9 @@ MAX_ASPECT = 4.0
 # SHARD_SECONDS seconds: what a kill can cost.
 SHARD_IMAGES = 256
 SHARD_SECONDS = 60.0
+# A folder listing or URL list is cut into units of work of this many images, by position: a
+# unit's identity does not depend on how many processes share the work.
+UNIT_IMAGES = 1024
 # Same-shape forward passes gather images from a window of WINDOW_BATCHES × the batch size
 # consecutive images (vggfeat.models.runner); finished images wait at most that long.
 WINDOW_BATCHES = 4

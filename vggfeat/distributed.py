@@ -54,6 +54,17 @@ class Distributed:
                                           timeout=timeout)
         return cls(torch_dist.get_rank(), torch_dist.get_world_size(), device)
 
+    @classmethod
+    def alone(cls, device: str | torch.device = "cpu") -> Distributed:
+        """This process on its own, joining no process group, even under ``torchrun`` (where
+        it takes its rank's GPU): for work that processes share without collectives."""
+        device = resolve_device(device)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            device = rank_device(device, int(os.environ.get("LOCAL_RANK", "0")))
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+        return cls(0, 1, device)
+
     @property
     def is_main(self) -> bool:
         return self.rank == 0

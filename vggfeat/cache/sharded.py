@@ -136,6 +136,12 @@ class Entry:
     class_names: list[str] | None = None
     labelled: bool = False  # the writer's inputs had classes
     writer: dict | None = None  # WRITER_KEYS of the run that computed the rows it adds
+    # Units of work (vggfeat.data.units) this entry brings up to date: id → fingerprint of the
+    # input it was computed from.  An entry with units changes only the rows of its own inputs.
+    units: dict[str, str] = field(default_factory=dict)
+    # The ids of every unit of the run's inputs (written by the run's first process): records
+    # of other units are forgotten, since rows of inputs outside the run may have been removed.
+    keep_units: list[str] | None = None
 
     @property
     def seq(self) -> int:
@@ -159,7 +165,8 @@ def _read_entry(path: Path) -> Entry:
         entry = Entry(path.name, {k: list(v) for k, v in data["added"].items()},
                       {k: list(v) for k, v in data["removed"].items()}, list(data["retired"]),
                       data.get("class_names"), bool(data.get("labelled")),
-                      _writer(data.get("writer")))
+                      _writer(data.get("writer")), _units(data.get("units", {})),
+                      _unit_ids(data.get("keep_units")))
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as err:
         raise damaged_entry(path, str(err)) from err
     _check_shard_names(path, entry)
@@ -176,6 +183,20 @@ def _writer(value) -> dict | None:
             isinstance(value.get(k), str) for k in WRITER_KEYS)):
         raise ValueError(f"writer {value!r} is not {{{', '.join(WRITER_KEYS)}}}")
     return None if value is None else {k: value[k] for k in WRITER_KEYS}
+
+
+def _units(value) -> dict[str, str]:
+    if not (isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                            for k, v in value.items())):
+        raise ValueError(f"units {str(value)[:100]!r} is not {{unit: fingerprint}}")
+    return dict(value)
+
+
+def _unit_ids(value) -> list[str] | None:
+    if value is not None and not (isinstance(value, list) and all(isinstance(v, str)
+                                                                  for v in value)):
+        raise ValueError(f"keep_units {str(value)[:100]!r} is not a list of unit ids")
+    return value
 
 
 def _count(value) -> bool:
@@ -221,6 +242,8 @@ def publish_entry(store: Path, entry: Entry) -> Path:
     data = {"format": FORMAT, "added": entry.added, "removed": entry.removed,
             "retired": entry.retired, "class_names": entry.class_names,
             "labelled": entry.labelled, "writer": entry.writer,
+            **({"units": entry.units} if entry.units else {}),
+            **({"keep_units": entry.keep_units} if entry.keep_units is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
         return write_json_atomic(folder / name, data, indent=None)
@@ -253,6 +276,7 @@ class State:
     listed: set[str]          # every shard any entry names
     retired: set[str]         # shards retired by an entry
     class_names: list[str] | None
+    units: dict[str, str] = field(default_factory=dict)  # unit id → fingerprint, as recorded
 
     @property
     def writer(self) -> dict | None:
@@ -282,6 +306,7 @@ def read_state(store: Path) -> State:
     retired: set[str] = set()
     sizes: dict[str, int] = {}  # entries of each shard, as its adding entry says
     class_names, labelled = None, False
+    units: dict[str, str] = {}
     for entry in entries:
         for name in entry.added:
             if name not in removed and name not in retired:
@@ -295,12 +320,33 @@ def read_state(store: Path) -> State:
                                     f"{max(dead)} of a shard of {sizes[name]} entries")
             removed.setdefault(name, set()).update(dead)
         retired.update(entry.retired)
-        class_names, labelled = entry.class_names, entry.labelled
+        if entry.keep_units is not None:
+            units = {k: v for k, v in units.items() if k in set(entry.keep_units)}
+        units.update(entry.units)
+        class_names, labelled = _class_names_after(entry, class_names, labelled)
     listed = {n for e in entries for n in list(e.added) + list(e.removed) + e.retired}
     shards = [_live_shard(store, name, removed[name]) for name in order if name not in retired]
     _keep_last_of_each_path(shards)
     return State(store, settings, entries, shards, listed, retired,
-                 class_names if labelled else None)
+                 class_names if labelled else None, units)
+
+
+def _class_names_after(entry: Entry, names: list[str] | None, labelled: bool
+                       ) -> tuple[list[str] | None, bool]:
+    """An entry of some units by one of several writers adds its classes to the known ones;
+    any other entry (one writer's, or the first of several: it lists all units) states the
+    classes of all inputs."""
+    if not entry.units or entry.keep_units is not None or not labelled or not entry.labelled:
+        return entry.class_names, entry.labelled
+    return sort_class_names(set(names or ()) | set(entry.class_names or ())), True
+
+
+def sort_class_names(names) -> list[str]:
+    """Class names sorted as text, or as numbers when all are integers (2, 10, 1 → 1, 2, 10)."""
+    names = list(names)
+    if all(n.lstrip("-").isdigit() for n in names):
+        return sorted(names, key=lambda n: (int(n), n))
+    return sorted(names)
 
 
 def read_store(store: Path) -> State:
@@ -575,21 +621,32 @@ EMPTY = np.empty(0, np.int64)
 class Changes:
     """An update of a store, as planned: the entries kept per source file (sorted numbers), the
     inputs whose existing rows need a new shard (label or file identity changed), and failures
-    to record."""
+    to record.  ``scope``: the paths the update may change (None: all; an update of some
+    units leaves every other path's entries alone)."""
 
     keep: dict[Path, np.ndarray]
     republish: list[int]                      # inputs
     failures: list[tuple[str, str, int]]      # (path, reason, input or −1)
     class_names: list[str] | None
     labelled: bool
+    scope: set[str] | None = None
+
+    def dropped(self, shard: Shard, file: Path) -> np.ndarray:
+        """The live entries of ``shard`` (stored as ``file``) the update removes."""
+        dead = np.setdiff1d(np.flatnonzero(shard.live), self.keep.get(file, EMPTY))
+        if self.scope is None:
+            return dead
+        return dead[[shard.index.paths[e] in self.scope for e in dead]].astype(np.int64)
 
     def nothing_to_do(self, state: State) -> bool:
         live = {state.store / SHARDS / s.name: s for s in state.shards}
         if self.republish or self.failures or any(f not in live for f in self.keep):
             return False
-        if any(not np.array_equal(np.flatnonzero(s.live), self.keep.get(f, EMPTY))
-               for f, s in live.items()):
+        if any(len(self.dropped(s, f)) for f, s in live.items()):
             return False
+        if self.scope is not None:
+            return not self.labelled or set(self.class_names or ()) <= set(
+                state.class_names or ())
         return (self.class_names, self.labelled) == (state.class_names, state.class_names
                                                      is not None)
 
@@ -600,9 +657,9 @@ def input_labels(images) -> list[str]:
     return [images.class_names[k] for k in images.labels]
 
 
-def plan_changes(plan, state: State, images) -> Changes:
+def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> Changes:
     """Which existing entries the update keeps, and what it must write anew (after
-    ``plan.attach``: every input has a source)."""
+    ``plan.attach``: every input has a source); ``scope``: see :class:`Changes`."""
     labels, cache = np.array(input_labels(images), dtype=object), {}
     keep: dict[Path, np.ndarray] = {}
     republish, failures = [], []
@@ -636,12 +693,15 @@ def plan_changes(plan, state: State, images) -> Changes:
         else:
             failures.append((path, reason, -1))
     return Changes(keep, sorted(republish), failures, images.class_names,
-                   images.labels is not None)
+                   images.labels is not None, scope)
 
 
 def publish_update(store: Path, state: State, plan, changes: Changes, images, *, dim: int,
-                   n_scales: int, dtype: str, writer: dict | None = None) -> Entry:
-    """Write the shards an update needs beyond its computed ones, then its index entry."""
+                   n_scales: int, dtype: str, writer: dict | None = None,
+                   units: dict[str, str] | None = None,
+                   keep_units: list[str] | None = None) -> Entry:
+    """Write the shards an update needs beyond its computed ones, then its index entry
+    (recording ``units`` and ``keep_units``: see :class:`Entry`)."""
     folder = _folder(store, SHARDS, create=True)
     keep = dict(changes.keep)
     if changes.republish:
@@ -665,6 +725,7 @@ def publish_update(store: Path, state: State, plan, changes: Changes, images, *,
         keep[written] = np.arange(len(changes.failures))
     entry = _entry(state, keep, changes)
     entry.writer = None if writer is None else {k: str(writer[k]) for k in WRITER_KEYS}
+    entry.units, entry.keep_units = dict(units or {}), keep_units
     publish_entry(store, entry)
     return entry
 
@@ -673,13 +734,11 @@ def _entry(state: State, keep: dict[Path, np.ndarray], changes: Changes) -> Entr
     entry = Entry("", class_names=changes.class_names, labelled=changes.labelled)
     live = {state.store / SHARDS / s.name: s for s in state.shards}
     for file, shard in live.items():
-        kept = keep.get(file, EMPTY)
-        if not len(kept):
+        dead = changes.dropped(shard, file)
+        if not shard.live.any() or len(dead) == np.count_nonzero(shard.live):
             entry.retired.append(shard.name)
-            continue
-        dead = np.setdiff1d(np.flatnonzero(shard.live), kept).tolist()
-        if dead:
-            entry.removed[shard.name] = dead
+        elif len(dead):
+            entry.removed[shard.name] = dead.tolist()
     for file, kept in keep.items():
         if file in live:
             continue

@@ -17,6 +17,7 @@ from ..choices import (
     POOLS,
     SHARD_IMAGES,
     SHARD_SECONDS,
+    UNIT_IMAGES,
     WINDOW_BATCHES,
 )
 from .options import (
@@ -81,6 +82,13 @@ class FileOrStore(HDF5Output):
               help=f"publish finished images at least every N (or {SHARD_SECONDS:g} s): a kill "
                    "loses at most N finished images, plus those still waiting for their pass (at "
                    f"most {WINDOW_BATCHES} × --batch-size)")
+@click.option("--num-shards", type=click.IntRange(1), default=None,
+              help="share a store's work between N processes, each publishing its own units "
+                   "[default: from a Slurm array's or torchrun's environment, else 1]")
+@click.option("--shard-index", type=click.IntRange(0), default=None,
+              help="which of the --num-shards shares this process computes (0 … N-1)")
+@click.option("--unit-size", type=click.IntRange(1), default=UNIT_IMAGES, show_default=True,
+              help="images per unit of work of a listing (processes sharing a store agree on it)")
 @click.option("--overwrite", is_flag=True,
               help="recompute everything (also replaces an output made with other settings)")
 @click.option("--verify", is_flag=True,
@@ -92,7 +100,8 @@ class FileOrStore(HDF5Output):
               help="no progress bars (the summary and warnings are still printed)")
 def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, scales, pool,
                     aggregate, flip, l2, dtype, crop, max_aspect, batch_size, workers, device, amp,
-                    backend, shard_size, overwrite, verify, retry_failed, strict, quiet) -> None:
+                    backend, shard_size, num_shards, shard_index, unit_size, overwrite, verify,
+                    retry_failed, strict, quiet) -> None:
     """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists).
 
     Each image is rescaled to every Q in --scales, the net runs densely, the layer's map is
@@ -110,7 +119,9 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
     options = ExtractOptions(batch_size=batch_size, workers=workers, device=device, amp=amp,
                              backend=backend,
                              overwrite=overwrite, verify=verify, retry_failed=retry_failed,
-                             strict=strict, progress=not quiet, shard_images=shard_size)
+                             strict=strict, progress=not quiet, shard_images=shard_size,
+                             num_shards=num_shards, shard_index=shard_index,
+                             unit_images=unit_size)
     # A reduced width is a different net: its config is recorded with the output, so a rerun
     # with another width is refused like any other change of settings.
     model = (vgg(arch, weights=weights, width_mult=width_mult, fc_dim=fc_dim, progress=not quiet)

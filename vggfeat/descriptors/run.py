@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__
-from ..choices import DTYPES, SHARD_IMAGES, SHARD_SECONDS
+from ..choices import DTYPES, SHARD_IMAGES, SHARD_SECONDS, UNIT_IMAGES
 from ..cache.lock import OutputLock
 from ..cache.store import (
     MANIFEST,
@@ -45,10 +45,12 @@ from ..cache.store import (
     read_attrs,
     read_index,
     remove_leftovers,
+    stat_files,
     write_features,
     write_shard,
 )
 from ..cache.sharded import (
+    INDEX,
     SETTINGS,
     SHARDS,
     compact,
@@ -68,6 +70,7 @@ from ..cache.sharded import (
 from ..cache.update import Plan, plan_update
 from ..data.loader import PreparedImages, image_loader
 from ..data.sources import ImageList, gather_images
+from ..data.units import Unit, WorkShare, file_units, files_fingerprint
 from ..devices import default_device, default_workers
 from ..distributed import Distributed
 from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
@@ -105,6 +108,16 @@ class ExtractOptions:
             mtime), so rows are reused after a copy or a ``touch`` and never for edited content.
         retry_failed: try again the images recorded as failed (unchanged files included).
         strict: stop at the first unreadable image instead of recording it.
+
+    Sharing a store between processes (see docs/scale.md):
+        num_shards, shard_index: this process computes units ``k`` with ``k % num_shards ==
+            shard_index`` and publishes them itself (default: from a Slurm array's or
+            torchrun's environment, else everything).
+        unit_images: images per unit of a folder listing or list file (the processes sharing
+            a store must agree on it; another value only costs one rerun its skipping).
+        only_units: compute these units (ids, see :func:`plan_units`) and nothing else, as one
+            of many workers an engine drives (see vggfeat.engines); ``()`` with the first
+            share: only drop the rows of images that are no longer inputs.
     """
 
     batch_size: int = 8
@@ -120,10 +133,16 @@ class ExtractOptions:
     verify: bool = False
     retry_failed: bool = False
     strict: bool = False
+    num_shards: int | None = None
+    shard_index: int | None = None
+    unit_images: int = UNIT_IMAGES
+    only_units: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        if self.unit_images < 1:
+            raise ConfigError(f"unit_images must be ≥ 1, got {self.unit_images}")
         if self.shard_images < 1:
             raise ConfigError(f"shard_images must be ≥ 1, got {self.shard_images}")
         check_backend(self.backend)
@@ -173,18 +192,31 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     store = is_store(output)
     if not store:
         check_suffix(output)
+        if opts.num_shards is not None or opts.shard_index is not None:
+            raise ConfigError(f"--num-shards/--shard-index share a feature store's units; "
+                              f"{output} is one file: write to a store (a folder name, e.g. "
+                              f"{output.with_suffix('').name}) and export it when done")
     images = inputs if isinstance(inputs, ImageList) else gather_images(list(inputs))
-    dist = Distributed.from_env(opts.device or default_device())
+    # Processes sharing a store's units (a Slurm array, torchrun's ranks) never wait for one
+    # another: each publishes its own units, so none merges the others' work.
+    share = WorkShare.resolve(opts.num_shards, opts.shard_index) if store else WorkShare()
+    device = opts.device or default_device()
+    dist = Distributed.alone(device) if store else Distributed.from_env(device)
     # Planning needs only what the net is (its settings), not the net: it is built, and its
     # backend chosen, once something must be computed.
     described = model if model is not None else described_model(arch, weights, opts.download)
     described.check_layer(spec.layer)
     settings = descriptor_settings(described, spec, dtype)
     dim = spec.dim(described.layer_channels(spec.layer))
-    lock = OutputLock(output)
+    # An engine's worker (only_units) writes beside others, as a share does; only a lone
+    # process locks the store and compacts it, only the first share drops removed images.
+    worker = bool(opts.only_units)
+    alone, first = share.count == 1 and not worker, share.first and not worker
+    lock = OutputLock(output) if alone else None
     net = None
     try:
-        opening = _open_store if store else _open
+        opening = (partial(_open_store, share=share, first=first, alone=alone) if store
+                   else _open)
         plan = _main_decides(dist, lambda: opening(output, images, settings, opts, lock))
         todo = dist.broadcast_object(None if plan is None else plan.compute)
         if todo is None:
@@ -203,7 +235,8 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
                             ).eval().to(memory_format=torch.channels_last)
             net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size,
                                 amp=opts.amp, backend=opts.backend)
-            _compute(net, images, np.array_split(todo, dist.world_size)[dist.rank], parts,
+            work = plan.store_state.images if store else images
+            _compute(net, work, np.array_split(todo, dist.world_size)[dist.rank], parts,
                      dist, opts, dtype, labelled=store)
         dist.barrier()  # every shard is published before rank 0 joins them
         finish = _finish_store if store else _finish
@@ -211,13 +244,15 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
             dist, lambda: finish(plan, known, output, images, settings, described, dim,
                                  len(spec.scales), dtype)))
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
     attrs = _attrs(output)
     failed = attrs.get("failed", []) if store else (
         _failures(output) if attrs["num_failed"] else [])
     return ExtractResult(output, attrs["num_images"], attrs["num_failed"], computed,
                          time.monotonic() - start, failed,
-                         reused=plan.reused if plan is not None else 0,
+                         reused=plan.reused + getattr(plan.store_state, "skipped_rows", 0)
+                         if plan is not None else 0,
                          removed=plan.removed if plan is not None else 0,
                          images_per_forward=net.images_per_forward if net else 0.0,
                          backend=net.backend if net else "")
@@ -306,33 +341,117 @@ def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
     return plan
 
 
+@dataclass
+class StoreUpdate:
+    """What an update of a store covers: this process's units whose fingerprint changed (their
+    images), the store's state when planned, and what the update's entry records."""
+
+    images: ImageList           # the images of the changed units, in input order
+    state: object               # vggfeat.cache.sharded.State
+    scope: set[str]             # the paths whose entries the update may change
+    units: dict[str, str]       # unit id → fingerprint, recorded with the rows
+    keep_units: list[str] | None
+    compact: bool               # compaction may run (no other process writes the store)
+    skipped_rows: int = 0       # rows of this process's unchanged units (reused as they are)
+
+
 def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOptions,
-                lock: OutputLock) -> Plan | None:
-    """Lock the store, check its settings and plan the update; None: up to date.  The same
-    planning as a file's, over the store's live shards and a killed update's unlisted ones."""
+                lock: OutputLock | None, share: WorkShare = WorkShare(), first: bool = True,
+                alone: bool = True) -> Plan | None:
+    """Check the store's settings and plan this process's share of the update; None: up to
+    date.  The same planning as a file's, over the images of this process's units that changed
+    (see vggfeat.data.units), against the store's live shards and a killed run's unlisted ones;
+    the first process also drops the rows of images that are no longer inputs."""
     check_writable(store)
-    lock.acquire()
+    if lock is not None:
+        lock.acquire()
+    _open_settings(store, settings)
+    _mkdir(store / SHARDS)
+    state = read_state(store)
+    update = _changed_units(images, state, opts, share, first, alone)
+    skipped = {images.paths[i] for u in _my_units(file_units(images, opts.unit_images), share,
+                                                  opts.only_units)
+               for i in range(u.start, u.stop)} - update.scope
+    sources = [] if opts.overwrite else planning_sources(state, unlisted_shards(store, state))
+    plan = plan_update(update.images.paths, sources,
+                       extra_failed=images.skipped if first else [], verify=opts.verify,
+                       retry_failed=opts.retry_failed)
+    update.skipped_rows = sum(p in skipped for p, _, _ in state.live_rows())
+    if first:
+        gone = _removed_paths(state, images)
+        update.scope |= gone | {p for p, _ in images.skipped}
+        plan.removed = len(gone)
+    if (not len(plan.compute)
+            and plan_changes(plan, state, update.images, update.scope).nothing_to_do(state)
+            and all(state.units.get(k) == v for k, v in update.units.items())
+            and (update.keep_units is None or set(state.units) <= set(update.keep_units))):
+        return None
+    plan.store_state = update  # its state is reused at the end unless another writer published
+    return plan
+
+
+def _open_settings(store: Path, settings: dict) -> None:
+    """Create the store with ``settings``, or check that it holds them (several processes may
+    create it at once: the first settings file published wins, the others compare)."""
     stored = read_settings(store) if store.is_dir() else None
-    if stored is not None and {k: stored.get(k) for k in DESCRIPTOR_SETTINGS} != settings:
-        raise CacheError(f"feature store {store} holds descriptors of other settings ("
-                         + "; ".join(settings_difference(stored, settings)) + "): a store keeps "
-                         "one setting; choose another store (or delete this one)")
     if stored is None:
-        if store.is_dir() and any(store.iterdir()):
+        if store.is_dir() and any(n not in (SHARDS, INDEX, SETTINGS) and not n.startswith(".")
+                                  for n in os.listdir(store)):
             raise CacheError(f"{store} is a folder that is not a vggfeat feature store (no "
                              f"{SETTINGS}) and is not empty: choose a new or empty folder")
         _mkdir(store)
         write_settings(store, settings)
-    _mkdir(store / SHARDS)
-    state = read_state(store)
-    sources = [] if opts.overwrite else planning_sources(state, unlisted_shards(store, state))
-    plan = plan_update(images.paths, sources, extra_failed=images.skipped, verify=opts.verify,
-                       retry_failed=opts.retry_failed)
-    plan.removed = _removed(state, images)
-    if not len(plan.compute) and plan_changes(plan, state, images).nothing_to_do(state):
-        return None
-    plan.store_state = state  # reused at the end unless another writer published meanwhile
-    return plan
+        stored = read_settings(store) or {}
+    if {k: stored.get(k) for k in DESCRIPTOR_SETTINGS} != settings:
+        raise CacheError(f"feature store {store} holds descriptors of other settings ("
+                         + "; ".join(settings_difference(stored, settings)) + "): a store keeps "
+                         "one setting; choose another store (or delete this one)")
+
+
+def _changed_units(images: ImageList, state, opts: ExtractOptions, share: WorkShare,
+                   first: bool, alone: bool) -> StoreUpdate:
+    """This process's units whose fingerprint differs from the one the store records."""
+    units = file_units(images, opts.unit_images)
+    mine = _my_units(units, share, opts.only_units)
+    ids = stat_files([images.paths[i] for u in mine for i in range(u.start, u.stop)])
+    fingerprints, at = {}, 0
+    for u in mine:
+        n = u.stop - u.start
+        fingerprints[u.id] = files_fingerprint(images, u, ids.size[at:at + n],
+                                               ids.mtime_ns[at:at + n])
+        at += n
+    redo = opts.overwrite or opts.retry_failed or opts.verify
+    changed = [u for u in mine if redo or state.units.get(u.id) != fingerprints[u.id]]
+    at = np.concatenate([np.arange(u.start, u.stop) for u in changed] or [np.empty(0, int)])
+    subset = ImageList([images.paths[i] for i in at],
+                       None if images.labels is None else [images.labels[i] for i in at],
+                       images.class_names, images.sources)
+    return StoreUpdate(subset, state, set(subset.paths), fingerprints,
+                       [u.id for u in units] if first else None, alone)
+
+
+def _my_units(units: list[Unit], share: WorkShare, only: tuple[str, ...] | None) -> list[Unit]:
+    if only is None:
+        return share.mine(units)
+    known = {u.id for u in units}
+    unknown = [k for k in only if k not in known]
+    if unknown:
+        raise ConfigError(f"unit {unknown[0]!r} is not a unit of these inputs (they have "
+                          f"{len(units)} units: {units[0].id if units else '-'} …)")
+    return [u for u in units if u.id in set(only)]
+
+
+def plan_units(images: ImageList, store: str | os.PathLike,
+               unit_images: int = UNIT_IMAGES) -> tuple[list[str], list[str]]:
+    """(every unit id of ``images``, the ids whose fingerprint differs from what ``store``
+    records: the units an engine must hand out)."""
+    store = Path(store)
+    units = file_units(images, unit_images)
+    recorded = read_state(store).units if (store / SETTINGS).exists() else {}
+    ids = stat_files(images.paths)
+    todo = [u.id for u in units if recorded.get(u.id) != files_fingerprint(
+        images, u, ids.size[u.start:u.stop], ids.mtime_ns[u.start:u.stop])]
+    return [u.id for u in units], todo
 
 
 def _mkdir(folder: Path) -> None:
@@ -344,28 +463,31 @@ def _mkdir(folder: Path) -> None:
         raise CacheError(f"{folder} is a symbolic link, which vggfeat never follows: remove it")
 
 
-def _removed(state, images: ImageList) -> int:
+def _removed_paths(state, images: ImageList) -> set[str]:
+    """Paths with a live entry in the store that are no longer inputs."""
     wanted = set(images.paths) | {p for p, _ in images.skipped}
-    return sum(s.index.paths[e] not in wanted for s in state.shards
-               for e in np.flatnonzero(s.live))
+    return {s.index.paths[e] for s in state.shards for e in np.flatnonzero(s.live)
+            if s.index.paths[e] not in wanted}
 
 
 def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, settings: dict,
                   model: VGG, dim: int, n_scales: int, dtype: str) -> int:
     """Publish the update: one index entry adding the new shards and removing what changed or
     went; every file of unchanged rows is left untouched.  The number of new rows."""
+    update: StoreUpdate = plan.store_state
+    images = update.images
     plan.attach([read_index(s) for s in list_shards(store / SHARDS) if s not in known])
     missing = len(plan.compute)
     if missing:
         raise CacheError(f"cannot finish {store}: {missing} of {len(images)} images are not "
                          "computed yet; run the same command again to complete it")
-    state = plan.store_state if current(plan.store_state) else read_state(store)
-    changes = plan_changes(plan, state, images)
-    if not changes.nothing_to_do(state):
-        entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
-                               dtype=dtype, writer=_file_attrs(settings, model))
-        if needs_compaction(state, entry):
-            compact(store)
+    state = update.state if current(update.state) else read_state(store)
+    changes = plan_changes(plan, state, images, update.scope)
+    entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
+                           dtype=dtype, writer=_file_attrs(settings, model),
+                           units=update.units, keep_units=update.keep_units)
+    if update.compact and needs_compaction(state, entry):
+        compact(store)
     return int(np.count_nonzero(plan.is_row())) - plan.reused
 
 

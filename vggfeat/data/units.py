@@ -1,0 +1,98 @@
+"""Units of work: fixed pieces of the input that processes share without talking to each other.
+
+A unit is one tar, one Parquet row group, or a fixed-size run (:data:`~vggfeat.choices.UNIT_IMAGES`
+images) of a folder listing or URL list.  Its id does not depend on how many processes run, so
+``--num-shards N --shard-index I`` (or a Slurm array, or torchrun's ranks) can split the units
+by id alone, and a rerun recognises each unit by id.  A unit's *fingerprint* sums up the inputs
+it was computed from (file sizes and times, a tar's ETag, …): a store records it with the unit's
+rows, and a unit whose fingerprint is unchanged is skipped without reading its images.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from ..choices import UNIT_IMAGES
+from ..errors import ConfigError
+from .sources import ImageList
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A piece of the input: images ``start:stop`` of an :class:`ImageList` (``kind`` "files"),
+    or one container (``kind`` "tar", "parquet": ``source`` and its row ``group``)."""
+
+    id: str
+    kind: str = "files"
+    start: int = 0
+    stop: int = 0
+    source: str = ""
+    group: int = -1
+
+
+def file_units(images: ImageList, size: int = UNIT_IMAGES) -> list[Unit]:
+    """Runs of ``size`` images of ``images``, in order."""
+    return [Unit(f"files:{k // size:08d}", "files", k, min(k + size, len(images)))
+            for k in range(0, len(images), size)]
+
+
+def files_fingerprint(images: ImageList, unit: Unit, size, mtime_ns) -> str:
+    """SHA-256 of the unit's paths, labels and file sizes and times (``size``/``mtime_ns``:
+    per image of the unit, in order)."""
+    digest = hashlib.sha256()
+    for k, i in enumerate(range(unit.start, unit.stop)):
+        label = images.class_names[images.labels[i]] if images.labels is not None else ""
+        digest.update(f"{images.paths[i]}\t{label}\t{int(size[k])}\t{int(mtime_ns[k])}\n"
+                      .encode("utf-8", "surrogateescape"))
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class WorkShare:
+    """This process's share of the units: those whose position ``k`` has
+    ``k % count == index``."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if self.count < 1 or not 0 <= self.index < self.count:
+            raise ConfigError(f"--shard-index must be in 0..{self.count - 1} for --num-shards "
+                              f"{self.count}, got {self.index}")
+
+    @property
+    def first(self) -> bool:
+        """The first process also records what no unit holds any more (removals)."""
+        return self.index == 0
+
+    def mine(self, units: list[Unit]) -> list[Unit]:
+        return units[self.index::self.count]
+
+    @classmethod
+    def resolve(cls, count: int | None = None, index: int | None = None) -> WorkShare:
+        """Given values, else a Slurm array's (``SLURM_ARRAY_TASK_ID`` minus
+        ``SLURM_ARRAY_TASK_MIN``, ``SLURM_ARRAY_TASK_COUNT``), else torchrun's (``RANK``,
+        ``WORLD_SIZE``), else the whole input."""
+        env = os.environ
+        if count is None and "SLURM_ARRAY_TASK_COUNT" in env:
+            count = _int_env("SLURM_ARRAY_TASK_COUNT")
+            index = index if index is not None else (
+                _int_env("SLURM_ARRAY_TASK_ID") - int(env.get("SLURM_ARRAY_TASK_MIN", "0")))
+        elif count is None and int(env.get("WORLD_SIZE", "1")) > 1:
+            count, index = _int_env("WORLD_SIZE"), (index if index is not None
+                                                    else _int_env("RANK"))
+        if count is not None and index is None:
+            raise ConfigError(f"--num-shards {count} needs --shard-index (0..{count - 1})")
+        if count is None and index is not None:
+            raise ConfigError("--shard-index needs --num-shards")
+        return cls(index or 0, count or 1)
+
+
+def _int_env(name: str) -> int:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError) as err:
+        raise ConfigError(f"environment variable {name}={os.environ.get(name)!r} is not a "
+                          "whole number") from err
