@@ -87,8 +87,8 @@ def _matches(pattern: str) -> list[str]:
         return sorted(_full_name(fs, p, pattern) for p in fs.glob(path) if not fs.isdir(p))
     if protocol != "file":
         return [pattern]
-    path = filesystem(pattern)[1]  # absolute, as glob's matches are: repeats then compare equal
-    return [path] if os.path.exists(path) else []
+    fs, path = filesystem(pattern)  # absolute, as glob's matches are: repeats compare equal
+    return [_full_name(fs, path, pattern)] if os.path.exists(path) else []
 
 
 def expand(pattern: str) -> list[str]:

@@ -28,7 +28,7 @@ __all__ = ["iter_tar", "split_key", "IMAGE_SUFFIXES"]
 IMAGE_SUFFIXES = frozenset(ext.lstrip(".") for ext in IMAGE_EXTENSIONS)
 # WebDataset's own rule (webdataset.tariterators.base_plus_ext): a member without a dot in its
 # base name, or whose base name starts with one, belongs to no sample and is skipped.
-_KEY = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")
+_KEY = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 def split_key(name: str) -> tuple[str, str] | None:
