@@ -218,6 +218,26 @@ def test_shards_on_s3_read_like_local_ones(s3, tmp_path):
         object_identity(f"s3://{bucket}/shards/nothing.tar")
 
 
+def test_images_and_parquet_files_on_s3(s3, tmp_path):
+    from vggfeat.data.parquet import inspect_parquet, iter_row_group
+    from vggfeat.data.urls import Fetcher
+
+    fs, bucket = s3
+    fs.pipe(f"{bucket}/imgs/a.jpg", JPEG)
+    pq.write_table(pa.table({"path": ["imgs/a.jpg", "imgs/none.jpg"]}), tmp_path / "p.parquet")
+    fs.put(str(tmp_path / "p.parquet"), f"{bucket}/p.parquet")
+    fetcher = Fetcher(retries=0)
+    a, none = fetcher.fetch([f"s3://{bucket}/imgs/a.jpg", f"s3://{bucket}/imgs/none.jpg"])
+    assert a.data == JPEG and a.mtime_ns > 0 and none.reason.startswith("not found")
+    ident, missing = fetcher.head([f"s3://{bucket}/imgs/a.jpg", f"s3://{bucket}/imgs/no.jpg"])
+    assert ident.size == len(JPEG) and ident.etag and missing is None
+    info = inspect_parquet(f"s3://{bucket}/p.parquet")
+    rows = list(iter_row_group(info, 0, fetcher))
+    assert [r.key for r in rows] == [f"s3://{bucket}/p.parquet#0", f"s3://{bucket}/p.parquet#1"]
+    assert rows[0].data == JPEG
+    assert rows[1].reason.startswith(f"s3://{bucket}/imgs/none.jpg: not found")
+
+
 # ---- Parquet -----------------------------------------------------------------------------------
 
 def hf_table(n: int, names=("cat", "dog", "bird")):
@@ -360,7 +380,7 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         n = self._count()
         good = {"ETag": '"abc123"', "Last-Modified": formatdate(MODIFIED, usegmt=True)}
-        path = self.path
+        path = self.path.split("?")[0]  # a query makes distinct URLs of one resource
         if path == "/good.jpg":
             self._send(200, JPEG, good)
         elif path == "/flaky.jpg":
@@ -444,6 +464,19 @@ def test_fetch_fails_at_once_on_redirect_loops_refused_connections_and_bad_urls(
     assert loop.reason == "more than 3 redirects"
     assert refused.reason.startswith("connection error: ") and "(2 tries)" in refused.reason
     assert plain.data == b"" and plain.mtime_ns == -1  # decoding an empty body is the caller's
+
+
+def test_stopping_a_fetch_early_drops_the_queued_downloads(http_server, tries):
+    from vggfeat.data.urls import Fetcher
+
+    urls = [f"{http_server}/slow.jpg?{i}" for i in range(40)]
+    started = time.monotonic()
+    fetched = Fetcher(timeout=5, retries=0, concurrency=2).fetch(urls)
+    assert next(fetched).data == JPEG
+    fetched.close()
+    assert time.monotonic() - started < 3  # not the 40 × 0.6 s / 2 the whole list would take
+    time.sleep(0.7)  # the downloads running at the close finish; nothing more starts
+    assert sum(tries.values()) <= 6
 
 
 def test_head_gives_identity_without_downloading(http_server, tries, tmp_path):

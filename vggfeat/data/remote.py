@@ -96,8 +96,11 @@ def expand(pattern: str) -> list[str]:
 
     Braces are expanded first as WebDataset does (``train-{000000..000999}.tar``, ``{a,b}``, with
     the ``braceexpand`` package), then each result with ``*``/``?`` is globbed through fsspec
-    (local paths and URLs alike; matches sorted).  Raises :class:`InputError` naming the pattern
-    when nothing matches.
+    (local paths and URLs alike; matches sorted; folders left out).  HTTP(S) URLs are never
+    globbed (``?`` starts their query).  A name without wildcards is kept as it is: a local one
+    (made absolute) only if it exists, a remote one unchecked (a missing object fails when it
+    is opened, naming itself).  Raises :class:`InputError` naming the pattern when nothing
+    matches.
     """
     from braceexpand import braceexpand
 

@@ -20,6 +20,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from http import HTTPStatus
 from typing import Callable, Iterable, Iterator, TypeVar
 from urllib.parse import urlsplit
@@ -54,7 +55,8 @@ def read_url_list(path_or_url: str) -> list[tuple[str, str | None]]:
     suffix = os.path.splitext(where)[1].lower()
     if suffix not in LIST_SUFFIXES:
         raise InputError(f"{path_or_url}: a URL list must be .txt (one URL per line), .csv or "
-                         f".parquet (a 'url' column, optionally 'label'), not {suffix or 'a file without suffix'!r}")
+                         f".parquet (a 'url' column, optionally 'label'), not "
+                         f"{suffix or 'a file without a suffix'!r}")
     if suffix == ".parquet":
         return _parquet_list(path_or_url)
     with open_binary(path_or_url) as f:
@@ -309,8 +311,7 @@ class Fetcher:
                                 etag=headers.get("ETag", ""))
 
     def _http_errors(self):
-        """A context that turns ``requests``' exceptions into _Failures with users' words."""
-        return _HTTPErrors(self._http(), self.timeout, self.max_redirects)
+        return _http_errors(self._http(), self.timeout, self.max_redirects)
 
     # -- everything else fsspec reads --
 
@@ -355,44 +356,41 @@ def _is_http(url: str) -> bool:
     return url[:8].lower().startswith(("http://", "https://"))
 
 
-class _fsspec_errors:
-    """Turns an fsspec read's OSErrors into _Failures: a missing object, a folder or denied
-    access fail at once; anything else (a dropped connection, a timeout) is retried."""
+@contextmanager
+def _fsspec_errors():
+    """Turns what an fsspec read raises into _Failures: a missing object, a folder or denied
+    access fail at once; anything else is retried.  The back ends' own network errors
+    (botocore's, aiohttp's) are not all OSErrors, and the block this guards is only the
+    open and the read, so any exception there is the store's."""
+    try:
+        yield
+    except (_Failure, MissingDependencyError):
+        raise
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as err:
+        raise _Failure(_os_reason(err), retry=False) from err
+    except (OSError, TimeoutError) as err:
+        raise _Failure(_os_reason(err), retry=True) from err
+    except Exception as err:
+        raise _Failure(f"read error ({type(err).__name__}: {err})", retry=True) from err
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, kind, err, tb):
-        if err is None or isinstance(err, _Failure) or not isinstance(err, (OSError,
-                                                                            TimeoutError)):
-            return False
-        final = isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError))
-        raise _Failure(_os_reason(err), retry=not final) from err
-
-
-class _HTTPErrors:
+@contextmanager
+def _http_errors(requests, timeout: float, max_redirects: int):
     """Turns ``requests``' exceptions into _Failures: timeouts and connection errors are
     retried, too many redirects and invalid URLs are not."""
-
-    def __init__(self, requests, timeout: float, max_redirects: int):
-        self.requests, self.timeout, self.max_redirects = requests, timeout, max_redirects
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, err, tb):
-        if err is None or isinstance(err, _Failure):
-            return False
-        exc = self.requests.exceptions
+    exc = requests.exceptions
+    try:
+        yield
+    except _Failure:
+        raise
+    except exc.TooManyRedirects as err:
+        raise _Failure(f"more than {max_redirects} redirects", retry=False) from err
+    except (exc.InvalidURL, exc.MissingSchema, exc.InvalidSchema) as err:
+        raise _Failure(f"not a valid URL ({err})", retry=False) from err
+    except exc.RequestException as err:
         if isinstance(err, exc.Timeout) or _is_read_timeout(err):
-            raise _Failure(f"timed out after {self.timeout:g} s", retry=True) from err
-        if isinstance(err, exc.TooManyRedirects):
-            raise _Failure(f"more than {self.max_redirects} redirects", retry=False) from err
-        if isinstance(err, (exc.InvalidURL, exc.MissingSchema, exc.InvalidSchema)):
-            raise _Failure(f"not a valid URL ({err})", retry=False) from err
-        if isinstance(err, exc.RequestException):
-            raise _Failure(f"connection error: {_short(err)}", retry=True) from err
-        return False
+            raise _Failure(f"timed out after {timeout:g} s", retry=True) from err
+        raise _Failure(f"connection error: {_short(err)}", retry=True) from err
 
 
 def _partial(err: BaseException) -> int:
