@@ -44,3 +44,14 @@ MERGE_THRESHOLD = 1.0
 CLASSIFIERS = ("svm", "logreg")
 PROTOCOLS = ("voc2007", "voc2012", "voc2012-action", "caltech101", "caltech256", "folder")
 VOC_SCALES = (256, 384, 512, 640, 768)
+
+# Downloading images named by URL (vggfeat.data.urls.Fetcher): seconds a connection or a read may
+# stall, retries after the first try (5xx, 429, 408, connection errors, timeouts, truncated
+# bodies), the first backoff in seconds (doubled each retry, plus jitter), the largest body read,
+# downloads in flight, and redirects followed.
+FETCH_TIMEOUT = 10.0
+FETCH_RETRIES = 3
+FETCH_BACKOFF = 0.5
+FETCH_MAX_BYTES = 64 << 20
+FETCH_CONCURRENCY = 16
+FETCH_MAX_REDIRECTS = 10

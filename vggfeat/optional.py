@@ -1,5 +1,5 @@
 """Packages only some commands need (``pip install "vggfeat[train]"``, ``[plot]``, ``[devkit]``,
-``[parquet]``)."""
+``[parquet]``, ``[remote]`` for s3:// and http(s):// inputs, ``[gcs]`` for gs:// ones)."""
 
 from __future__ import annotations
 

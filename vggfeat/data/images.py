@@ -8,12 +8,14 @@ cannot be decoded raises :class:`BadImage` whose message is the reason recorded 
 
 from __future__ import annotations
 
+import io
 import os
 import struct
 import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,13 +50,28 @@ def read_image(path: str | os.PathLike, *, max_pixels: int | None = None) -> Ten
     ``VGGFEAT_MAX_PIXELS`` environment variable) are refused as decompression bombs.
     """
     path = Path(path)
+    return _decode(path, lambda: path.stat().st_size == 0, max_pixels)
+
+
+def decode_image(data: bytes, *, max_pixels: int | None = None) -> Tensor:
+    """Decode an image held in memory (a tar member, a parquet cell, a download) exactly as
+    :func:`read_image` decodes a file: same conversions, same limits, same :class:`BadImage`
+    reasons."""
+    return _decode(io.BytesIO(data), lambda: len(data) == 0, max_pixels)
+
+
+def _decode(source: Path | BinaryIO, is_empty: Callable[[], bool], max_pixels: int | None
+            ) -> Tensor:
+    """The one decoder behind :func:`read_image` and :func:`decode_image`: ``source`` is a path
+    or a seekable binary file object; ``is_empty`` is asked inside the error handling, so a
+    path that cannot even be stat'ed gets the same reasons as one that cannot be decoded."""
     max_pixels = max_pixels or int(os.environ.get("VGGFEAT_MAX_PIXELS", MAX_PIXELS))
     try:
-        if path.stat().st_size == 0:
+        if is_empty():
             raise BadImage("empty file")
         with warnings.catch_warnings(), _pillow_limit_at_least(max_pixels):
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if img.width * img.height > max_pixels:
                     raise BadImage(f"decompression bomb: {img.width}×{img.height} px is over the "
                                    f"{max_pixels} px limit")
