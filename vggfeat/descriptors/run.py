@@ -39,9 +39,12 @@ from ..cache.store import (
     check_suffix,
     check_writable,
     file_identity,
+    index_of,
+    descriptor_groups,
     io_error,
     list_shards,
     parts_dir,
+    open_features,
     read_attrs,
     read_index,
     remove_leftovers,
@@ -61,11 +64,20 @@ from ..cache.sharded import (
     publish_update,
     read_settings,
     read_state,
+    remove_stale_temporaries,
     store_attrs,
     unlisted_shards,
     write_settings,
 )
-from ..cache.update import Plan, plan_update
+from ..cache.settings import (
+    ALT,
+    DESCRIPTOR_SETTINGS,
+    file_group,
+    new_group,
+    settings_of,
+    store_for,
+)
+from ..cache.update import Output, Plan, plan_update
 from ..data.loader import PreparedImages, image_loader
 from ..data.sources import ImageList, gather_images
 from ..devices import default_device, default_workers
@@ -78,9 +90,6 @@ from ..models.vgg import VGG
 from ..progress import image_bar
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
 
-# Settings that must agree for descriptors to be comparable, and so for rows to be reused.
-DESCRIPTOR_SETTINGS = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
-                       "scales", "pool", "aggregate", "flip", "l2", "crop", "max_aspect", "dtype")
 
 
 @dataclass(frozen=True)
@@ -105,6 +114,11 @@ class ExtractOptions:
             mtime), so rows are reused after a copy or a ``touch`` and never for edited content.
         retry_failed: try again the images recorded as failed (unchanged files included).
         strict: stop at the first unreadable image instead of recording it.
+        add: add the inputs to the output rather than make it hold exactly them (what
+            ``VGGFeatures(cache=…)`` does): rows of other images, and their labels, are kept;
+            a setting the output does not hold is written beside its own (a named group of the
+            file, a sub-store ``alt/NAME`` of the store) instead of refused; and a run waits
+            for another writer of the output instead of failing.
     """
 
     batch_size: int = 8
@@ -120,6 +134,7 @@ class ExtractOptions:
     verify: bool = False
     retry_failed: bool = False
     strict: bool = False
+    add: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -181,18 +196,20 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     described.check_layer(spec.layer)
     settings = descriptor_settings(described, spec, dtype)
     dim = spec.dim(described.layer_channels(spec.layer))
-    lock = OutputLock(output)
+    lock = OutputLock(output, wait=opts.add)
     net = None
     try:
         opening = _open_store if store else _open
-        plan = _main_decides(dist, lambda: opening(output, images, settings, opts, lock))
-        todo = dist.broadcast_object(None if plan is None else plan.compute)
+        opened = _main_decides(dist, lambda: opening(output, images, settings, opts, lock))
+        target, group, todo = dist.broadcast_object(None if opened is None else (
+            opened.target, opened.group, None if opened.plan is None else opened.plan.compute))
+        plan = None if opened is None else opened.plan
         if todo is None:
-            attrs = _attrs(output)
-            return ExtractResult(output, attrs["num_images"], attrs["num_failed"], 0,
+            attrs = _attrs(target, group)
+            return ExtractResult(target, attrs["num_images"], attrs["num_failed"], 0,
                                  time.monotonic() - start, up_to_date=True,
                                  reused=attrs["num_images"])
-        parts = output / SHARDS if store else parts_dir(output)
+        parts = target / SHARDS if store else parts_dir(target, group)
         known = set(list_shards(parts)) if dist.is_main else set()
         if len(todo):
             if model is None:
@@ -208,19 +225,28 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
         dist.barrier()  # every shard is published before rank 0 joins them
         finish = _finish_store if store else _finish
         computed = dist.broadcast_object(_main_decides(
-            dist, lambda: finish(plan, known, output, images, settings, described, dim,
+            dist, lambda: finish(plan, known, target, images, settings, described, dim,
                                  len(spec.scales), dtype)))
     finally:
         lock.release()
-    attrs = _attrs(output)
+    attrs = _attrs(target, group)
     failed = attrs.get("failed", []) if store else (
-        _failures(output) if attrs["num_failed"] else [])
-    return ExtractResult(output, attrs["num_images"], attrs["num_failed"], computed,
+        _failures(target, group) if attrs["num_failed"] else [])
+    return ExtractResult(target, attrs["num_images"], attrs["num_failed"], computed,
                          time.monotonic() - start, failed,
                          reused=plan.reused if plan is not None else 0,
                          removed=plan.removed if plan is not None else 0,
                          images_per_forward=net.images_per_forward if net else 0.0,
                          backend=net.backend if net else "")
+
+
+@dataclass
+class _Opened:
+    """Where a run writes (a file and its group, or a store) and its plan (None: up to date)."""
+
+    target: Path
+    group: str
+    plan: Plan | None
 
 
 def described_model(arch: str | None, weights, download: bool = True) -> VGG:
@@ -268,12 +294,15 @@ def _main_decides(dist: Distributed, decide):
 
 
 def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
-          lock: OutputLock) -> Plan | None:
-    """Lock ``output``, check it against ``settings`` and plan the update; None: up to date."""
+          lock: OutputLock) -> _Opened:
+    """Lock ``output``, check it against ``settings`` and plan the update of the group that
+    holds them."""
     check_writable(output)
     lock.acquire()
-    remove_leftovers(output)
-    parts = parts_dir(output)
+    group, old, other = _file_target(output, settings, opts)
+    check_writable(output, group)
+    remove_leftovers(output, group)
+    parts = parts_dir(output, group)
     if opts.overwrite:
         shutil.rmtree(parts, ignore_errors=True)
     manifest = _read_manifest(parts)
@@ -281,37 +310,64 @@ def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
         raise CacheError(f"{parts} holds an unfinished run with different settings ("
                          + "; ".join(settings_difference(manifest, settings))
                          + "): use --overwrite to discard it, or rerun with its settings")
-    old = None
-    if output.exists() and not opts.overwrite:
-        existing = _stored_settings(output)
-        if existing == settings:
-            old = read_index(output)
-        elif manifest is None:  # (an unfinished --overwrite with these settings goes on)
-            raise CacheError(f"{output} was written with different settings ("
-                             + "; ".join(settings_difference(existing, settings)) + "): use "
-                             "--overwrite to replace it, or choose another output")
+    if other is not None and manifest is None:  # (an unfinished --overwrite goes on)
+        raise CacheError(f"{output} was written with different settings ("
+                         + "; ".join(settings_difference(other, settings)) + "): use "
+                         "--overwrite to replace it, or choose another output")
     shards = [read_index(s) for s in reversed(list_shards(parts))] if parts.is_dir() else []
-    plan = plan_update(images.paths, shards + ([old] if old else []), output=old,
-                       extra_failed=images.skipped, verify=opts.verify,
-                       retry_failed=opts.retry_failed)
-    if not shards and _same_file(plan, old, images):
+    plan = plan_update(images.paths, shards + ([old] if old else []),
+                       output=None if opts.add else old, extra_failed=images.skipped,
+                       verify=opts.verify, retry_failed=opts.retry_failed)
+    plan.add, plan.kept, plan.group = opts.add, old if opts.add else None, group
+    if not shards and (_nothing_added(plan, old) if opts.add
+                       else _same_file(plan, old, images)):
         shutil.rmtree(parts, ignore_errors=True)
-        return None
+        return _Opened(output, group, None)
     if len(plan.compute) and manifest is None:
         try:
             parts.mkdir(exist_ok=True)
             write_json_atomic(parts / MANIFEST, settings)
         except OSError as err:
             raise io_error(err, "start the run in") from err
-    return plan
+    return _Opened(output, group, plan)
 
 
-def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOptions,
-                lock: OutputLock) -> Plan | None:
-    """Lock the store, check its settings and plan the update; None: up to date.  The same
-    planning as a file's, over the store's live shards and a killed update's unlisted ones."""
-    check_writable(store)
+def _file_target(output: Path, settings: dict, opts: ExtractOptions
+                 ) -> tuple[str, Index | None, dict | None]:
+    """The group a run writes, its entries to reuse (None: none) and, when the root holds
+    other settings that this run would replace, those settings.
+
+    A run writes the root, reusing a named group of its settings (a cache's) if the root has
+    none; with ``add``, it writes the group of its settings wherever it is, or a new one."""
+    if not output.exists() or (opts.overwrite and not opts.add):
+        return "/", None, None
+    try:
+        f = open_features(output)
+    except CacheError as err:  # it names the file and what is wrong with it
+        raise CacheError(f"{err}; use --overwrite to replace it") from err
+    with f:
+        if not descriptor_groups(f):
+            raise CacheError(f"{output} is not a vggfeat feature file (no 'features'/'paths'); "
+                             "use --overwrite to replace it, or choose another output")
+        found = file_group(f, settings)
+        old = index_of(f, output, found) if found else None
+        if opts.add:
+            return found or new_group(f, settings), old, None
+        root = settings_of(f.attrs) if "features" in f else None
+        return "/", old, root if root is not None and found != "/" else None
+
+
+def _open_store(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
+                lock: OutputLock) -> _Opened:
+    """Lock the store, check its settings and plan the update; the same planning as a file's,
+    over the store's live shards and a killed update's unlisted ones.  With ``add``, a setting
+    the store does not hold goes to its sub-store ``alt/NAME`` (under the same lock)."""
+    check_writable(output)
     lock.acquire()
+    store = store_for(output, settings) if opts.add else output
+    if store != output:
+        _mkdir(output / ALT)
+    remove_stale_temporaries(store)
     stored = read_settings(store) if store.is_dir() else None
     if stored is not None and {k: stored.get(k) for k in DESCRIPTOR_SETTINGS} != settings:
         raise CacheError(f"feature store {store} holds descriptors of other settings ("
@@ -328,11 +384,12 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
     sources = [] if opts.overwrite else planning_sources(state, unlisted_shards(store, state))
     plan = plan_update(images.paths, sources, extra_failed=images.skipped, verify=opts.verify,
                        retry_failed=opts.retry_failed)
-    plan.removed = _removed(state, images)
+    plan.add = opts.add
+    plan.removed = 0 if opts.add else _removed(state, images)
     if not len(plan.compute) and plan_changes(plan, state, images).nothing_to_do(state):
-        return None
+        return _Opened(store, "/", None)
     plan.store_state = state  # reused at the end unless another writer published meanwhile
-    return plan
+    return _Opened(store, "/", plan)
 
 
 def _mkdir(folder: Path) -> None:
@@ -377,20 +434,9 @@ def _read_manifest(parts: Path) -> dict | None:
         return None
 
 
-def _stored_settings(output: Path) -> dict:
-    try:
-        attrs = read_attrs(output)
-    except CacheError as err:  # it names the file and what is wrong with it
-        raise CacheError(f"{err}; use --overwrite to replace it") from err
-    except (OSError, VGGFeatError) as err:
-        raise CacheError(f"{output} exists but is not a readable vggfeat feature file ({err}); "
-                         "use --overwrite to replace it") from err
-    return {k: attrs.get(k) for k in DESCRIPTOR_SETTINGS}
-
-
 def _same_file(plan: Plan, old: Index | None, images: ImageList) -> bool:
-    """True when writing ``plan`` would give ``old`` again: nothing to do."""
-    if old is None or len(plan.compute) or plan.removed:
+    """True when writing ``plan`` would give ``old`` (the root) again: nothing to do."""
+    if old is None or old.group != "/" or len(plan.compute) or plan.removed:
         return False
     rows, rows_at, failed_paths, reasons, failed_ids = plan.output()
     if not np.array_equal(rows.row, np.arange(old.n_rows)) or reasons != old.reasons:
@@ -405,6 +451,17 @@ def _same_file(plan: Plan, old: Index | None, images: ImageList) -> bool:
         names = [n.decode() for n in f["class_names"][:]] if "class_names" in f else None
     wanted = None if images.labels is None else [images.labels[i] for i in rows_at]
     return labels == wanted and names == images.class_names
+
+
+def _nothing_added(plan: Plan, old: Index | None) -> bool:
+    """True when adding ``plan``'s inputs to ``old`` would give ``old`` again: each input has
+    its entry there, with the same file identity."""
+    if old is None or len(plan.compute) or plan.extra_failed:
+        return False
+    k = next(k for k, s in enumerate(plan.sources) if s is old)
+    return bool((plan.source == k).all()) and all(
+        np.array_equal(getattr(plan.ids, a), getattr(old.ids, a)[plan.entry])
+        for a in ("size", "mtime_ns", "sha256"))
 
 
 class _IdentifiedImages(PreparedImages):
@@ -584,24 +641,48 @@ def _ids(identities: list[tuple[int, int, bytes]]) -> FileIds:
 
 def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, settings: dict,
             model: VGG, dim: int, n_scales: int, dtype: str) -> int:
-    """Join reused and new rows into ``output`` in input order, then drop the parts folder;
-    the number of new rows."""
-    parts = parts_dir(output)
+    """Join reused and new rows into ``output``'s group in input order (after the entries it
+    keeps, when adding), every other setting of the file kept; then drop the parts folder.
+    The number of new rows."""
+    parts = parts_dir(output, plan.group)
     plan.attach([read_index(s) for s in list_shards(parts) if s not in known])
     missing = len(plan.compute)
     if missing:
         raise CacheError(f"cannot finish {output}: {missing} of {len(images)} images are not "
                          "computed yet; run the same command again to complete it")
-    rows, rows_at, failed_paths, reasons, failed_ids = plan.output()
-    write_features(output, rows, paths=[images.paths[i] for i in rows_at],
-                   ids=plan.ids.take(rows_at),
-                   labels=None if images.labels is None else np.asarray(images.labels)[rows_at],
-                   class_names=images.class_names, failed_paths=failed_paths,
-                   failed_reasons=reasons, failed_ids=failed_ids,
+    class_names = images.class_names
+    if plan.add:
+        out, class_names = _added(plan, output)
+    else:
+        out = Output.of(plan, images.labels)
+    write_features(output, out.rows, paths=out.paths, ids=out.ids, labels=out.labels,
+                   class_names=class_names, failed_paths=out.failed_paths,
+                   failed_reasons=out.failed_reasons, failed_ids=out.failed_ids,
                    attrs=_file_attrs(settings, model), dim=dim, n_scales=n_scales,
-                   dtype=dtype)
+                   dtype=dtype, group=plan.group, keep_others=True)
     shutil.rmtree(parts, ignore_errors=True)
-    return len(rows_at) - plan.reused
+    return int(np.count_nonzero(plan.is_row())) - plan.reused
+
+
+def _added(plan: Plan, output: Path) -> tuple[Output, list[str] | None]:
+    """The group after adding the inputs to what it holds (``plan.kept``), and its class
+    names: kept rows keep their labels; an input's row keeps its label when reused from the
+    group, and gets −1 (no class) when computed."""
+    kept = plan.kept
+    if kept is None:
+        return Output.of(plan, None), None
+    with h5py.File(output, "r") as f:  # the version planned: we hold the lock since
+        g = f[kept.group]
+        labels = g["labels"][:] if "labels" in g else None
+        names = [n.decode() for n in g["class_names"][:]] if "class_names" in g else None
+    mine = None
+    if labels is not None:
+        k = next(k for k, s in enumerate(plan.sources) if s is kept)
+        good = (plan.source == k) & (plan.entry < kept.n_rows)
+        mine = np.full(len(plan.paths), -1, np.int64)
+        mine[good] = labels[plan.entry[good]]
+    inputs = set(plan.paths) | {p for p, _ in plan.extra_failed}
+    return Output.of(plan, mine).after(kept, labels, inputs), names
 
 
 def _file_attrs(settings: dict, model: VGG) -> dict:
@@ -610,11 +691,12 @@ def _file_attrs(settings: dict, model: VGG) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": True}
 
 
-def _attrs(output: Path) -> dict:
-    return store_attrs(output) if output.is_dir() else read_attrs(output)
+def _attrs(output: Path, group: str = "/") -> dict:
+    return store_attrs(output) if output.is_dir() else read_attrs(output, group=group)
 
 
-def _failures(output: Path) -> list[tuple[str, str]]:
+def _failures(output: Path, group: str = "/") -> list[tuple[str, str]]:
     with h5py.File(output, "r") as f:
-        return list(zip((p.decode() for p in f["failed/paths"][:]),
-                        (r.decode() for r in f["failed/reasons"][:])))
+        g = f[group]
+        return list(zip((p.decode() for p in g["failed/paths"][:]),
+                        (r.decode() for r in g["failed/reasons"][:])))
