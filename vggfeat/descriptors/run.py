@@ -212,14 +212,7 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
         parts = target / SHARDS if store else parts_dir(target, group)
         known = set(list_shards(parts)) if dist.is_main else set()
         if len(todo):
-            if model is None:
-                # Built as the runner runs it (eval, channels_last), so the runner need not
-                # copy its 0.5 GB of weights: a net of our own needs no protection.
-                model = vgg(arch, weights=weights, download=opts.download,
-                            progress=opts.progress and dist.is_main
-                            ).eval().to(memory_format=torch.channels_last)
-            net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size,
-                                amp=opts.amp, backend=opts.backend)
+            net = _descriptor_net(model, arch, weights, spec, dist, opts)
             _compute(net, images, np.array_split(todo, dist.world_size)[dist.rank], parts,
                      dist, opts, dtype, labelled=store)
         dist.barrier()  # every shard is published before rank 0 joins them
@@ -238,6 +231,18 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
                          removed=plan.removed if plan is not None else 0,
                          images_per_forward=net.images_per_forward if net else 0.0,
                          backend=net.backend if net else "")
+
+
+def _descriptor_net(model: VGG | None, arch, weights, spec: DescriptorSpec, dist: Distributed,
+                    opts: ExtractOptions) -> DescriptorNet:
+    if model is None:
+        # Built as the runner runs it (eval, channels_last), so the runner need not copy its
+        # 0.5 GB of weights: a net of our own needs no protection.
+        model = vgg(arch, weights=weights, download=opts.download,
+                    progress=opts.progress and dist.is_main
+                    ).eval().to(memory_format=torch.channels_last)
+    return DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size,
+                         amp=opts.amp, backend=opts.backend)
 
 
 @dataclass
