@@ -367,7 +367,9 @@ def write_features(output: Path, rows: Rows, *, paths: list[str], ids: FileIds,
     Rows are copied in blocks of about :data:`BLOCK_BYTES`, so memory does not grow with the
     number of rows; the per-row paths and identities are held in memory (~200 bytes a row).
     """
-    kept = output.stat().st_size if keep_others and output.is_file() else 0
+    # (a file that is not HDF5 has no settings to keep: only --overwrite gets to replace it)
+    kept = (output.stat().st_size if keep_others and output.is_file() and h5py.is_hdf5(output)
+            else 0)
     check_free_space(output.parent, estimated_bytes(len(paths), dim, n_scales, dtype) + kept,
                      f"write {output}")
     try:

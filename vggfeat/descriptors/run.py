@@ -169,7 +169,10 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
 
     A rerun with the same settings brings ``output`` up to date with the current inputs: rows of
     unchanged files are reused, new and changed files are computed, rows of removed files are
-    dropped.  Different descriptor settings are refused (``overwrite`` replaces the file).
+    dropped.  Different descriptor settings are refused (``overwrite`` replaces the file's root);
+    other settings a file holds in named groups (a ``VGGFeatures`` cache's) are kept as they are.
+    With ``add=True`` (what ``VGGFeatures(cache=…)`` runs) the inputs are added instead and
+    a setting the output does not hold is stored beside its own (:class:`ExtractOptions`).
 
     Args:
         inputs: folders, image files, ``.txt``/``.csv`` lists, or an :class:`ImageList`.
