@@ -93,13 +93,8 @@ def test_one_cache_serves_a_grid_search_over_layers(tmp_path, image_folder, tiny
         np.testing.assert_allclose(est.transform(paths),
                                    features(tiny_weights, layer=layer).fit_transform(paths),
                                    atol=1e-6)
-    with pytest.raises(CacheError, match="several settings"):
-        vggfeat.load_features(cache)
-    with pytest.raises(CacheError, match="not a VGGFeatures cache"):
-        features(tiny_weights, cache=vggfeat.extract(
-            [image_folder], tmp_path / "plain.h5", spec=DescriptorSpec(scales=(224,)),
-            model=vggfeat.vgg(weights=str(tiny_weights)), workers=0, progress=False).output
-                 ).fit_transform(paths)
+    first = vggfeat.load_features(cache)  # the root: the setting the cache was made with
+    assert first.attrs["layer"] in ("fc6", "fc7") and sorted(first.paths) == sorted(images.paths)
 
 
 def test_cache_recomputes_changed_files_and_retries_fixed_ones(tmp_path, image_folder,
@@ -179,7 +174,7 @@ def test_cache_reads_index_and_rows_from_one_version(tmp_path, image_folder, tin
     cache = tmp_path / "c.h5"
     est = features(tiny_weights, cache=cache)
     expected = est.fit_transform(paths)
-    replacement = reversed_copy(cache, est.cache_group_, tmp_path / "next.h5")
+    replacement = reversed_copy(cache, "/", tmp_path / "next.h5")  # its first setting: the root
     real_strings = store._strings
 
     def writer_publishes_after_the_index_is_read(dataset):
@@ -211,3 +206,172 @@ def test_cache_refuses_garbage_links_and_non_finite_rows(tmp_path, image_folder,
         est.model_.head.fc7.weight.fill_(float("nan"))
     with pytest.raises(ValueError, match="non-finite descriptor"):
         est.transform(paths)
+
+
+def counting_extract(monkeypatch):
+    """Record what VGGFeatures computes into its cache (it adds through vggfeat extract)."""
+    import vggfeat.sklearn as sk
+
+    calls, real = [], sk.extract
+    monkeypatch.setattr(sk, "extract", lambda images, output, **kw: (
+        kw.get("add") and calls.append((len(images), output))) or real(images, output, **kw))
+    return calls
+
+
+def tiny_extract(images, output, tiny_weights, **kwargs):
+    return extract(images, output, spec=DescriptorSpec(scales=(224,)),
+                   model=vggfeat.vgg(weights=str(tiny_weights)), workers=0, progress=False,
+                   **kwargs)
+
+
+def test_an_extract_output_is_a_cache_and_holds_further_settings(tmp_path, image_folder,
+                                                                   tiny_weights, monkeypatch):
+    import h5py
+
+    from vggfeat.cache.store import descriptor_groups
+
+    images, out = gather_images([image_folder]), tmp_path / "feats.h5"
+    tiny_extract(images, out, tiny_weights)
+    ref, calls = vggfeat.load_features(out), counting_extract(monkeypatch)
+    paths = images.paths[::-1]
+    np.testing.assert_array_equal(features(tiny_weights, cache=out).fit_transform(paths),
+                                  ref.data[::-1])
+    assert calls == []  # the extract output's rows, nothing computed
+    fc6 = features(tiny_weights, layer="fc6", cache=out).fit(None)
+    X6 = fc6.transform(paths)
+    np.testing.assert_allclose(X6, features(tiny_weights, layer="fc6").fit_transform(paths),
+                               atol=1e-6)
+    with h5py.File(out) as f:
+        assert descriptor_groups(f) == ["/", fc6.cache_group_]
+    extra = str(write_image(tmp_path / "more" / "x.jpg", seed=5))
+    features(tiny_weights, cache=out).fit_transform([extra, paths[0]])  # added to the root
+    grown = vggfeat.load_features(out)
+    assert grown.paths == ref.paths + [extra] and grown.target.tolist() == [*ref.target, -1]
+    assert grown.target_names == ref.target_names and len(calls) == 2
+    write_image(Path(images.paths[0]), seed=77)  # changed: extract's rerun rewrites the root
+    rerun = tiny_extract(images, out, tiny_weights)
+    assert rerun.computed == 1 and rerun.removed == 1  # (extract: the output holds its inputs)
+    kept = vggfeat.load_features(out, group=fc6.cache_group_)
+    assert kept.paths == paths and kept.attrs["layer"] == "fc6"  # the other setting, kept
+    np.testing.assert_array_equal(kept.data, X6)
+    for p in images.paths:  # rows of deleted images are served: nothing computed
+        os.remove(p)
+    np.testing.assert_array_equal(fc6.transform(paths), X6)
+    assert len(calls) == 2
+
+
+def test_a_store_is_a_cache_and_holds_further_settings_in_sub_stores(tmp_path, image_folder,
+                                                                     tiny_weights, monkeypatch):
+    from vggfeat.cache.sharded import describe
+
+    images, store = gather_images([image_folder]), tmp_path / "feats"
+    tiny_extract(images, store, tiny_weights)
+    ref, calls = vggfeat.load_features(store), counting_extract(monkeypatch)
+    est = features(tiny_weights, cache=store)
+    X = est.fit_transform(ref.paths)
+    assert calls == [] and est.cache_group_ and np.array_equal(X, ref.data)
+    extra = str(write_image(tmp_path / "more" / "x.jpg", seed=5))
+    np.testing.assert_allclose(est.transform([extra]),
+                               features(tiny_weights).fit_transform([extra]), atol=1e-6)
+    grown = vggfeat.load_features(store)  # the others kept, with their labels
+    assert grown.paths == sorted(ref.paths + [extra]) and len(calls) == 1
+    assert [grown.target_names[t] if t >= 0 else None for t in grown.target] == [
+        None if p == extra else ref.target_names[ref.target[ref.paths.index(p)]]
+        for p in grown.paths]
+    fc6 = features(tiny_weights, layer="fc6", cache=store).fit(None)
+    X6 = fc6.transform(ref.paths)
+    assert (store / "alt" / fc6.cache_group_ / "settings.json").is_file()
+    np.testing.assert_array_equal(vggfeat.load_features(store, group=fc6.cache_group_).data, X6)
+    np.testing.assert_array_equal(vggfeat.load_features(store, group=est.cache_group_).data,
+                                  grown.data)
+    info = "\n".join(describe(store))
+    assert f"alt/{fc6.cache_group_}: layer fc6" in info and "foreign" not in info
+    assert tiny_extract(images, store, tiny_weights).removed == 1  # the extra row goes
+    for p in images.paths:
+        os.remove(p)
+    np.testing.assert_array_equal(fc6.transform(ref.paths), X6)
+    np.testing.assert_array_equal(est.transform(ref.paths), X)
+    assert len(calls) == 2
+
+
+def test_a_cache_of_an_earlier_version_is_read_and_updated_as_it_is(tmp_path, image_folder,
+                                                                    tiny_weights):
+    import h5py
+
+    images = gather_images([image_folder])
+    tiny_extract(images, tmp_path / "ref.h5", tiny_weights)
+    est, old = features(tiny_weights).fit(None), tmp_path / "old.h5"
+    with h5py.File(tmp_path / "ref.h5") as src, h5py.File(old, "w") as dst:
+        group = dst.create_group(est.cache_group_)  # what VGGFeatures wrote before: groups only
+        for member in src:
+            src.copy(src[member], group, name=member)
+        group.attrs.update(src.attrs)
+    extra = str(write_image(tmp_path / "more" / "x.jpg", seed=5))
+    X = features(tiny_weights, cache=old).fit_transform(images.paths + [extra])
+    np.testing.assert_allclose(X, features(tiny_weights).fit_transform(images.paths + [extra]),
+                               atol=1e-6)
+    with h5py.File(old) as f:
+        assert list(f) == [est.cache_group_] and len(f[est.cache_group_]["paths"]) == 9
+    assert len(vggfeat.load_features(old).paths) == 9
+    assert vggfeat.load_features(old, group=est.cache_group_).paths[-1] == extra
+
+
+def test_a_killed_call_resumes_from_what_it_published(tmp_path, image_folder, tiny_weights,
+                                                      monkeypatch):
+    import vggfeat.descriptors.run as run
+    from vggfeat.cache.store import parts_dir
+
+    paths, cache = gather_images([image_folder]).paths, tmp_path / "c.h5"
+    features(tiny_weights, cache=cache).fit_transform(paths[:2])
+    fc6 = features(tiny_weights, layer="fc6", cache=cache).fit(None)
+    real_finish = run._finish
+    monkeypatch.setattr(run, "_finish", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed once every row was published
+        fc6.transform(paths)
+    assert (parts_dir(cache, fc6.cache_group_) / "manifest.json").is_file()
+    monkeypatch.setattr(run, "_finish", real_finish)
+    expected, nets = features(tiny_weights, layer="fc6").fit_transform(paths), []
+    monkeypatch.setattr(run, "DescriptorNet", lambda *a, **k: nets.append(1))
+    np.testing.assert_allclose(fc6.transform(paths), expected, atol=1e-6)
+    assert nets == [] and not parts_dir(cache, fc6.cache_group_).exists()
+
+
+def test_links_planted_at_a_store_lock_or_a_setting_parts_are_refused(tmp_path, image_folder,
+                                                                     tiny_weights):
+    from vggfeat.cache.store import parts_dir
+
+    paths = gather_images([image_folder]).paths[:2]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    os.symlink(victim, tmp_path / "feats.lock")
+    with pytest.raises(CacheError, match=r"feats\.lock is a symbolic link"):
+        features(tiny_weights, cache=tmp_path / "feats").fit_transform(paths)
+    cache = tmp_path / "c.h5"
+    features(tiny_weights, cache=cache).fit_transform(paths)
+    fc6 = features(tiny_weights, layer="fc6", cache=cache).fit(None)
+    os.symlink(tmp_path, parts_dir(cache, fc6.cache_group_))
+    with pytest.raises(CacheError, match=r"\.parts is a symbolic link"):
+        fc6.transform(paths)
+    assert victim.read_text() == "precious"
+
+
+def test_a_store_cache_reads_one_state_while_a_writer_compacts(tmp_path, image_folder,
+                                                              tiny_weights, monkeypatch):
+    import vggfeat.cache.lookup as lookup
+    from vggfeat.cache.sharded import compact
+
+    paths, store = gather_images([image_folder]).paths, tmp_path / "feats"
+    est = features(tiny_weights, cache=store)
+    est.fit_transform(paths[:4])
+    expected = est.transform(paths)  # two updates: two shards
+    real, done = lookup.plan_update, []
+
+    def compaction_after_the_replay(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        if not done:  # retires and deletes every shard the reader listed
+            done.append(compact(store, threshold=0.0))
+        return plan
+
+    monkeypatch.setattr(lookup, "plan_update", compaction_after_the_replay)
+    np.testing.assert_array_equal(est.transform(paths), expected)
+    assert done and done[0].retired == 2

@@ -461,3 +461,21 @@ def test_export_to_npy_and_parquet_for_embedding_readers(tmp_path, image_folder,
     with pytest.raises(MissingDependencyError, match=r"--to-npy needs pyarrow.*vggfeat\[parquet\]"):
         export_npy(store, tmp_path / "npy2")
     assert not (tmp_path / "npy2").exists()
+
+
+def test_an_update_removes_stale_temporaries_of_killed_writers_only(tmp_path, image_folder):
+    import time
+
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model)
+    stale = [store / ".settings.json.1a2b3c4d.tmp",
+             store / "shards" / ".shard-r000-0000000000-1a2b3c4d.h5.5e6f7a8b.tmp",
+             store / "index" / ".000000000002-1a2b.json.5e6f7a8b.tmp"]
+    fresh = store / "shards" / ".shard-r000-0000000004-9c9c9c9c.h5.0d0d0d0d.tmp"  # at work
+    for path in [*stale, fresh]:
+        path.write_bytes(b"half a file")
+    for path in stale:  # two hours old: their writers were killed
+        os.utime(path, (time.time() - 7200,) * 2)
+    write_image(image_folder / "dog" / "new.jpg", seed=99)
+    assert run([image_folder], store, model).computed == 1
+    assert not any(p.exists() for p in stale) and fresh.exists()

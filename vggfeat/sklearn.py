@@ -9,46 +9,32 @@
     clf = make_pipeline(VGGFeatures(arch="D", cache="features.h5"), LinearSVC())
     clf.fit(train_paths, train_labels)
 
-With ``cache=`` an HDF5 file, descriptors are looked up by path and only the images not yet in
-the cache, or changed since (size or mtime; rows of deleted files are still served), are
-computed (crash-safe and resumable, like ``vggfeat extract``); the cache then grows by those
-rows.  The file holds one group per descriptor setting, so one cache serves a grid search over
-layers or scales; several processes may use it at once (writers take turns).  ``vggfeat.load_features(cache, group=...)`` reads it.
+With ``cache=`` a ``.h5`` file or a feature store (a folder), in the format ``vggfeat extract``
+writes, descriptors are looked up by path and only the images not yet in the cache, or changed
+since (size or mtime; rows of deleted files are still served), are computed, by ``vggfeat
+extract`` itself (crash-safe and resumable); the cache then grows by those rows and keeps all
+the others.  An extract output is a cache: its rows are reused when the settings match.  A
+further descriptor setting is stored beside the first (a named group of the file, a sub-store
+``alt/NAME`` of the store), so one cache serves a grid search over layers or scales; several
+processes may use it at once (writers take turns).  ``vggfeat.load_features(cache,
+group=est.cache_group_)`` reads one setting.
 """
 
 from __future__ import annotations
 
-import glob
-import hashlib
-import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
-import h5py
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
-from .cache.lock import OutputLock
-from .cache.store import (
-    FileIds,
-    Index,
-    Rows,
-    check_suffix,
-    descriptor_groups,
-    index_of,
-    io_error,
-    load_features,
-    open_features,
-    parts_dir,
-    read_index,
-    write_group,
-)
-from .cache.update import plan_update
-from .errors import CacheError, ConfigError, InputError
-from .fileio import atomic_path
+from .cache.lookup import lookup
+from .cache.settings import setting_name
+from .cache.sharded import is_store
+from .cache.store import check_suffix, load_features
+from .errors import ConfigError, InputError
 from .data.images import MAX_ASPECT
 from .data.sources import ImageList
 from .descriptors.descriptor import DescriptorSpec
@@ -70,8 +56,10 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     ``flip``, ``l2``, ``crop``, ``max_aspect``), plus:
 
     Args:
-        cache: an HDF5 file of descriptors keyed by image path and file identity, one group per
-            descriptor setting (``cache_group_``); None computes every time.
+        cache: a ``.h5`` feature file or a feature store (a folder name without suffix), as
+            ``vggfeat extract`` writes them, keyed by image path and file identity; further
+            descriptor settings are stored beside the first (``cache_group_`` names this
+            one's).  None computes every time.
         on_error: ``raise`` (name the unreadable images) or ``nan`` (give them NaN rows).
         retry_failed: try again, on every call, the images the cache records as unreadable
             (by default only those whose file changed since).
@@ -120,9 +108,7 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
         self.model_ = vgg(self.arch, weights=self.weights, progress=self.progress).eval()
         self.model_.check_layer(self.layer)
         self._n_features_out = self.spec_.dim(self.model_.layer_channels(self.layer))
-        settings = self._settings()
-        digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-        self.cache_group_ = f"{self.layer.replace(':', '_')}-{digest[:12]}"
+        self.cache_group_ = setting_name(self._settings())
         return self
 
     def transform(self, X) -> np.ndarray:
@@ -162,106 +148,35 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
     def _settings(self) -> dict:
         return descriptor_settings(self.model_, self.spec_, self.dtype)
 
-    def _extract(self, paths: list[str], output: Path) -> tuple[dict, dict]:
+    def _extract(self, paths: list[str], output: Path, add: bool = False) -> None:
         extract(ImageList(paths), output, spec=self.spec_, model=self.model_,
                 batch_size=self.batch_size, workers=self.workers, device=self.device,
-                dtype=self.dtype, amp=self.amp, backend=self.backend, progress=self.progress)
-        return _rows(load_features(output))
+                dtype=self.dtype, amp=self.amp, backend=self.backend, progress=self.progress,
+                add=add, retry_failed=self.retry_failed)
 
     def _compute(self, paths: list[str]) -> tuple[dict, dict]:
         with tempfile.TemporaryDirectory(prefix="vggfeat-") as tmp:
-            return self._extract(list(dict.fromkeys(paths)), Path(tmp) / "features.h5")
+            output = Path(tmp) / "features.h5"
+            self._extract(list(dict.fromkeys(paths)), output)
+            return _rows(load_features(output))
 
     def _cached(self, paths: list[str]) -> tuple[dict, dict]:
         cache = Path(self.cache)
-        check_suffix(cache, "cache")
+        store = is_store(cache)
+        if not store:
+            check_suffix(cache, "cache")
         unique = list(dict.fromkeys(paths))
-        rows, failed, todo, _ = self._lookup(cache, unique)
-        if todo:
-            # One writer at a time; a process that waited finds what the other one computed.
-            with OutputLock(cache, wait=True):
-                # the cache cannot change while we hold the lock
-                rows, failed, todo, index = self._lookup(cache, unique)
-                if todo:
-                    new_rows, new_failed = self._add(cache, todo, index)
-                    rows.update(new_rows)
-                    failed.update(new_failed)
-        return rows, failed
-
-    def _lookup(self, cache: Path, paths: list[str]) -> tuple[dict, dict, list[str], Index | None]:
-        """Rows and failures the cache holds for unchanged files, the paths to compute, and the
-        index of this setting's group (None: none yet).
-
-        The index and the rows are read through one open of the file: a writer publishes a new
-        version by renaming over the name, so the open version stays whole and rows never shift.
-        """
-        if not cache.exists():
-            return {}, {}, paths, None
-        with open_features(cache) as f:
-            groups = descriptor_groups(f)
-            if groups == ["/"]:
-                raise CacheError(f"{cache} is a feature file written by vggfeat extract (or an "
-                                 "older vggfeat), not a VGGFeatures cache: choose another cache "
-                                 "file")
-            if self.cache_group_ not in groups:
-                return {}, {}, paths, None
-            index = index_of(f, cache, self.cache_group_)
-            # A deleted image cannot have changed: its row is still served (images may be
-            # removed once their descriptors are cached).
-            plan = plan_update(paths, [index], retry_failed=self.retry_failed, keep_deleted=True)
-            found = np.flatnonzero(plan.source >= 0)
-            good = found[plan.entry[found] < index.n_rows]
-            order = np.argsort(plan.entry[good])
-            feats = f[self.cache_group_]["features"]
-            data = feats[np.sort(plan.entry[good])] if len(good) else []
-        rows = {paths[i]: data[k] for k, i in zip(range(len(good)), good[order])}
-        failed = {paths[i]: index.reasons[plan.entry[i] - index.n_rows]
-                  for i in np.setdiff1d(found, good)}
-        return rows, failed, [paths[i] for i in plan.compute], index
-
-    def _add(self, cache: Path, todo: list[str], old: Index | None) -> tuple[dict, dict]:
-        """Compute ``todo`` and write the cache (``old``: its group) with them (atomically; other
-        groups kept)."""
-        # Named after its inputs, so a killed call resumes when called again on the same data.
-        pending = cache.with_name(f".{cache.name}.{self.cache_group_}-"
-                                  f"{ImageList(todo).fingerprint()[:12]}.h5")
-        for leftover in cache.parent.glob(f".{glob.escape(cache.name)}.*.h5"):
-            if leftover != pending:  # of killed calls: we hold the lock, no one writes them
-                leftover.unlink(missing_ok=True)
-                shutil.rmtree(parts_dir(leftover), ignore_errors=True)
-        new_rows, new_failed = self._extract(todo, pending)
-        new = read_index(pending)
-        sources = [old, new] if old else [new]
-        replaced = set(new.paths)
-        keep = [np.array([e for e, p in enumerate(s.paths) if s is new or p not in replaced],
-                         np.int64) for s in sources]
-        row_parts = [(k, e[e < s.n_rows]) for k, (s, e) in enumerate(zip(sources, keep))]
-        fail_parts = [(k, e[e >= s.n_rows]) for k, (s, e) in enumerate(zip(sources, keep))]
-        rows = Rows([s.file for s in sources],
-                    np.concatenate([np.full(len(e), k) for k, e in row_parts]),
-                    np.concatenate([e for _, e in row_parts]), [s.group for s in sources])
-        try:
-            with atomic_path(cache) as tmp, h5py.File(tmp, "w") as dst:
-                if cache.exists():
-                    with h5py.File(cache, "r") as src:
-                        for name in descriptor_groups(src):
-                            if name != self.cache_group_:
-                                src.copy(src[name], dst, name=name)
-                write_group(
-                    dst.create_group(self.cache_group_), rows,
-                    paths=[sources[k].paths[e] for k, es in row_parts for e in es],
-                    ids=FileIds.concat([sources[k].ids.take(e) for k, e in row_parts]),
-                    labels=None, class_names=None,
-                    failed_paths=[sources[k].paths[e] for k, es in fail_parts for e in es],
-                    failed_reasons=[sources[k].reasons[e - sources[k].n_rows]
-                                    for k, es in fail_parts for e in es],
-                    failed_ids=FileIds.concat([sources[k].ids.take(e) for k, e in fail_parts]),
-                    attrs=self._settings(), dim=self._n_features_out,
-                    n_scales=len(self.spec_.scales), dtype=self.dtype)
-        except OSError as err:
-            raise io_error(err, "write the cache") from err
-        pending.unlink()
-        return new_rows, new_failed
+        found = lookup(cache, self._settings(), unique, retry_failed=self.retry_failed,
+                       store=store)
+        if found.todo:
+            # extract's own planning, under the cache's lock (writers take turns), finds the
+            # rows another process added meanwhile; the others' rows are kept (add=True).
+            self._extract(found.todo, cache, add=True)
+            found = lookup(cache, self._settings(), unique, store=store)
+            for path in found.todo:  # changed again while it was being computed
+                found.failed.setdefault(path, "the file changed while its descriptor was "
+                                        "computed: call again")
+        return found.rows, found.failed
 
 
 def _rows(bunch) -> tuple[dict, dict]:

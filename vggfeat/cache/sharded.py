@@ -30,7 +30,8 @@ import h5py
 import numpy as np
 
 from ..errors import CacheError, InputError
-from ..fileio import create_new, fsync_path, write_json_atomic
+from ..fileio import create_new, fsync_path, leftovers, write_json_atomic
+from .settings import ALT
 from .store import (
     FileIds,
     Index,
@@ -404,12 +405,38 @@ def unlisted_shards(store: Path, state: State) -> list[Path]:
                   key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
+# A hidden temporary file this old was left by a killed writer: none takes this long to write
+# one file (shards are built in memory and written in one go).
+STALE_SECONDS = 3600
+
+
+def remove_stale_temporaries(store: Path, age: float = STALE_SECONDS) -> int:
+    """Delete the hidden temporary files (``.NAME.<random>.tmp``) that killed writers left in
+    ``store``, ``shards/`` and ``index/``, once older than ``age`` seconds: a fresh one may be
+    another writer's, still at work.  Links are removed, never followed.  How many went."""
+    now, removed = time.time(), 0
+    for folder in (store, store / SHARDS, store / INDEX):
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        for path in leftovers(folder):
+            try:
+                if now - os.lstat(path).st_mtime >= age:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # another writer's cleanup was first
+            except OSError as err:
+                raise io_error(err, "remove the leftover", path) from err
+    return removed
+
+
 def foreign_files(store: Path) -> list[Path]:
-    """Files in a store that vggfeat did not write there (ignored by readers)."""
+    """Files in a store that vggfeat did not write there (ignored by readers); ``alt/``
+    holds the sub-stores of further settings, checked on their own."""
     found = []
     for name in os.listdir(store):
         path = store / name
-        if name in (SHARDS, INDEX, SETTINGS) or name.startswith("."):
+        if name in (SHARDS, INDEX, SETTINGS, ALT) or name.startswith("."):
             continue
         found.append(path)
     for sub, pattern in ((SHARDS, SHARD_NAME), (INDEX, ENTRY_NAME)):
@@ -674,7 +701,8 @@ def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> C
         stored = label_names_of(source.file, state, cache)
         stored = np.array(stored if stored is not None else [""] * source.n_rows, dtype=object)
         labelled_same = np.ones(len(at), bool)
-        labelled_same[is_row] = stored[e[is_row]] == labels[at[is_row]]
+        if not plan.add:  # (an addition labels nothing: rows keep the labels they have)
+            labelled_same[is_row] = stored[e[is_row]] == labels[at[is_row]]
         redo, refail = is_row & ~(same & labelled_same), ~is_row & ~same
         republish += at[redo].tolist()
         failures += [(plan.paths[i], source.reasons[x - source.n_rows], int(i))
@@ -692,8 +720,21 @@ def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> C
             keep[found[0]] = np.union1d(keep.get(found[0], EMPTY), [found[1]])
         else:
             failures.append((path, reason, -1))
+    if plan.add:
+        _keep_the_others(keep, state, set(plan.paths) | {p for p, _ in plan.extra_failed})
+        return Changes(keep, sorted(republish), failures, state.class_names,
+                       state.class_names is not None)
     return Changes(keep, sorted(republish), failures, images.class_names,
                    images.labels is not None, scope)
+
+
+def _keep_the_others(keep: dict[Path, np.ndarray], state: State, inputs: set[str]) -> None:
+    """An addition keeps every live entry of a path that is not among its inputs."""
+    for shard in state.shards:
+        file = state.store / SHARDS / shard.name
+        others = [e for e in np.flatnonzero(shard.live) if shard.index.paths[e] not in inputs]
+        if others:
+            keep[file] = np.union1d(keep.get(file, EMPTY), np.array(others, np.int64))
 
 
 def publish_update(store: Path, state: State, plan, changes: Changes, images, *, dim: int,
@@ -922,9 +963,24 @@ def describe(store: Path) -> list[str]:
     if leftover:
         lines.append(f"retired     {len(leftover)} shard file(s) still on disk (vggfeat store "
                      "compact deletes them)")
+    lines += _sub_store_lines(store)
     foreign = foreign_files(store)
     if foreign:
         shown = ", ".join(str(p) for p in foreign[:5])
         lines.append(f"foreign     {len(foreign)} file(s) vggfeat did not write, ignored: {shown}"
                      + (" …" if len(foreign) > 5 else ""))
+    return lines
+
+
+def _sub_store_lines(store: Path) -> list[str]:
+    """One line per further setting (a VGGFeatures cache's sub-store ``alt/NAME``)."""
+    from .settings import sub_stores
+
+    lines = []
+    for sub in sub_stores(store):
+        settings, attrs = read_settings(sub) or {}, store_attrs(sub)
+        lines.append(f"also        {ALT}/{sub.name}: layer {settings.get('layer')}, scales "
+                     f"{settings.get('scales')}, aggregate {settings.get('aggregate')}; "
+                     f"{attrs['num_images']} rows, {attrs['num_failed']} failed (load_features("
+                     f"STORE, group={sub.name!r}))")
     return lines

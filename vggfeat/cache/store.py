@@ -45,7 +45,11 @@ MANIFEST = "manifest.json"
 MISSING = -1  # file_size of a file that did not exist
 
 
-def parts_dir(output: Path) -> Path:
+def parts_dir(output: Path, group: str = "/") -> Path:
+    """Where a run keeps its work until done: ``OUT.h5.parts`` for the file's root setting,
+    ``OUT.h5.NAME.parts`` for the setting of group ``NAME`` (see :mod:`.settings`)."""
+    if group.strip("/"):
+        return output.with_name(f"{output.name}.{group.strip('/')}.parts")
     return output.with_name(output.name + ".parts")
 
 
@@ -83,7 +87,7 @@ def io_error(err: OSError, action: str, path: str | os.PathLike | None = None) -
     return CacheError(f"cannot {action}{target}: {err.strerror or err}; {advice}")
 
 
-def check_writable(output: Path) -> None:
+def check_writable(output: Path, group: str = "/") -> None:
     """Refuse early, before any work, an output that could not be written at the end."""
     folder = output.parent
     try:
@@ -101,7 +105,7 @@ def check_writable(output: Path) -> None:
                              "output")
         raise CacheError(f"{output} is read-only: make it writable (chmod u+w) to update it, or "
                          "choose another output")
-    for beside in (parts_dir(output), output.with_name(output.name + ".lock")):
+    for beside in (parts_dir(output, group), output.with_name(output.name + ".lock")):
         if beside.is_symlink():
             raise CacheError(f"{beside} is a symbolic link (to {os.readlink(beside)}), which "
                              "vggfeat never follows: remove it and run again")
@@ -147,9 +151,9 @@ def _immutable(path: Path) -> bool:
     return False
 
 
-def remove_leftovers(output: Path) -> int:
+def remove_leftovers(output: Path, group: str = "/") -> int:
     """Delete temporary files of killed writes (only while holding the output's lock)."""
-    parts = parts_dir(output)
+    parts = parts_dir(output, group)
     found = leftovers(output.parent, output.name)
     if parts.is_dir():
         found += leftovers(parts) + list(parts.glob("*.h5.tmp"))
@@ -351,23 +355,55 @@ def estimated_bytes(n_rows: int, dim: int, n_scales: int, dtype: str) -> int:
 def write_features(output: Path, rows: Rows, *, paths: list[str], ids: FileIds,
                    labels: np.ndarray | None, class_names: list[str] | None,
                    failed_paths: list[str], failed_reasons: list[str], failed_ids: FileIds,
-                   attrs: dict, dim: int, n_scales: int, dtype: str) -> Path:
+                   attrs: dict, dim: int, n_scales: int, dtype: str, group: str = "/",
+                   keep_others: bool = False) -> Path:
     """Write ``output`` atomically from rows of other feature files and shards.
+
+    ``group``: where the rows go ("/": the root, the layout of an extract output; a name: a
+    group of that layout).  ``keep_others``: the other settings the existing ``output`` holds
+    (its root, its named groups) are copied into the new file unchanged; a named group of the
+    very settings written is dropped, as these rows replace it.
 
     Rows are copied in blocks of about :data:`BLOCK_BYTES`, so memory does not grow with the
     number of rows; the per-row paths and identities are held in memory (~200 bytes a row).
     """
-    check_free_space(output.parent, estimated_bytes(len(paths), dim, n_scales, dtype),
+    # (a file that is not HDF5 has no settings to keep: only --overwrite gets to replace it)
+    kept = (output.stat().st_size if keep_others and output.is_file() and h5py.is_hdf5(output)
+            else 0)
+    check_free_space(output.parent, estimated_bytes(len(paths), dim, n_scales, dtype) + kept,
                      f"write {output}")
     try:
         with atomic_path(output) as tmp, h5py.File(tmp, "w") as f:
-            write_group(f, rows, paths=paths, ids=ids, labels=labels, class_names=class_names,
-                        failed_paths=failed_paths, failed_reasons=failed_reasons,
-                        failed_ids=failed_ids, attrs=attrs, dim=dim, n_scales=n_scales,
-                        dtype=dtype)
+            if kept:
+                _copy_other_settings(output, f, group, attrs)
+            target = f if group == "/" else f.create_group(group)
+            write_group(target, rows, paths=paths, ids=ids, labels=labels,
+                        class_names=class_names, failed_paths=failed_paths,
+                        failed_reasons=failed_reasons, failed_ids=failed_ids, attrs=attrs,
+                        dim=dim, n_scales=n_scales, dtype=dtype)
     except OSError as err:
         raise io_error(err, "write", output) from err
     return output
+
+
+def _copy_other_settings(source: Path, dst: h5py.File, group: str, attrs: dict) -> None:
+    """Copy into ``dst`` every setting of ``source`` but the one written at ``group``."""
+    from .settings import setting_groups, settings_of
+
+    written = settings_of(attrs)
+    with h5py.File(source, "r") as src:
+        others = setting_groups(src)
+        for name in others:
+            if name == group or (name != "/" and settings_of(src[name].attrs) == written):
+                continue
+            if name != "/":
+                src.copy(src[name], dst, name=name)
+                continue
+            named = set(others) - {"/"}
+            for member in src:  # the root's rows: every member but the named settings
+                if member not in named:
+                    src.copy(src[member], dst, name=member)
+            dst.attrs.update(src.attrs)
 
 
 def write_group(group, rows: Rows, *, paths, ids, labels, class_names, failed_paths,
@@ -427,20 +463,25 @@ def copy_rows(rows: Rows, feats, sizes, *, block: int) -> None:
 # -- reading ---------------------------------------------------------------------------------------
 
 def descriptor_groups(f: h5py.File) -> list[str]:
-    """Groups holding a feature layout ("/" for a plain file; one per descriptor in a cache)."""
-    if "features" in f:
-        return ["/"]
-    return sorted(name for name, g in f.items() if isinstance(g, h5py.Group) and "features" in g)
+    """Groups holding rows: the root ("/") and any named groups of further settings."""
+    from .settings import setting_groups
+
+    return setting_groups(f)
 
 
 def _group(f: h5py.File, path: Path, group: str | None):
+    """The group to read: ``group`` (a name, or the root when it holds that setting), else
+    the root, else the one named group."""
+    from .settings import named_group
+
     if group is not None:
-        if group not in f or "features" not in f[group]:
+        found = "/" if group == "/" and "features" in f else named_group(f, group)
+        if found is None:
             raise CacheError(f"{path} has no descriptor group {group!r}; it has "
                              f"{descriptor_groups(f)}")
-        return f[group]
+        return f[found]
     groups = descriptor_groups(f)
-    if len(groups) == 1:
+    if "/" in groups or len(groups) == 1:
         return f[groups[0]]
     if not groups:
         raise CacheError(f"{path} is not a vggfeat feature file (no 'features'/'paths')")
@@ -474,10 +515,23 @@ def _plain(value):
     return value
 
 
+def _store_of(store: Path, group: str | None) -> Path:
+    """The store (``store``, or one of its sub-stores) holding the setting named ``group``."""
+    from .settings import named_store, sub_stores
+
+    if group is None:
+        return store
+    found = named_store(store, group)
+    if found is None:
+        raise CacheError(f"feature store {store} has no setting {group!r}; it has its own and "
+                         f"{[p.name for p in sub_stores(store)]}")
+    return found
+
+
 def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bool = False,
                   group: str | None = None):
     """Read a vggfeat feature file, or a feature store (a folder of shards, docs/store.md:
-    rows sorted by path; ``group`` does not apply).
+    rows sorted by path).
 
     Returns a scikit-learn ``Bunch`` with ``data`` (N×D), ``target`` (N labels or None),
     ``target_names`` (class names or None), ``paths``, ``failed`` (list of (path, reason)),
@@ -486,14 +540,15 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
     With ``lazy=True``, ``data`` (or ``X``) is a :class:`~vggfeat.cache.rows.FeatureRows` view:
     index it to read rows (``data[1000:2000]``, ``data[[3, 1, 2]]``).  It opens the file only
     while reading and only the version that was loaded; ``data.close()`` (or the Bunch's
-    ``file.close()``) closes it.  A :class:`vggfeat.sklearn.VGGFeatures` cache holds one group per
-    descriptor setting: ``group`` chooses one (needed only when there are several).
+    ``file.close()``) closes it.  A file or store holds one descriptor setting, and any further
+    ones a :class:`vggfeat.sklearn.VGGFeatures` cache added beside it: ``group`` (e.g. the
+    estimator's ``cache_group_``) chooses one; by default the file's root, or the store's own.
     """
     path = Path(path)
     if path.is_dir():
         from .sharded import load_store  # a store: a folder of shards (docs/store.md)
 
-        return load_store(path, return_X_y=return_X_y, lazy=lazy)
+        return load_store(_store_of(path, group), return_X_y=return_X_y, lazy=lazy)
     if not path.is_file():
         parts = parts_dir(path)
         hint = (f"; {parts} holds an unfinished run: run the same extract command again to finish "

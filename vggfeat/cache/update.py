@@ -28,6 +28,11 @@ class Plan:
     reused: int = 0       # inputs whose row was reused (a carried-over failure is not counted)
     extra_failed: list[tuple[str, str]] = field(default_factory=list)  # found but unusable
     store_state: object = None  # a store's state when planned (vggfeat.cache.sharded.State)
+    # Adding (a cache, see vggfeat.sklearn.VGGFeatures): the output's entries of other paths
+    # are kept, not removed; ``kept`` is the output's setting as planned (None: none yet).
+    add: bool = False
+    kept: Index | None = None
+    group: str = "/"  # the group of the file written ("/": its root)
 
     @property
     def compute(self) -> np.ndarray:
@@ -68,6 +73,49 @@ class Plan:
         reasons += [r for _, r in self.extra_failed]
         failed_ids = FileIds.concat([self.ids.take(bad), FileIds.empty(len(self.extra_failed))])
         return rows, rows_at, failed_paths, reasons, failed_ids
+
+
+@dataclass
+class Output:
+    """What a feature file's group is written from (the arguments of ``write_group``)."""
+
+    rows: Rows
+    paths: list[str]
+    ids: FileIds
+    labels: np.ndarray | None
+    failed_paths: list[str]
+    failed_reasons: list[str]
+    failed_ids: FileIds
+
+    @classmethod
+    def of(cls, plan: Plan, labels: np.ndarray | None) -> Output:
+        """The inputs' entries in input order (``labels``: one per input, or None)."""
+        rows, rows_at, failed_paths, reasons, failed_ids = plan.output()
+        return cls(rows, [plan.paths[i] for i in rows_at], plan.ids.take(rows_at),
+                   None if labels is None else np.asarray(labels, np.int64)[rows_at],
+                   failed_paths, reasons, failed_ids)
+
+    def after(self, kept: Index, kept_labels: np.ndarray | None, inputs: set[str]) -> Output:
+        """Every entry of ``kept`` whose path is not among ``inputs``, then these: what adding
+        the inputs to an existing group gives (a cache keeps the rows it was not asked about).
+        Rows of no label get −1 when the others have labels."""
+        others = np.array([e for e, p in enumerate(kept.paths) if p not in inputs], np.int64)
+        row_e, fail_e = others[others < kept.n_rows], others[others >= kept.n_rows]
+        k = len(self.rows.sources)
+        rows = Rows(self.rows.sources + [kept.file],
+                    np.concatenate([np.full(len(row_e), k), self.rows.source]).astype(np.int64),
+                    np.concatenate([row_e, self.rows.row]).astype(np.int64),
+                    (self.rows.groups or ["/"] * k) + [kept.group])
+        labels = None
+        if kept_labels is not None or self.labels is not None:
+            mine = self.labels if self.labels is not None else np.full(len(self.paths), -1)
+            theirs = kept_labels[row_e] if kept_labels is not None else np.full(len(row_e), -1)
+            labels = np.concatenate([theirs, mine]).astype(np.int64)
+        return Output(rows, [kept.paths[e] for e in row_e] + self.paths,
+                      FileIds.concat([kept.ids.take(row_e), self.ids]), labels,
+                      [kept.paths[e] for e in fail_e] + self.failed_paths,
+                      [kept.reasons[e - kept.n_rows] for e in fail_e] + self.failed_reasons,
+                      FileIds.concat([kept.ids.take(fail_e), self.failed_ids]))
 
 
 def plan_update(paths: list[str], sources: list[Index], *, output: Index | None = None,

@@ -39,9 +39,12 @@ from ..cache.store import (
     check_suffix,
     check_writable,
     file_identity,
+    index_of,
+    descriptor_groups,
     io_error,
     list_shards,
     parts_dir,
+    open_features,
     read_attrs,
     read_index,
     remove_leftovers,
@@ -63,11 +66,20 @@ from ..cache.sharded import (
     publish_update,
     read_settings,
     read_state,
+    remove_stale_temporaries,
     store_attrs,
     unlisted_shards,
     write_settings,
 )
-from ..cache.update import Plan, plan_update
+from ..cache.settings import (
+    ALT,
+    DESCRIPTOR_SETTINGS,
+    file_group,
+    new_group,
+    settings_of,
+    store_for,
+)
+from ..cache.update import Output, Plan, plan_update
 from ..data.loader import PreparedImages, image_loader
 from ..data.sources import ImageList, gather_images
 from ..data.units import Unit, WorkShare, file_units, files_fingerprint
@@ -81,9 +93,6 @@ from ..models.vgg import VGG
 from ..progress import image_bar
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
 
-# Settings that must agree for descriptors to be comparable, and so for rows to be reused.
-DESCRIPTOR_SETTINGS = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
-                       "scales", "pool", "aggregate", "flip", "l2", "crop", "max_aspect", "dtype")
 
 
 @dataclass(frozen=True)
@@ -118,6 +127,11 @@ class ExtractOptions:
         only_units: compute these units (ids, see :func:`plan_units`) and nothing else, as one
             of many workers an engine drives (see vggfeat.engines); ``()`` with the first
             share: only drop the rows of images that are no longer inputs.
+        add: add the inputs to the output rather than make it hold exactly them (what
+            ``VGGFeatures(cache=…)`` does): rows of other images, and their labels, are kept;
+            a setting the output does not hold is written beside its own (a named group of the
+            file, a sub-store ``alt/NAME`` of the store) instead of refused; and a run waits
+            for another writer of the output instead of failing.
     """
 
     batch_size: int = 8
@@ -137,6 +151,7 @@ class ExtractOptions:
     shard_index: int | None = None
     unit_images: int = UNIT_IMAGES
     only_units: tuple[str, ...] | None = None
+    add: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -173,7 +188,10 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
 
     A rerun with the same settings brings ``output`` up to date with the current inputs: rows of
     unchanged files are reused, new and changed files are computed, rows of removed files are
-    dropped.  Different descriptor settings are refused (``overwrite`` replaces the file).
+    dropped.  Different descriptor settings are refused (``overwrite`` replaces the file's root);
+    other settings a file holds in named groups (a ``VGGFeatures`` cache's) are kept as they are.
+    With ``add=True`` (what ``VGGFeatures(cache=…)`` runs) the inputs are added instead and
+    a setting the output does not hold is stored beside its own (:class:`ExtractOptions`).
 
     Args:
         inputs: folders, image files, ``.txt``/``.csv`` lists, or an :class:`ImageList`.
@@ -189,19 +207,8 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     start = time.monotonic()
     output = Path(output)
-    store = is_store(output)
-    if not store:
-        check_suffix(output)
-        if opts.num_shards is not None or opts.shard_index is not None:
-            raise ConfigError(f"--num-shards/--shard-index share a feature store's units; "
-                              f"{output} is one file: write to a store (a folder name, e.g. "
-                              f"{output.with_suffix('').name}) and export it when done")
+    store, share, dist = _place(output, opts)
     images = inputs if isinstance(inputs, ImageList) else gather_images(list(inputs))
-    # Processes sharing a store's units (a Slurm array, torchrun's ranks) never wait for one
-    # another: each publishes its own units, so none merges the others' work.
-    share = WorkShare.resolve(opts.num_shards, opts.shard_index) if store else WorkShare()
-    device = opts.device or default_device()
-    dist = Distributed.alone(device) if store else Distributed.from_env(device)
     # Planning needs only what the net is (its settings), not the net: it is built, and its
     # backend chosen, once something must be computed.
     described = model if model is not None else described_model(arch, weights, opts.download)
@@ -209,53 +216,92 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     settings = descriptor_settings(described, spec, dtype)
     dim = spec.dim(described.layer_channels(spec.layer))
     # An engine's worker (only_units) writes beside others, as a share does; only a lone
-    # process locks the store and compacts it, only the first share drops removed images.
+    # process (or an addition, which waits its turn) locks the store and compacts it, and only
+    # the first share drops the rows of images that are no longer inputs.
     worker = bool(opts.only_units)
-    alone, first = share.count == 1 and not worker, share.first and not worker
-    lock = OutputLock(output) if alone else None
+    alone = share.count == 1 and not worker
+    first = share.first and not worker and not opts.add
+    lock = OutputLock(output, wait=opts.add) if alone else None
     net = None
     try:
         opening = (partial(_open_store, share=share, first=first, alone=alone) if store
                    else _open)
-        plan = _main_decides(dist, lambda: opening(output, images, settings, opts, lock))
-        todo = dist.broadcast_object(None if plan is None else plan.compute)
+        opened = _main_decides(dist, lambda: opening(output, images, settings, opts, lock))
+        target, group, todo = dist.broadcast_object(None if opened is None else (
+            opened.target, opened.group, None if opened.plan is None else opened.plan.compute))
+        plan = None if opened is None else opened.plan
         if todo is None:
-            attrs = _attrs(output)
-            return ExtractResult(output, attrs["num_images"], attrs["num_failed"], 0,
+            attrs = _attrs(target, group)
+            return ExtractResult(target, attrs["num_images"], attrs["num_failed"], 0,
                                  time.monotonic() - start, up_to_date=True,
                                  reused=attrs["num_images"])
-        parts = output / SHARDS if store else parts_dir(output)
+        parts = target / SHARDS if store else parts_dir(target, group)
         known = set(list_shards(parts)) if dist.is_main else set()
         if len(todo):
-            if model is None:
-                # Built as the runner runs it (eval, channels_last), so the runner need not
-                # copy its 0.5 GB of weights: a net of our own needs no protection.
-                model = vgg(arch, weights=weights, download=opts.download,
-                            progress=opts.progress and dist.is_main
-                            ).eval().to(memory_format=torch.channels_last)
-            net = DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size,
-                                amp=opts.amp, backend=opts.backend)
+            net = _descriptor_net(model, arch, weights, spec, dist, opts)
             work = plan.store_state.images if store else images
             _compute(net, work, np.array_split(todo, dist.world_size)[dist.rank], parts,
                      dist, opts, dtype, labelled=store)
         dist.barrier()  # every shard is published before rank 0 joins them
         finish = _finish_store if store else _finish
         computed = dist.broadcast_object(_main_decides(
-            dist, lambda: finish(plan, known, output, images, settings, described, dim,
+            dist, lambda: finish(plan, known, target, images, settings, described, dim,
                                  len(spec.scales), dtype)))
     finally:
         if lock is not None:
             lock.release()
-    attrs = _attrs(output)
+    return _result(target, group, store, plan, net, computed, time.monotonic() - start)
+
+
+def _place(output: Path, opts: ExtractOptions) -> tuple[bool, WorkShare, Distributed]:
+    """Whether ``output`` is a store, this process's share of its units, and its place in a
+    run.  Processes sharing a store's units (a Slurm array, torchrun's ranks) never wait for
+    one another: each publishes its own units, so none merges the others' work."""
+    store = is_store(output)
+    if not store:
+        check_suffix(output)
+        if opts.num_shards is not None or opts.shard_index is not None:
+            raise ConfigError(f"--num-shards/--shard-index share a feature store's units; "
+                              f"{output} is one file: write to a store (a folder name, e.g. "
+                              f"{output.with_suffix('').name}) and export it when done")
+    share = WorkShare.resolve(opts.num_shards, opts.shard_index) if store else WorkShare()
+    device = opts.device or default_device()
+    return store, share, Distributed.alone(device) if store else Distributed.from_env(device)
+
+
+def _result(target: Path, group: str, store: bool, plan: Plan | None, net, computed: int,
+            seconds: float) -> ExtractResult:
+    attrs = _attrs(target, group)
     failed = attrs.get("failed", []) if store else (
-        _failures(output) if attrs["num_failed"] else [])
-    return ExtractResult(output, attrs["num_images"], attrs["num_failed"], computed,
-                         time.monotonic() - start, failed,
+        _failures(target, group) if attrs["num_failed"] else [])
+    return ExtractResult(target, attrs["num_images"], attrs["num_failed"], computed,
+                         seconds, failed,
                          reused=plan.reused + getattr(plan.store_state, "skipped_rows", 0)
                          if plan is not None else 0,
                          removed=plan.removed if plan is not None else 0,
                          images_per_forward=net.images_per_forward if net else 0.0,
                          backend=net.backend if net else "")
+
+
+def _descriptor_net(model: VGG | None, arch, weights, spec: DescriptorSpec, dist: Distributed,
+                    opts: ExtractOptions) -> DescriptorNet:
+    if model is None:
+        # Built as the runner runs it (eval, channels_last), so the runner need not copy its
+        # 0.5 GB of weights: a net of our own needs no protection.
+        model = vgg(arch, weights=weights, download=opts.download,
+                    progress=opts.progress and dist.is_main
+                    ).eval().to(memory_format=torch.channels_last)
+    return DescriptorNet(model, spec, device=dist.device, batch_size=opts.batch_size,
+                         amp=opts.amp, backend=opts.backend)
+
+
+@dataclass
+class _Opened:
+    """Where a run writes (a file and its group, or a store) and its plan (None: up to date)."""
+
+    target: Path
+    group: str
+    plan: Plan | None
 
 
 def described_model(arch: str | None, weights, download: bool = True) -> VGG:
@@ -303,12 +349,15 @@ def _main_decides(dist: Distributed, decide):
 
 
 def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
-          lock: OutputLock) -> Plan | None:
-    """Lock ``output``, check it against ``settings`` and plan the update; None: up to date."""
+          lock: OutputLock) -> _Opened:
+    """Lock ``output``, check it against ``settings`` and plan the update of the group that
+    holds them."""
     check_writable(output)
     lock.acquire()
-    remove_leftovers(output)
-    parts = parts_dir(output)
+    group, old, other = _file_target(output, settings, opts)
+    check_writable(output, group)
+    remove_leftovers(output, group)
+    parts = parts_dir(output, group)
     if opts.overwrite:
         shutil.rmtree(parts, ignore_errors=True)
     manifest = _read_manifest(parts)
@@ -316,29 +365,51 @@ def _open(output: Path, images: ImageList, settings: dict, opts: ExtractOptions,
         raise CacheError(f"{parts} holds an unfinished run with different settings ("
                          + "; ".join(settings_difference(manifest, settings))
                          + "): use --overwrite to discard it, or rerun with its settings")
-    old = None
-    if output.exists() and not opts.overwrite:
-        existing = _stored_settings(output)
-        if existing == settings:
-            old = read_index(output)
-        elif manifest is None:  # (an unfinished --overwrite with these settings goes on)
-            raise CacheError(f"{output} was written with different settings ("
-                             + "; ".join(settings_difference(existing, settings)) + "): use "
-                             "--overwrite to replace it, or choose another output")
+    if other is not None and manifest is None:  # (an unfinished --overwrite goes on)
+        raise CacheError(f"{output} was written with different settings ("
+                         + "; ".join(settings_difference(other, settings)) + "): use "
+                         "--overwrite to replace it, or choose another output")
     shards = [read_index(s) for s in reversed(list_shards(parts))] if parts.is_dir() else []
-    plan = plan_update(images.paths, shards + ([old] if old else []), output=old,
-                       extra_failed=images.skipped, verify=opts.verify,
-                       retry_failed=opts.retry_failed)
-    if not shards and _same_file(plan, old, images):
+    plan = plan_update(images.paths, shards + ([old] if old else []),
+                       output=None if opts.add else old, extra_failed=images.skipped,
+                       verify=opts.verify, retry_failed=opts.retry_failed)
+    plan.add, plan.kept, plan.group = opts.add, old if opts.add else None, group
+    if not shards and (_nothing_added(plan, old) if opts.add
+                       else _same_file(plan, old, images)):
         shutil.rmtree(parts, ignore_errors=True)
-        return None
+        return _Opened(output, group, None)
     if len(plan.compute) and manifest is None:
         try:
             parts.mkdir(exist_ok=True)
             write_json_atomic(parts / MANIFEST, settings)
         except OSError as err:
             raise io_error(err, "start the run in") from err
-    return plan
+    return _Opened(output, group, plan)
+
+
+def _file_target(output: Path, settings: dict, opts: ExtractOptions
+                 ) -> tuple[str, Index | None, dict | None]:
+    """The group a run writes, its entries to reuse (None: none) and, when the root holds
+    other settings that this run would replace, those settings.
+
+    A run writes the root, reusing a named group of its settings (a cache's) if the root has
+    none; with ``add``, it writes the group of its settings wherever it is, or a new one."""
+    if not output.exists() or (opts.overwrite and not opts.add):
+        return "/", None, None
+    try:
+        f = open_features(output)
+    except CacheError as err:  # it names the file and what is wrong with it
+        raise CacheError(f"{err}; use --overwrite to replace it") from err
+    with f:
+        if not descriptor_groups(f):
+            raise CacheError(f"{output} is not a vggfeat feature file (no 'features'/'paths'); "
+                             "use --overwrite to replace it, or choose another output")
+        found = file_group(f, settings)
+        old = index_of(f, output, found) if found else None
+        if opts.add:
+            return found or new_group(f, settings), old, None
+        root = settings_of(f.attrs) if "features" in f else None
+        return "/", old, root if root is not None and found != "/" else None
 
 
 @dataclass
@@ -357,14 +428,19 @@ class StoreUpdate:
 
 def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOptions,
                 lock: OutputLock | None, share: WorkShare = WorkShare(), first: bool = True,
-                alone: bool = True) -> Plan | None:
+                alone: bool = True) -> _Opened:
     """Check the store's settings and plan this process's share of the update; None: up to
     date.  The same planning as a file's, over the images of this process's units that changed
     (see vggfeat.data.units), against the store's live shards and a killed run's unlisted ones;
-    the first process also drops the rows of images that are no longer inputs."""
+    the first process also drops the rows of images that are no longer inputs.  With ``add``,
+    a setting the store does not hold goes to its sub-store ``alt/NAME`` (under the lock)."""
     check_writable(store)
     if lock is not None:
         lock.acquire()
+    output, store = store, store_for(store, settings) if opts.add else store
+    if store != output:
+        _mkdir(output / ALT)
+    remove_stale_temporaries(store)
     _open_settings(store, settings)
     _mkdir(store / SHARDS)
     state = read_state(store)
@@ -376,6 +452,7 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
     plan = plan_update(update.images.paths, sources,
                        extra_failed=images.skipped if first else [], verify=opts.verify,
                        retry_failed=opts.retry_failed)
+    plan.add = opts.add
     update.skipped_rows = sum(p in skipped for p, _, _ in state.live_rows())
     if first:
         gone = _removed_paths(state, images)
@@ -385,9 +462,9 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
             and plan_changes(plan, state, update.images, update.scope).nothing_to_do(state)
             and all(state.units.get(k) == v for k, v in update.units.items())
             and (update.keep_units is None or set(state.units) <= set(update.keep_units))):
-        return None
+        return _Opened(store, "/", None)
     plan.store_state = update  # its state is reused at the end unless another writer published
-    return plan
+    return _Opened(store, "/", plan)
 
 
 def _open_settings(store: Path, settings: dict) -> None:
@@ -395,8 +472,8 @@ def _open_settings(store: Path, settings: dict) -> None:
     create it at once: the first settings file published wins, the others compare)."""
     stored = read_settings(store) if store.is_dir() else None
     if stored is None:
-        if store.is_dir() and any(n not in (SHARDS, INDEX, SETTINGS) and not n.startswith(".")
-                                  for n in os.listdir(store)):
+        if store.is_dir() and any(n not in (SHARDS, INDEX, SETTINGS, ALT)
+                                  and not n.startswith(".") for n in os.listdir(store)):
             raise CacheError(f"{store} is a folder that is not a vggfeat feature store (no "
                              f"{SETTINGS}) and is not empty: choose a new or empty folder")
         _mkdir(store)
@@ -420,8 +497,10 @@ def _changed_units(images: ImageList, state, opts: ExtractOptions, share: WorkSh
         fingerprints[u.id] = files_fingerprint(images, u, ids.size[at:at + n],
                                                ids.mtime_ns[at:at + n])
         at += n
-    redo = opts.overwrite or opts.retry_failed or opts.verify
+    redo = opts.overwrite or opts.retry_failed or opts.verify or opts.add
     changed = [u for u in mine if redo or state.units.get(u.id) != fingerprints[u.id]]
+    if opts.add:  # an addition's listing is not the store's: its units are not the store's
+        fingerprints = {}
     at = np.concatenate([np.arange(u.start, u.stop) for u in changed] or [np.empty(0, int)])
     subset = ImageList([images.paths[i] for i in at],
                        None if images.labels is None else [images.labels[i] for i in at],
@@ -483,11 +562,13 @@ def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, 
                          "computed yet; run the same command again to complete it")
     state = update.state if current(update.state) else read_state(store)
     changes = plan_changes(plan, state, images, update.scope)
-    entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
-                           dtype=dtype, writer=_file_attrs(settings, model),
-                           units=update.units, keep_units=update.keep_units)
-    if update.compact and needs_compaction(state, entry):
-        compact(store)
+    if (not changes.nothing_to_do(state) or update.keep_units is not None
+            or any(state.units.get(k) != v for k, v in update.units.items())):
+        entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
+                               dtype=dtype, writer=_file_attrs(settings, model),
+                               units=update.units, keep_units=update.keep_units)
+        if update.compact and needs_compaction(state, entry):
+            compact(store)
     return int(np.count_nonzero(plan.is_row())) - plan.reused
 
 
@@ -499,20 +580,9 @@ def _read_manifest(parts: Path) -> dict | None:
         return None
 
 
-def _stored_settings(output: Path) -> dict:
-    try:
-        attrs = read_attrs(output)
-    except CacheError as err:  # it names the file and what is wrong with it
-        raise CacheError(f"{err}; use --overwrite to replace it") from err
-    except (OSError, VGGFeatError) as err:
-        raise CacheError(f"{output} exists but is not a readable vggfeat feature file ({err}); "
-                         "use --overwrite to replace it") from err
-    return {k: attrs.get(k) for k in DESCRIPTOR_SETTINGS}
-
-
 def _same_file(plan: Plan, old: Index | None, images: ImageList) -> bool:
-    """True when writing ``plan`` would give ``old`` again: nothing to do."""
-    if old is None or len(plan.compute) or plan.removed:
+    """True when writing ``plan`` would give ``old`` (the root) again: nothing to do."""
+    if old is None or old.group != "/" or len(plan.compute) or plan.removed:
         return False
     rows, rows_at, failed_paths, reasons, failed_ids = plan.output()
     if not np.array_equal(rows.row, np.arange(old.n_rows)) or reasons != old.reasons:
@@ -527,6 +597,17 @@ def _same_file(plan: Plan, old: Index | None, images: ImageList) -> bool:
         names = [n.decode() for n in f["class_names"][:]] if "class_names" in f else None
     wanted = None if images.labels is None else [images.labels[i] for i in rows_at]
     return labels == wanted and names == images.class_names
+
+
+def _nothing_added(plan: Plan, old: Index | None) -> bool:
+    """True when adding ``plan``'s inputs to ``old`` would give ``old`` again: each input has
+    its entry there, with the same file identity."""
+    if old is None or len(plan.compute) or plan.extra_failed:
+        return False
+    k = next(k for k, s in enumerate(plan.sources) if s is old)
+    return bool((plan.source == k).all()) and all(
+        np.array_equal(getattr(plan.ids, a), getattr(old.ids, a)[plan.entry])
+        for a in ("size", "mtime_ns", "sha256"))
 
 
 class _IdentifiedImages(PreparedImages):
@@ -706,24 +787,48 @@ def _ids(identities: list[tuple[int, int, bytes]]) -> FileIds:
 
 def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, settings: dict,
             model: VGG, dim: int, n_scales: int, dtype: str) -> int:
-    """Join reused and new rows into ``output`` in input order, then drop the parts folder;
-    the number of new rows."""
-    parts = parts_dir(output)
+    """Join reused and new rows into ``output``'s group in input order (after the entries it
+    keeps, when adding), every other setting of the file kept; then drop the parts folder.
+    The number of new rows."""
+    parts = parts_dir(output, plan.group)
     plan.attach([read_index(s) for s in list_shards(parts) if s not in known])
     missing = len(plan.compute)
     if missing:
         raise CacheError(f"cannot finish {output}: {missing} of {len(images)} images are not "
                          "computed yet; run the same command again to complete it")
-    rows, rows_at, failed_paths, reasons, failed_ids = plan.output()
-    write_features(output, rows, paths=[images.paths[i] for i in rows_at],
-                   ids=plan.ids.take(rows_at),
-                   labels=None if images.labels is None else np.asarray(images.labels)[rows_at],
-                   class_names=images.class_names, failed_paths=failed_paths,
-                   failed_reasons=reasons, failed_ids=failed_ids,
+    class_names = images.class_names
+    if plan.add:
+        out, class_names = _added(plan, output)
+    else:
+        out = Output.of(plan, images.labels)
+    write_features(output, out.rows, paths=out.paths, ids=out.ids, labels=out.labels,
+                   class_names=class_names, failed_paths=out.failed_paths,
+                   failed_reasons=out.failed_reasons, failed_ids=out.failed_ids,
                    attrs=_file_attrs(settings, model), dim=dim, n_scales=n_scales,
-                   dtype=dtype)
+                   dtype=dtype, group=plan.group, keep_others=True)
     shutil.rmtree(parts, ignore_errors=True)
-    return len(rows_at) - plan.reused
+    return int(np.count_nonzero(plan.is_row())) - plan.reused
+
+
+def _added(plan: Plan, output: Path) -> tuple[Output, list[str] | None]:
+    """The group after adding the inputs to what it holds (``plan.kept``), and its class
+    names: kept rows keep their labels; an input's row keeps its label when reused from the
+    group, and gets −1 (no class) when computed."""
+    kept = plan.kept
+    if kept is None:
+        return Output.of(plan, None), None
+    with h5py.File(output, "r") as f:  # the version planned: we hold the lock since
+        g = f[kept.group]
+        labels = g["labels"][:] if "labels" in g else None
+        names = [n.decode() for n in g["class_names"][:]] if "class_names" in g else None
+    mine = None
+    if labels is not None:
+        k = next(k for k, s in enumerate(plan.sources) if s is kept)
+        good = (plan.source == k) & (plan.entry < kept.n_rows)
+        mine = np.full(len(plan.paths), -1, np.int64)
+        mine[good] = labels[plan.entry[good]]
+    inputs = set(plan.paths) | {p for p, _ in plan.extra_failed}
+    return Output.of(plan, mine).after(kept, labels, inputs), names
 
 
 def _file_attrs(settings: dict, model: VGG) -> dict:
@@ -732,11 +837,12 @@ def _file_attrs(settings: dict, model: VGG) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": True}
 
 
-def _attrs(output: Path) -> dict:
-    return store_attrs(output) if output.is_dir() else read_attrs(output)
+def _attrs(output: Path, group: str = "/") -> dict:
+    return store_attrs(output) if output.is_dir() else read_attrs(output, group=group)
 
 
-def _failures(output: Path) -> list[tuple[str, str]]:
+def _failures(output: Path, group: str = "/") -> list[tuple[str, str]]:
     with h5py.File(output, "r") as f:
-        return list(zip((p.decode() for p in f["failed/paths"][:]),
-                        (r.decode() for r in f["failed/reasons"][:])))
+        g = f[group]
+        return list(zip((p.decode() for p in g["failed/paths"][:]),
+                        (r.decode() for r in g["failed/reasons"][:])))
