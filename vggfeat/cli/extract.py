@@ -89,6 +89,11 @@ class FileOrStore(HDF5Output):
               help="which of the --num-shards shares this process computes (0 … N-1)")
 @click.option("--unit-size", type=click.IntRange(1), default=UNIT_IMAGES, show_default=True,
               help="images per unit of work of a listing (processes sharing a store agree on it)")
+@click.option("--image-column", default=None,
+              help="Parquet inputs: the column holding the images (bytes, paths or URLs) "
+                   "[default: the Hugging Face names: image, img, path, url, …]")
+@click.option("--label-column", default=None,
+              help="Parquet inputs: the column holding the labels [default: label, labels]")
 @click.option("--overwrite", is_flag=True,
               help="recompute everything (also replaces an output made with other settings)")
 @click.option("--verify", is_flag=True,
@@ -100,9 +105,11 @@ class FileOrStore(HDF5Output):
               help="no progress bars (the summary and warnings are still printed)")
 def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, scales, pool,
                     aggregate, flip, l2, dtype, crop, max_aspect, batch_size, workers, device, amp,
-                    backend, shard_size, num_shards, shard_index, unit_size, overwrite, verify,
-                    retry_failed, strict, quiet) -> None:
-    """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists).
+                    backend, shard_size, num_shards, shard_index, unit_size, image_column,
+                    label_column, overwrite, verify, retry_failed, strict, quiet) -> None:
+    """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists;
+    into a store also WebDataset tars and patterns such as 'train-{000..099}.tar', Parquet
+    files, URLs and lists of URLs, local or on s3://, gs://, https://).
 
     Each image is rescaled to every Q in --scales, the net runs densely, the layer's map is
     globally pooled, averaged with the flipped image, combined over scales and L2-normalised
@@ -121,7 +128,8 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
                              overwrite=overwrite, verify=verify, retry_failed=retry_failed,
                              strict=strict, progress=not quiet, shard_images=shard_size,
                              num_shards=num_shards, shard_index=shard_index,
-                             unit_images=unit_size)
+                             unit_images=unit_size, image_column=image_column,
+                             label_column=label_column)
     # A reduced width is a different net: its config is recorded with the output, so a rerun
     # with another width is refused like any other change of settings.
     model = (vgg(arch, weights=weights, width_mult=width_mult, fc_dim=fc_dim, progress=not quiet)

@@ -82,7 +82,9 @@ from ..cache.settings import (
 from ..cache.update import Output, Plan, plan_update
 from ..data.loader import PreparedImages, image_loader
 from ..data.sources import ImageList, gather_images
+from ..data.streams import is_stream_input, stream_inputs
 from ..data.units import Unit, WorkShare, file_units, files_fingerprint
+from ..data.urls import Fetcher
 from ..devices import default_device, default_workers
 from ..distributed import Distributed
 from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
@@ -92,6 +94,7 @@ from ..models.factory import vgg
 from ..models.vgg import VGG
 from ..progress import image_bar
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
+from .streamed import StreamRun, drop_vanished, reusable_rows
 
 
 
@@ -127,6 +130,10 @@ class ExtractOptions:
         only_units: compute these units (ids, see :func:`plan_units`) and nothing else, as one
             of many workers an engine drives (see vggfeat.engines); ``()`` with the first
             share: only drop the rows of images that are no longer inputs.
+
+    Parquet inputs (see docs/scale.md):
+        image_column, label_column: the columns holding the images (bytes, paths or URLs) and
+            the labels, when they are not the Hugging Face names (``image``, ``label``, …).
         add: add the inputs to the output rather than make it hold exactly them (what
             ``VGGFeatures(cache=…)`` does): rows of other images, and their labels, are kept;
             a setting the output does not hold is written beside its own (a named group of the
@@ -151,6 +158,8 @@ class ExtractOptions:
     shard_index: int | None = None
     unit_images: int = UNIT_IMAGES
     only_units: tuple[str, ...] | None = None
+    image_column: str | None = None
+    label_column: str | None = None
     add: bool = False
 
     def __post_init__(self) -> None:
@@ -208,6 +217,9 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     start = time.monotonic()
     output = Path(output)
     store, share, dist = _place(output, opts)
+    if not isinstance(inputs, ImageList) and any(is_stream_input(str(i)) for i in inputs):
+        return _extract_streams([str(i) for i in inputs], output, store, share, dist, spec,
+                                model, arch, weights, dtype, opts)
     images = inputs if isinstance(inputs, ImageList) else gather_images(list(inputs))
     # Planning needs only what the net is (its settings), not the net: it is built, and its
     # backend chosen, once something must be computed.
@@ -251,6 +263,68 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
         if lock is not None:
             lock.release()
     return _result(target, group, store, plan, net, computed, time.monotonic() - start)
+
+
+def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkShare,
+                     dist: Distributed, spec: DescriptorSpec, model, arch, weights, dtype: str,
+                     opts: ExtractOptions) -> ExtractResult:
+    """:func:`extract` of tars, Parquet files and URLs (vggfeat.descriptors.streamed)."""
+    if not store:
+        raise ConfigError(f"tars, Parquet files and URLs are extracted into a feature store "
+                          f"(a folder, e.g. -o {output.with_suffix('').name}), not into one "
+                          "file: export the store to a file when done (vggfeat store export)")
+    start = time.monotonic()
+    found = stream_inputs(inputs, image_column=opts.image_column,
+                          label_column=opts.label_column, unit_images=opts.unit_images)
+    described = model if model is not None else described_model(arch, weights, opts.download)
+    described.check_layer(spec.layer)
+    settings = descriptor_settings(described, spec, dtype)
+    writer = _file_attrs(settings, described)
+    worker = bool(opts.only_units)
+    alone, first = share.count == 1 and not worker, share.first and not worker
+    lock, net, run = OutputLock(output) if alone else None, None, None
+    try:
+        changed, fingerprints, state = _changed_streams(output, found, settings, share, opts,
+                                                        lock)
+        if changed:
+            net = _descriptor_net(model, arch, weights, spec, dist, opts)
+            run = StreamRun(output, found, changed, fingerprints, net, dtype, writer,
+                            default_workers() if opts.workers is None else opts.workers,
+                            opts.progress, alone)
+            run.run({} if opts.overwrite else reusable_rows(state))
+        removed = drop_vanished(output, found, writer, alone) if first else 0
+    finally:
+        if lock is not None:
+            lock.release()
+    for error in run.errors if run else ():
+        warnings.warn(f"{error}; its unit is computed again by the next run", UserWarning,
+                      stacklevel=3)
+    attrs = store_attrs(output)
+    return ExtractResult(output, attrs["num_images"], attrs["num_failed"],
+                         run.computed if run else 0, time.monotonic() - start, attrs["failed"],
+                         up_to_date=not changed and not removed,
+                         reused=attrs["num_images"] - (run.computed if run else 0),
+                         removed=removed,
+                         images_per_forward=net.images_per_forward if net else 0.0,
+                         backend=net.backend if net else "")
+
+
+def _changed_streams(store: Path, found, settings: dict, share: WorkShare,
+                     opts: ExtractOptions, lock: OutputLock | None):
+    """(this process's stream units whose fingerprint changed, every fingerprint, state)."""
+    check_writable(store)
+    if lock is not None:
+        lock.acquire()
+    _open_settings(store, settings)
+    _mkdir(store / SHARDS)
+    remove_stale_temporaries(store)
+    state = read_state(store)
+    mine = _my_units(found.units, share, opts.only_units)
+    fetcher = Fetcher()
+    fingerprints = {u.id: found.fingerprint(u, fetcher) for u in mine}
+    redo = opts.overwrite or opts.retry_failed
+    return ([u for u in mine if redo or state.units.get(u.id) != fingerprints[u.id]],
+            fingerprints, state)
 
 
 def _place(output: Path, opts: ExtractOptions) -> tuple[bool, WorkShare, Distributed]:
