@@ -21,20 +21,17 @@ from .sources import ImageList
 
 @dataclass(frozen=True)
 class Unit:
-    """A piece of the input: images ``start:stop`` of an :class:`ImageList` (``kind`` "files"),
-    or one container (``kind`` "tar", "parquet": ``source`` and its row ``group``)."""
+    """Images ``start:stop`` of an :class:`ImageList` (streamed inputs have their own units:
+    :class:`vggfeat.data.streams.StreamUnit`)."""
 
     id: str
-    kind: str = "files"
     start: int = 0
     stop: int = 0
-    source: str = ""
-    group: int = -1
 
 
 def file_units(images: ImageList, size: int = UNIT_IMAGES) -> list[Unit]:
     """Runs of ``size`` images of ``images``, in order."""
-    return [Unit(f"files:{k // size:08d}", "files", k, min(k + size, len(images)))
+    return [Unit(f"files:{k // size:08d}", k, min(k + size, len(images)))
             for k in range(0, len(images), size)]
 
 

@@ -290,7 +290,7 @@ def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkSh
             net = _descriptor_net(model, arch, weights, spec, dist, opts)
             run = StreamRun(output, found, changed, fingerprints, net, dtype, writer,
                             default_workers() if opts.workers is None else opts.workers,
-                            opts.progress, alone)
+                            opts.progress)
             run.run({} if opts.overwrite else reusable_rows(state))
         removed = drop_vanished(output, found, writer, alone) if first else 0
     finally:

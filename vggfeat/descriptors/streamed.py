@@ -99,7 +99,6 @@ class StreamRun:
     writer: dict
     workers: int
     progress: bool = True
-    alone: bool = True
     computed: int = 0
     errors: list[str] = field(default_factory=list)
 
