@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import http.server
 import io
+import subprocess
+import sys
 import tarfile
 import threading
+import time
 from functools import partial
 
 import numpy as np
 import pytest
-from conftest import tiny_vgg
+from conftest import run_cli, tiny_vgg
 
 import vggfeat
 from vggfeat.data.sources import gather_images
@@ -151,3 +154,77 @@ def test_streams_need_a_store_and_a_damaged_tar_is_named(tmp_path, photos, net):
     with pytest.warns(UserWarning, match="a.tar"):
         result = run([str(tmp_path / "a.tar")], tmp_path / "feats", net)
     assert 0 < result.num_images < 8
+
+
+def test_a_bad_tar_member_is_a_recorded_failure(tmp_path, photos, net):
+    make_tar(tmp_path / "a.tar", photos)
+    with tarfile.open(tmp_path / "a.tar", "a") as tar:
+        for name, data in (("broken.jpg", b"not a jpeg"), ("notes.txt", b"no image here")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    result = run([str(tmp_path / "a.tar")], tmp_path / "feats", net)
+    failed = dict(result.failed)
+    assert (result.num_images, result.num_failed) == (8, 2)
+    assert "not an image" in failed[f"{tmp_path / 'a.tar'}#broken"]
+    assert "no image member" in failed[f"{tmp_path / 'a.tar'}#notes"]
+
+
+def test_a_parquet_file_without_the_column_is_named(tmp_path, tiny_weights):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table({"picture": [b"x"], "label": [0]}), tmp_path / "t.parquet")
+    proc = run_cli("extract", tmp_path / "t.parquet", "-o", tmp_path / "feats", "--weights",
+                   tiny_weights, check=False)
+    assert proc.returncode != 0
+    assert "t.parquet" in proc.stderr and "picture" in proc.stderr
+    assert "--image-column" in proc.stderr and "Traceback" not in proc.stderr
+    assert run_cli("extract", tmp_path / "t.parquet", "-o", tmp_path / "feats", "--weights",
+                   tiny_weights, "--image-column", "picture", "--scales", "224", "--quiet",
+                   check=False).returncode == 0
+
+
+class _Slow(_Images):
+    """Serves the images; those named in ``slow`` only after a long wait."""
+
+    slow: set[str] = set()
+
+    def do_GET(self):
+        if self.path.lstrip("/") in self.slow:
+            time.sleep(30)
+        super().do_GET()
+
+
+def test_a_killed_url_run_resumes_with_its_finished_units(tmp_path, photos, tiny_weights):
+    handler = partial(_Slow, directory=str(photos.sources[0]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}/"
+        names = [p.split(str(photos.sources[0]) + "/", 1)[1] for p in photos.paths]
+        (tmp_path / "urls.txt").write_text("".join(base + n + "\n" for n in names))
+        _Slow.slow = set(names[4:])  # the second unit (of 4) stalls
+        args = ["extract", tmp_path / "urls.txt", "-o", tmp_path / "feats", "--weights",
+                tiny_weights, "--scales", "224", "--workers", "0", "--quiet", "--backend",
+                "eager", "--unit-size", "4"]
+        proc = subprocess.Popen([sys.executable, "-m", "vggfeat", *map(str, args)],
+                                stderr=subprocess.PIPE)
+        index = tmp_path / "feats" / "index"
+        deadline = time.monotonic() + 120
+        while not (index.is_dir() and any(p.suffix == ".json" and not p.name.startswith(".")
+                                          for p in index.iterdir())) \
+                and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        proc.kill()
+        proc.wait()
+        _Slow.slow = set()
+        again = run_cli(*args)
+        assert "4 reused, 4 computed" in again.stderr, again.stderr
+        clean = run_cli(*[str(a) for a in args[:3]], str(tmp_path / "clean"), *args[4:])
+        assert "0 reused, 8 computed" in clean.stderr
+        a, b = vggfeat.load_features(tmp_path / "feats"), vggfeat.load_features(tmp_path / "clean")
+        assert a.paths == b.paths
+        np.testing.assert_array_equal(a.data, b.data)
+    finally:
+        server.shutdown()

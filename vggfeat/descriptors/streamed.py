@@ -104,9 +104,10 @@ class StreamRun:
 
     def run(self, reusable: dict[str, bytes]) -> None:
         work = {pos: _UnitWork() for pos in range(len(self.units))}
+        # One item at a time: a batch would hold a finished unit's end back until images of
+        # the next unit arrive (which may be slow downloads), delaying its publication.
         loader = DataLoader(_UnitSamples(self.inputs, self.units, self.net.spec, reusable),
-                            batch_size=self.net.batch_size, collate_fn=list,
-                            num_workers=min(self.workers, len(self.units)),
+                            batch_size=None, num_workers=min(self.workers, len(self.units)),
                             worker_init_fn=single_threaded_worker)
         bar = image_bar(None, disable=not self.progress, desc=f"extract {self.net.spec.layer}")
         stream = self.net.stream(on_progress=bar.update)
@@ -114,6 +115,11 @@ class StreamRun:
             for done, failed in stream.run_loader(_sorted(loader, work), unpack=_unpack,
                                                   out_of_order=True):
                 self._take(done, failed, work)
+                if any(w.ended and w.pending and not w.published for w in work.values()):
+                    # A unit's last images wait for their passes: run them now, so that the
+                    # unit is published before the next unit's (maybe slow) images arrive.
+                    stream.finish()
+                    self._take(stream.take(out_of_order=True), [], work)
         finally:
             bar.close()
 
@@ -161,19 +167,18 @@ def _unpack(item):
 
 
 def _sorted(loader, work: dict[int, _UnitWork]):
-    """The loader's batches with its markers taken out (they mark ends and reused rows)."""
-    for batch in loader:
-        kept = []
-        for item in batch:
-            (pos, _), views, reason, meta = item
-            if reason == END:
-                work[pos].ended, work[pos].error = True, meta
-            elif reason == REUSED:
-                work[pos].reused.append(meta)
-            else:
-                work[pos].pending += views is not None
-                kept.append(item)
-        yield kept
+    """The loader's items as one-item batches, with its markers taken out (they mark the end of
+    a unit and reused rows)."""
+    for item in loader:
+        (pos, _), views, reason, meta = item
+        if reason == END:
+            work[pos].ended, work[pos].error = True, meta
+            yield []  # a turn for the caller to publish the unit before reading on
+        elif reason == REUSED:
+            work[pos].reused.append(meta)
+        else:
+            work[pos].pending += views is not None
+            yield [item]
 
 
 def _ids(metas) -> FileIds:
