@@ -116,7 +116,7 @@ def test_gather_lists_and_files(tmp_path, image_folder):
     with pytest.raises(InputError, match="listed twice"):
         gather_images([image_folder, image_folder / "cat" / "0.jpg"])
     (tmp_path / "bad.csv").write_text("file\nx.jpg\n")
-    with pytest.raises(InputError, match="needs a 'path' column"):
+    with pytest.raises(InputError, match="needs a 'path' \(or 'url'\) column"):
         gather_images([tmp_path / "bad.csv"])
 
 

@@ -33,8 +33,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..choices import HDF5_SUFFIXES
-from ..errors import CacheError, InputError
+from ..choices import FETCH_CONCURRENCY, HDF5_SUFFIXES
+from ..data.remote import is_url, object_identity
+from ..errors import CacheError, InputError, MissingDependencyError
 from ..fileio import atomic_path, leftovers, sha256_file, write_bytes_atomic
 from .rows import FeatureRows, RowSource, stat_key
 
@@ -208,15 +209,32 @@ class FileIds:
 
 
 def stat_files(paths: list[str]) -> FileIds:
-    """Size and mtime of each file now (size −1 for a missing one); no content is read."""
+    """Size and mtime of each file now (size −1 for a missing one); no content is read.  A URL's
+    come from its metadata (an HTTP or S3 HEAD, in threads): it is not downloaded."""
     ids = FileIds.empty(len(paths))
+    urls = []
     for i, path in enumerate(paths):
+        if is_url(path):
+            urls.append(i)
+            continue
         try:
             st = os.stat(path)
         except OSError:
             continue
         ids.size[i], ids.mtime_ns[i] = st.st_size, st.st_mtime_ns
+    if urls:
+        with ThreadPoolExecutor(FETCH_CONCURRENCY) as pool:
+            for i, found in zip(urls, pool.map(_url_identity, [paths[i] for i in urls])):
+                if found is not None:
+                    ids.size[i], ids.mtime_ns[i] = found.size, found.mtime_ns
     return ids
+
+
+def _url_identity(url: str):
+    try:
+        return object_identity(url)
+    except (InputError, MissingDependencyError):
+        return None  # gone or unreachable: computed (and its failure recorded) again
 
 
 def file_identity(path: str) -> tuple[int, int, bytes]:
@@ -230,8 +248,13 @@ def file_identity(path: str) -> tuple[int, int, bytes]:
 
 
 def hash_files(paths: list[str], threads: int = 4) -> np.ndarray:
-    """N×32 SHA-256 of the files' contents (zeros for unreadable files); hashlib frees the GIL."""
+    """N×32 SHA-256 of the files' contents (zeros for unreadable files); hashlib frees the GIL.
+    A URL is downloaded to be hashed."""
     def one(path):
+        if is_url(path):
+            from ..data.urls import Fetcher
+
+            return Fetcher().fetch_one(path).sha256
         try:
             return sha256_file(path)
         except OSError:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
+from .remote import is_url
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib",
                               ".tif", ".tiff", ".gif", ".ppm", ".pgm", ".pbm", ".pnm"})
@@ -60,7 +61,9 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
     from_folder = False  # folder classes sort as text, as torchvision's ImageFolder
     for item in inputs:
         path = Path(item)
-        if path.is_dir():
+        if is_url(str(item)):  # an image anywhere fsspec reaches (read by vggfeat.data.urls)
+            entries.append((str(item), None))
+        elif path.is_dir():
             entries.extend(_scan_folder(path, skipped))
             from_folder = True
         elif path.is_file() and path.suffix.lower() in LIST_EXTENSIONS:
@@ -149,24 +152,32 @@ def _read_list(list_file: Path) -> list[tuple[str, str | None]]:
     with open(list_file, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         if list_file.suffix.lower() == ".csv":
             return _read_csv(list_file, f)
-        return [(os.path.abspath(list_file.parent / line.strip()), None) for line in f
+        return [(_entry_path(list_file, line.strip()), None) for line in f
                 if line.strip() and not line.lstrip().startswith("#")]
 
 
+def _entry_path(list_file: Path, entry: str) -> str:
+    """A list's entry: a URL as it is, a path relative to the list file made absolute."""
+    return entry if is_url(entry) else os.path.abspath(list_file.parent / entry)
+
+
 def _read_csv(list_file: Path, f) -> list[tuple[str, str | None]]:
-    """(path, label) rows of a CSV list; labels only when every row has one (else a warning)."""
+    """(path, label) rows of a CSV list (a ``path`` or ``url`` column); labels only when every
+    row has one (else a warning)."""
     reader = csv.DictReader(f)
-    if not reader.fieldnames or "path" not in reader.fieldnames:
-        raise InputError(f"{list_file}: a CSV list needs a 'path' column (and optionally "
-                         f"'label'); its header is {reader.fieldnames}")
+    names = reader.fieldnames or []
+    column = "path" if "path" in names else "url" if "url" in names else None
+    if column is None:
+        raise InputError(f"{list_file}: a CSV list needs a 'path' (or 'url') column, and "
+                         f"optionally 'label'; its header is {reader.fieldnames}")
     entries, unlabelled = [], []
     for row in reader:
-        if not (row["path"] or "").strip():
-            raise InputError(f"{list_file} line {reader.line_num} has no path; fill it in or "
-                             "remove the row")
-        entries.append((os.path.abspath(list_file.parent / row["path"]), row.get("label") or None))
+        if not (row[column] or "").strip():
+            raise InputError(f"{list_file} line {reader.line_num} has no {column}; fill it in "
+                             "or remove the row")
+        entries.append((_entry_path(list_file, row[column].strip()), row.get("label") or None))
         if entries[-1][1] is None:
-            unlabelled.append((reader.line_num, row["path"]))
+            unlabelled.append((reader.line_num, row[column]))
     if "label" in reader.fieldnames and unlabelled:
         line, path = unlabelled[0]
         warnings.warn(f"{list_file} line {line} ({printable(path)}) has no label "

@@ -34,6 +34,7 @@ from ..choices import DTYPES, SHARD_IMAGES, SHARD_SECONDS, UNIT_IMAGES
 from ..cache.lock import OutputLock
 from ..cache.store import (
     MANIFEST,
+    MISSING,
     FileIds,
     Index,
     check_suffix,
@@ -80,14 +81,16 @@ from ..cache.settings import (
     store_for,
 )
 from ..cache.update import Output, Plan, plan_update
+from ..data.images import BadImage, decode_image
 from ..data.loader import PreparedImages, image_loader
+from ..data.remote import is_url, object_identity
 from ..data.sources import ImageList, gather_images
 from ..data.streams import is_stream_input, stream_inputs
 from ..data.units import Unit, WorkShare, file_units, files_fingerprint
 from ..data.urls import Fetcher
 from ..devices import default_device, default_workers
 from ..distributed import Distributed
-from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
+from ..errors import CacheError, ConfigError, ExtractError, InputError, VGGFeatError
 from ..fileio import write_json_atomic
 from ..models.backends import check_backend
 from ..models.factory import vgg
@@ -268,14 +271,14 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
 def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkShare,
                      dist: Distributed, spec: DescriptorSpec, model, arch, weights, dtype: str,
                      opts: ExtractOptions) -> ExtractResult:
-    """:func:`extract` of tars, Parquet files and URLs (vggfeat.descriptors.streamed)."""
+    """:func:`extract` of tars and Parquet files (vggfeat.descriptors.streamed)."""
     if not store:
-        raise ConfigError(f"tars, Parquet files and URLs are extracted into a feature store "
+        raise ConfigError(f"tars and Parquet files are extracted into a feature store "
                           f"(a folder, e.g. -o {output.with_suffix('').name}), not into one "
                           "file: export the store to a file when done (vggfeat store export)")
     start = time.monotonic()
     found = stream_inputs(inputs, image_column=opts.image_column,
-                          label_column=opts.label_column, unit_images=opts.unit_images)
+                          label_column=opts.label_column)
     described = model if model is not None else described_model(arch, weights, opts.download)
     described.check_layer(spec.layer)
     settings = descriptor_settings(described, spec, dtype)
@@ -320,8 +323,7 @@ def _changed_streams(store: Path, found, settings: dict, share: WorkShare,
     remove_stale_temporaries(store)
     state = read_state(store)
     mine = _my_units(found.units, share, opts.only_units)
-    fetcher = Fetcher()
-    fingerprints = {u.id: found.fingerprint(u, fetcher) for u in mine}
+    fingerprints = {u.id: found.fingerprint(u) for u in mine}
     redo = opts.overwrite or opts.retry_failed
     return ([u for u in mine if redo or state.units.get(u.id) != fingerprints[u.id]],
             fingerprints, state)
@@ -692,11 +694,35 @@ class _IdentifiedImages(PreparedImages):
 
     def __getitem__(self, i: int):
         index = int(self.indices[i])
+        if is_url(self.paths[index]):
+            return self._remote(index)
         identity = file_identity(self.paths[index])
         kind = _special_file(self.paths[index])
         if kind is not None:
             return index, None, f"not a regular file ({kind}): only image files are read", identity
         return (*super().__getitem__(i), identity)
+
+
+    def _remote(self, index: int):
+        """A URL's item: its metadata first (the identity a rerun compares, as a file's stat),
+        then its bytes, downloaded once and hashed."""
+        url = self.paths[index]
+        if getattr(self, "_fetcher", None) is None:
+            self._fetcher = Fetcher()  # one per worker process: it pools connections
+        try:
+            found = object_identity(url)
+        except InputError:
+            found = None
+        sample = self._fetcher.fetch_one(url)
+        identity = ((MISSING, 0, bytes(32)) if sample.data is None else
+                    (found.size if found else sample.size,
+                     found.mtime_ns if found else sample.mtime_ns, sample.sha256))
+        if sample.data is None:
+            return index, None, sample.reason, identity
+        try:
+            return index, self.prepare(decode_image(sample.data)), None, identity
+        except BadImage as err:
+            return index, None, str(err), identity
 
 
 def _special_file(path: str) -> str | None:

@@ -1,4 +1,4 @@
-"""Extracting streamed inputs (tars, Parquet row groups, URL lists) into a feature store.
+"""Extracting streamed inputs (WebDataset tars, Parquet row groups) into a feature store.
 
 Each unit (vggfeat.data.streams) is read once, in a DataLoader worker that decodes its images
 as they arrive; rows are published as one shard and one index entry per unit, recording the
@@ -225,10 +225,10 @@ def drop_vanished(store: Path, inputs: StreamInputs, writer: dict | None,
                   alone: bool) -> int:
     """The first process's last step: remove entries of keys no current unit owns, and
     record the current units; the number of entries removed."""
-    sources, urls = inputs.owner_sources()
+    sources = inputs.sources()
 
     def gone(key: str) -> bool:
-        return key not in urls and not any(key.startswith(s + "#") for s in sources)
+        return not any(key.startswith(s + "#") for s in sources)
 
     state = read_state(store)
     entry = unit_entry(state, gone, None, set(), [], {}, writer,
