@@ -166,3 +166,15 @@ def test_a_tar_in_a_bucket_into_a_store_in_the_bucket(tmp_path, image_folder, bu
     assert (first.num_images, first.computed) == (3, 3)
     again = run([f"s3://{name}/in/train-0.tar"], url, net)
     assert again.up_to_date and again.computed == 0
+
+
+def test_settings_are_published_once_in_a_bucket_and_elsewhere(bucket):
+    """S3: a conditional PUT; another fsspec back end (memory://): checked, then put."""
+    from vggfeat.cache.location import publish_once, read_bytes
+
+    fs, name = bucket
+    for where in (Url(f"s3://{name}/s/settings.json"),
+                  Url(f"memory://vggfeat-{time.time_ns()}/settings.json")):
+        publish_once(where, b"first")
+        publish_once(where, b"second")
+        assert read_bytes(where) == b"first"

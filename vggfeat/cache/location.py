@@ -93,6 +93,14 @@ def _fs(url: Url):
     return filesystem(url.url, f"a feature store at {url}")
 
 
+def _fresh(url: Url):
+    """``_fs(url)`` with what fsspec remembers of ``url`` forgotten: other writers publish
+    beside this one, so a listing or a size is read now, never from an earlier listing."""
+    fs, path = _fs(url)
+    fs.invalidate_cache(path)
+    return fs, path
+
+
 @dataclass(frozen=True)
 class Listed:
     """One name of a folder: its size, modification time (ns) and kind (file, folder, other:
@@ -114,9 +122,9 @@ def listing(folder: Where) -> dict[str, Listed]:
             return {}
     from ..data.remote import identity_of
 
-    fs, path = _fs(folder)
+    fs, path = _fresh(folder)
     try:
-        found = fs.ls(path, detail=True, refresh=True)
+        found = fs.ls(path, detail=True)
     except FileNotFoundError:
         return {}
     return {PurePosixPath(i["name"].rstrip("/")).name: Listed(
@@ -139,7 +147,7 @@ def is_folder(where: Where) -> bool:
 def exists(where: Where) -> bool:
     if not is_remote(where):
         return where.exists() or where.is_symlink()
-    fs, path = _fs(where)
+    fs, path = _fresh(where)
     return fs.exists(path)
 
 
@@ -154,7 +162,7 @@ def read_bytes(where: Where) -> bytes:
 def size(where: Where) -> int:
     if not is_remote(where):
         return where.stat().st_size
-    fs, path = _fs(where)
+    fs, path = _fresh(where)
     return int(fs.info(path)["size"])
 
 
@@ -179,9 +187,12 @@ def publish_once(where: Where, data: bytes) -> None:
     if "s3" in protocols:
         try:  # S3's conditional PUT (If-None-Match: *): the first writer wins, atomically
             fs.pipe_file(path, data, mode="create")
+            return
         except FileExistsError:
-            pass
-        return
+            return
+        except Exception:  # a server that refuses the condition: check, then put (below)
+            pass  # (a real fault, such as denied access, fails the put below too)
+    fs.invalidate_cache(path)
     if not fs.exists(path):  # (no conditional PUT: two first writers may both put theirs)
         fs.pipe_file(path, data)
 
@@ -252,8 +263,8 @@ def version(where: Where | h5py.File) -> tuple:
     if isinstance(where, h5py.File):
         st = os.fstat(where.id.get_vfd_handle())
     elif is_remote(where):
-        fs, path = _fs(where)
-        return _object_key(where, fs.info(path, refresh=True))
+        fs, path = _fresh(where)
+        return _object_key(where, fs.info(path))
     else:
         st = os.stat(where)
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
