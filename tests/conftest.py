@@ -95,7 +95,7 @@ def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedPro
     return proc
 
 
-# ---- S3 (moto), on 127.0.0.1 ----------------------------------------------------------------------
+# ---- S3 (moto), on 127.0.0.1 ---------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def moto_server():

@@ -127,20 +127,29 @@ def test_store_commands_and_damaged_objects_in_a_bucket(tmp_path, image_folder, 
     from vggfeat.cli.main import cli
 
     fs, name = bucket
-    url = f"s3://{name}/feats"
-    run([image_folder], url, net, shard_images=3)
+    url, shards = f"s3://{name}/feats", f"{name}/feats/shards"
+    run([image_folder], url, net, shard_images=3, batch_size=3)
+    (image_folder / "cat" / "2.jpg").unlink()
+    run([image_folder], url, net)  # one dead row: no compaction by itself in a bucket
+    before = set(fs.ls(shards, refresh=True))
     runner = CliRunner()
     info = runner.invoke(cli, ["store", "info", url])
-    assert info.exit_code == 0 and "8 live, 0 failed" in info.output and url in info.output
+    assert info.exit_code == 0 and "7 live, 0 failed" in info.output and url in info.output
     exported = runner.invoke(cli, ["store", "export", url, "--to", str(tmp_path / "all.h5")])
     assert exported.exit_code == 0, exported.output
     assert_same_rows(url, tmp_path / "all.h5")
     compacted = runner.invoke(cli, ["store", "compact", url, "--threshold", "0.01"])
-    assert compacted.exit_code == 0, compacted.output
+    assert compacted.exit_code == 0 and "1 shards rewritten into 1, 1 files deleted" in (
+        compacted.output), compacted.output
+    after = set(fs.ls(shards, refresh=True))
+    assert len(after - before) == 1 and len(before - after) == 1
     assert_same_rows(url, tmp_path / "all.h5")
     entry = sorted(fs.ls(f"{name}/feats/index"))[-1]
     fs.pipe_file(entry, b"{not json")
     with pytest.raises(CacheError, match=f"index entry s3://{entry} is damaged"):
+        vggfeat.load_features(url)
+    fs.rm_file(entry)  # the compaction's entry dropped: the retired shard is missing
+    with pytest.raises(CacheError, match=f"shard s3://{shards}/.* is missing"):
         vggfeat.load_features(url)
 
 

@@ -26,7 +26,6 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..errors import CacheError, InputError
