@@ -58,7 +58,7 @@ def test_a_store_in_a_bucket_holds_what_a_local_store_holds(tmp_path, image_fold
     fs, name = bucket
     (image_folder / "cat" / "bad.jpg").write_bytes(b"not an image")
     url = f"s3://{name}/feats"
-    result = run([image_folder], url, net, shard_images=3)
+    result = run([image_folder], url, net, shard_images=3, batch_size=3)
     assert (result.num_images, result.num_failed, result.computed) == (8, 1, 8)
     assert str(result.output) == url
     run([image_folder], tmp_path / "local", net)
@@ -72,6 +72,16 @@ def test_a_store_in_a_bucket_holds_what_a_local_store_holds(tmp_path, image_fold
     lazy.data.close()
     blocks = list(iter_features(url, rows=3))
     np.testing.assert_array_equal(np.concatenate([b for b, _ in blocks]), whole.data)
+    lazy = vggfeat.load_features(url, lazy=True)
+    first, second = sorted(fs.ls(f"{name}/feats/shards"))[:2]
+    kept = fs.cat_file(first)
+    fs.pipe_file(first, fs.cat_file(second))  # replaced behind the view's back: refused
+    with pytest.raises(CacheError, match="changed since its rows were listed|cannot read"):
+        lazy.data[:]
+    fs.pipe_file(first, b"")
+    with pytest.raises(CacheError, match=f"shard s3://{first} is damaged or truncated"):
+        vggfeat.load_features(url)
+    fs.pipe_file(first, kept)  # restored from a copy
     again = run([image_folder], url, net)
     assert again.up_to_date and again.reused == 8
 

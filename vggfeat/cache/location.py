@@ -256,8 +256,9 @@ def open_h5(where: Where) -> h5py.File:
 
 def version(where: Where | h5py.File) -> tuple:
     """What identifies one version of a file (of an open one: the version it has open): the
-    device, inode, size and mtime of a local file; the bucket, URL, size and ETag of an
-    object (the size is third in both: callers read it there)."""
+    device, inode, size and mtime of a local file; ``"object"``, the URL, size and ETag of an
+    object (the size is third in both: callers read it there).  An object opened here is
+    also read with ``If-Match`` its ETag (s3fs), so a replaced one fails the read."""
     if isinstance(where, _ObjectFile):
         return _object_key(where.url, where.handle.details)
     if isinstance(where, h5py.File):

@@ -145,14 +145,16 @@ class FeatureRows:
         if k in self._handles:
             self._handles.move_to_end(k)
         else:
-            try:
-                if stat_key(source.file) != source.key:
-                    raise CacheError(f"{source.file} changed since its rows were listed (a "
-                                     "writer replaced it): load the features again")
-                self._handles[k] = open_h5(source.file)
+            try:  # the version opened is checked, not the name's before opening it
+                f = open_h5(source.file)
             except OSError as err:
                 raise CacheError(f"cannot read {source.file} ({err}): load the features "
                                  "again") from err
+            if stat_key(f) != source.key:
+                f.close()
+                raise CacheError(f"{source.file} changed since its rows were listed (a "
+                                 "writer replaced it): load the features again")
+            self._handles[k] = f
             if len(self._handles) > self.max_open:
                 self._handles.popitem(last=False)[1].close()
         return self._handles[k][source.group]["features"]

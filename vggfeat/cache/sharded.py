@@ -303,6 +303,8 @@ def read_state(store: Where) -> State:
         raise InputError(f"feature store {store} does not exist")
     settings = read_settings(store)
     _folder(store, SHARDS)  # a link there is refused, as everywhere in a store
+    if is_remote(store):  # one listing gives each shard's size and ETag: no HEAD per shard
+        listing(store / SHARDS)
     entries = list_entries(store)
     removed: dict[str, set[int]] = {}
     order: list[str] = []
