@@ -115,11 +115,7 @@ def listing(folder: Where) -> dict[str, Listed]:
     """The names in ``folder`` (empty when there is none), read now: never a cached listing,
     since other writers publish beside this one."""
     if not is_remote(folder):
-        try:
-            with os.scandir(folder) as found:
-                return {e.name: _listed(e.stat(follow_symlinks=False)) for e in found}
-        except (FileNotFoundError, NotADirectoryError):
-            return {}
+        return _local_listing(folder)
     from ..data.remote import identity_of
 
     fs, path = _fresh(folder)
@@ -131,6 +127,20 @@ def listing(folder: Where) -> dict[str, Listed]:
         int(i.get("size") or 0), identity_of(i).mtime_ns,
         "folder" if i.get("type") == "directory" else "file") for i in found
         if i["name"].rstrip("/") != path.rstrip("/")}
+
+
+def _local_listing(folder: Path) -> dict[str, Listed]:
+    names = {}
+    try:
+        with os.scandir(folder) as found:
+            for entry in found:
+                try:
+                    names[entry.name] = _listed(entry.stat(follow_symlinks=False))
+                except FileNotFoundError:  # another writer's temporary, renamed meanwhile
+                    continue
+    except (FileNotFoundError, NotADirectoryError):
+        return {}
+    return names
 
 
 def _listed(st: os.stat_result) -> Listed:
