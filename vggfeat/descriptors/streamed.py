@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..cache import location
+from ..cache.location import Where
 from ..cache.sharded import (
     SHARDS,
     Entry,
@@ -26,8 +28,6 @@ from ..cache.sharded import (
     shard_name,
     sort_class_names,
 )
-from ..cache import location
-from ..cache.location import Where
 from ..cache.store import FileIds, write_shard
 from ..data.images import BadImage, decode_image
 from ..data.loader import single_threaded_worker
