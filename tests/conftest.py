@@ -93,3 +93,35 @@ def run_cli(*args: str, check: bool = True, **kwargs) -> subprocess.CompletedPro
         raise AssertionError(f"vggfeat {' '.join(map(str, args))} failed ({proc.returncode}):\n"
                              f"{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+# ---- S3 (moto), on 127.0.0.1 ---------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def moto_server():
+    pytest.importorskip("s3fs")
+    server_module = pytest.importorskip("moto.server")
+    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+def moto_bucket(server: str, monkeypatch, endpoint_variable: str, bucket: str):
+    """Yield ``(s3fs, bucket)``: a new bucket of the moto ``server``, whose endpoint the
+    environment gives the standard way (``endpoint_variable``: AWS_ENDPOINT_URL, read by
+    botocore, or FSSPEC_S3_ENDPOINT_URL, fsspec's config, re-read here)."""
+    import fsspec.config
+    import s3fs
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1"), (endpoint_variable, server)):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(fsspec.config, "conf", {})
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint they were made with
+    fs = s3fs.S3FileSystem()
+    fs.mkdir(bucket)
+    yield fs, bucket
+    s3fs.S3FileSystem.clear_instance_cache()

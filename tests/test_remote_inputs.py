@@ -25,6 +25,8 @@ from vggfeat.data.remote import (ObjectId, Sample, expand, is_url, object_identi
 from vggfeat.data.webdataset import iter_tar, split_key
 from vggfeat.errors import InputError, MissingDependencyError
 
+from conftest import moto_bucket
+
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
@@ -164,35 +166,12 @@ def test_a_damaged_tar_yields_its_whole_samples_then_raises(tmp_path):
 
 # ---- S3 (moto) ---------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def moto_server():
-    pytest.importorskip("s3fs")
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
 @pytest.fixture(params=["AWS_ENDPOINT_URL", "FSSPEC_S3_ENDPOINT_URL"])
 def s3(request, moto_server, monkeypatch):
     """An s3fs that finds the moto endpoint the standard way: botocore reads AWS_ENDPOINT_URL,
     fsspec's config FSSPEC_S3_ENDPOINT_URL (when fsspec is imported: re-read here)."""
-    import fsspec.config
-    import s3fs
-
-    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
-                        ("AWS_DEFAULT_REGION", "us-east-1"), (request.param, moto_server)):
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(fsspec.config, "conf", {})
-    fsspec.config.set_conf_env(fsspec.config.conf)
-    s3fs.S3FileSystem.clear_instance_cache()  # instances remember the endpoint they were made with
-    fs = s3fs.S3FileSystem()
-    bucket = f"b{request.param_index}{int(time.time() * 1000) % 10**6}"
-    fs.mkdir(bucket)
-    yield fs, bucket
-    s3fs.S3FileSystem.clear_instance_cache()
+    yield from moto_bucket(moto_server, monkeypatch, request.param,
+                           f"b{request.param_index}{int(time.time() * 1000) % 10**6}")
 
 
 def test_shards_on_s3_read_like_local_ones(s3, tmp_path):

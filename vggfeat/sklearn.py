@@ -32,6 +32,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from .cache.lookup import lookup
 from .cache.settings import setting_name
+from .cache.location import locate, refuse_remote_file
 from .cache.sharded import is_store
 from .cache.store import check_suffix, load_features
 from .errors import ConfigError, InputError
@@ -161,9 +162,10 @@ class VGGFeatures(TransformerMixin, BaseEstimator):
             return _rows(load_features(output))
 
     def _cached(self, paths: list[str]) -> tuple[dict, dict]:
-        cache = Path(self.cache)
+        cache = locate(self.cache)  # a path, or a store in a bucket (vggfeat.cache.location)
         store = is_store(cache)
         if not store:
+            refuse_remote_file(cache, "cache")
             check_suffix(cache, "cache")
         unique = list(dict.fromkeys(paths))
         found = lookup(cache, self._settings(), unique, retry_failed=self.retry_failed,

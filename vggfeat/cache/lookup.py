@@ -13,10 +13,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..errors import CacheError
+from . import location
+from .location import Where
 from .rows import stat_key
 from .settings import file_group, store_for
 from .store import index_of, open_features
@@ -37,7 +38,7 @@ class _Replaced(CacheError):
     """A shard listed by the replay was replaced meanwhile (a compaction retired it)."""
 
 
-def lookup(cache: Path, settings: dict, paths: list[str], *, retry_failed: bool = False,
+def lookup(cache: Where, settings: dict, paths: list[str], *, retry_failed: bool = False,
            store: bool = False) -> Found:
     """What ``cache`` (a ``.h5`` file, or a store when ``store``) holds of ``paths`` for
     ``settings``; a setting it does not hold leaves every path to compute."""
@@ -64,10 +65,10 @@ def _lookup_file(cache: Path, settings: dict, paths: list[str], retry_failed: bo
         return _found(plan, lambda k, e: _rows_of(f[group]["features"], e))
 
 
-def _lookup_store(store: Path, settings: dict, paths: list[str], retry_failed: bool) -> Found:
-    from .sharded import SHARDS, _regular, planning_sources, read_state
+def _lookup_store(store: Where, settings: dict, paths: list[str], retry_failed: bool) -> Found:
+    from .sharded import SETTINGS, SHARDS, _regular, planning_sources, read_state
 
-    if not (store / "settings.json").is_file():
+    if not location.exists(store / SETTINGS):
         return Found({}, {}, list(paths))
     state = read_state(store)
     plan = plan_update(paths, planning_sources(state, []), retry_failed=retry_failed,
@@ -78,7 +79,7 @@ def _lookup_store(store: Path, settings: dict, paths: list[str], retry_failed: b
         path = store / SHARDS / shard.name
         try:
             _regular(path, "shard")
-            with h5py.File(path, "r") as f:
+            with location.open_h5(path) as f:
                 if stat_key(f) != shard.key:
                     raise _Replaced(f"{path} changed since the store was read")
                 return _rows_of(f["features"], entries)

@@ -4,22 +4,22 @@ Loading a large feature file or store with ``lazy=True`` gives one of these inst
 ``view[10:20]``, ``view[[5, 3, 900]]``, ``view[mask]`` read only those rows.  Files are opened
 when first read, at most ``max_open`` at a time (least recently used closed first), and each is
 checked to be the very file (same inode, size and mtime) the view was made from, so rows never
-shift under a reader: a file replaced since is an error naming it, never other images' rows.
+shift under a reader: a file replaced since is an error naming it, never other images' rows
+(an object in a bucket: the same URL, size and ETag).
 ``close()`` (or ``with``) closes what is open; so does dropping the view.
 """
 
 from __future__ import annotations
 
-import os
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import h5py
 import numpy as np
 
 from ..errors import CacheError
+from .location import Where, open_h5, version
 
 
 @dataclass(frozen=True)
@@ -27,20 +27,17 @@ class RowSource:
     """``n_rows`` rows of ``group``/features in ``file``, whose stat was ``key`` when listed:
     rows ``0 … n_rows−1``, or the file's rows ``rows`` (live rows of a store's shard)."""
 
-    file: Path
+    file: Where
     n_rows: int
     key: tuple
     group: str = "/"
     rows: np.ndarray | None = None
 
 
-def stat_key(path: Path | h5py.File) -> tuple:
-    """What identifies one version of a file; of an open HDF5 file, the version it has open."""
-    if isinstance(path, h5py.File):
-        st = os.fstat(path.id.get_vfd_handle())
-    else:
-        st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+def stat_key(path: Where | h5py.File) -> tuple:
+    """What identifies one version of a file; of an open HDF5 file, the version it has open
+    (see vggfeat.cache.location.version)."""
+    return version(path)
 
 
 def _close_all(handles: OrderedDict) -> None:
@@ -148,14 +145,16 @@ class FeatureRows:
         if k in self._handles:
             self._handles.move_to_end(k)
         else:
-            try:
-                if stat_key(source.file) != source.key:
-                    raise CacheError(f"{source.file} changed since its rows were listed (a "
-                                     "writer replaced it): load the features again")
-                self._handles[k] = h5py.File(source.file, "r")
+            try:  # the version opened is checked, not the name's before opening it
+                f = open_h5(source.file)
             except OSError as err:
                 raise CacheError(f"cannot read {source.file} ({err}): load the features "
                                  "again") from err
+            if stat_key(f) != source.key:
+                f.close()
+                raise CacheError(f"{source.file} changed since its rows were listed (a "
+                                 "writer replaced it): load the features again")
+            self._handles[k] = f
             if len(self._handles) > self.max_open:
                 self._handles.popitem(last=False)[1].close()
         return self._handles[k][source.group]["features"]

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
+
+if TYPE_CHECKING:
+    from .location import Where
 
 # Settings that must agree for descriptors to be comparable, and so for rows to be reused.
 DESCRIPTOR_SETTINGS = ("arch", "model_config", "weights", "weights_sha256", "preprocessing", "layer",
@@ -61,27 +64,30 @@ def new_group(f: h5py.File | None, settings: dict) -> str:
     return "/" if f is None else setting_name(settings)
 
 
-def sub_stores(store: Path) -> list[Path]:
-    """The sub-stores of further settings of ``store`` (folders of ``alt/``, sorted)."""
+def sub_stores(store: Where) -> list[Where]:
+    """The sub-stores of further settings of ``store`` (folders of ``alt/``, sorted; a link
+    is never followed)."""
+    from .location import is_remote, listing
+
     folder = store / ALT
-    if folder.is_symlink() or not folder.is_dir():
+    if not is_remote(folder) and folder.is_symlink():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.is_symlink()
-                  and not p.name.startswith("."))
+    return sorted(folder / n for n, found in listing(folder).items()
+                  if found.kind == "folder" and not n.startswith("."))
 
 
-def store_for(store: Path, settings: dict) -> Path:
+def store_for(store: Where, settings: dict) -> Where:
     """The store holding ``settings``: ``store`` itself when it holds them or none yet, else
     its sub-store ``alt/<setting_name>`` (which may not exist yet)."""
     from .sharded import read_settings
 
-    own = read_settings(store) if store.is_dir() else None
+    own = read_settings(store)
     if own is None or settings_of(own) == settings_of(settings):
         return store
     return store / ALT / setting_name(settings)
 
 
-def named_store(store: Path, name: str) -> Path | None:
+def named_store(store: Where, name: str) -> Where | None:
     """The store a setting's name designates: ``store`` when it holds that setting, or its
     sub-store of that name; None when neither exists."""
     from .sharded import read_settings

@@ -26,11 +26,13 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from ..errors import CacheError, InputError
-from ..fileio import create_new, fsync_path, leftovers, write_json_atomic
+from ..choices import HDF5_SUFFIXES
+from ..fileio import leftovers
+from . import location
+from .location import Where, is_remote, listing, locate, open_h5
 from .settings import ALT
 from .store import (
     FileIds,
@@ -61,15 +63,22 @@ SMALL_SHARD_BYTES = COMPACT_SHARD_BYTES // 4
 PACK_SMALL_SHARDS = 64
 
 
-def is_store(path: Path) -> bool:
-    """An output is a store when it is a folder, or a name without a file suffix."""
-    return path.is_dir() or (not path.exists() and path.suffix == "")
+def is_store(path: str | os.PathLike | Where) -> bool:
+    """An output is a store when it is a folder, or a name without a file suffix; in a bucket,
+    any name but a ``.h5``/``.hdf5`` file's (a bucket has no folders to look at)."""
+    where = locate(path)
+    if is_remote(where):
+        return where.suffix.lower() not in HDF5_SUFFIXES
+    return where.is_dir() or (not where.exists() and where.suffix == "")
 
 
 # -- files of a store ------------------------------------------------------------------------------
 
-def _regular(path: Path, what: str) -> None:
-    """Refuse a planted link (or anything but a plain file) before opening it."""
+def _regular(path: Where, what: str) -> None:
+    """Refuse a planted link (or anything but a plain file) before opening it (a bucket holds
+    only objects: nothing to refuse there)."""
+    if is_remote(path):
+        return
     mode = os.lstat(path).st_mode
     if stat.S_ISLNK(mode):
         raise CacheError(f"{what} {path} is a symbolic link, which vggfeat never follows: "
@@ -78,8 +87,10 @@ def _regular(path: Path, what: str) -> None:
         raise CacheError(f"{what} {path} is not a plain file: remove it")
 
 
-def _folder(store: Path, name: str, create: bool = False) -> Path:
+def _folder(store: Where, name: str, create: bool = False) -> Where:
     folder = store / name
+    if is_remote(folder):  # (a bucket's folders are prefixes of names: nothing to create)
+        return folder
     if folder.is_symlink():
         raise CacheError(f"{folder} is a symbolic link, which vggfeat never follows: a store's "
                          "folders are plain folders; remove the link")
@@ -91,36 +102,28 @@ def _folder(store: Path, name: str, create: bool = False) -> Path:
     return folder
 
 
-def read_settings(store: Path) -> dict | None:
+def read_settings(store: Where) -> dict | None:
     path = store / SETTINGS
-    if not path.exists() and not path.is_symlink():
-        return None
-    _regular(path, "settings file")
     try:
-        data = json.loads(path.read_text())
+        _regular(path, "settings file")
+        data = json.loads(location.read_bytes(path))
         return data["settings"] if data.get("format") == FORMAT else None
+    except (FileNotFoundError, NotADirectoryError):  # no store (yet)
+        return None
     except (ValueError, KeyError, TypeError, OSError) as err:
         raise CacheError(f"{path} is damaged ({err}): a store's settings.json is written once by "
                          "vggfeat; restore it from a copy of the store") from err
 
 
-def write_settings(store: Path, settings: dict) -> None:
-    """Write ``settings.json`` once: published by a link, which never replaces a file."""
+def write_settings(store: Where, settings: dict) -> None:
+    """Write ``settings.json`` once: it never replaces a file (another writer may have been
+    first; the caller compares settings again)."""
     path = store / SETTINGS
-    tmp = store / f".{SETTINGS}.{uuid.uuid4().hex[:8]}.tmp"
+    data = json.dumps({"format": FORMAT, "settings": settings}, indent=1, sort_keys=True)
     try:
-        with open(create_new(tmp), "w") as f:
-            json.dump({"format": FORMAT, "settings": settings}, f, indent=1, sort_keys=True)
-        fsync_path(tmp)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another writer was first; the caller compares settings again
-        fsync_path(store)
+        location.publish_once(path, data.encode())
     except OSError as err:
         raise io_error(err, "write", path) from err
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- index entries ---------------------------------------------------------------------------------
@@ -149,18 +152,16 @@ class Entry:
         return int(self.name[:12])
 
 
-def list_entries(store: Path) -> list[Entry]:
+def list_entries(store: Where) -> list[Entry]:
     folder = _folder(store, INDEX)
-    if not folder.is_dir():
-        return []
-    names = sorted(n for n in os.listdir(folder) if ENTRY_NAME.match(n))
+    names = sorted(n for n in listing(folder) if ENTRY_NAME.match(n))
     return [_read_entry(folder / n) for n in names]
 
 
-def _read_entry(path: Path) -> Entry:
+def _read_entry(path: Where) -> Entry:
     _regular(path, "index entry")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(location.read_bytes(path))
         if data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format')!r}, not {FORMAT}")
         entry = Entry(path.name, {k: list(v) for k, v in data["added"].items()},
@@ -204,7 +205,7 @@ def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _check_numbers(path: Path, entry: Entry) -> None:
+def _check_numbers(path: Where, entry: Entry) -> None:
     """Entry numbers and sizes are counts: a negative one would remove a row from the end."""
     bad = next((f"added {name}: {v!r} is not 3 counts" for name, v in entry.added.items()
                 if len(v) != 3 or not all(map(_count, v))), None)
@@ -218,13 +219,13 @@ def _check_numbers(path: Path, entry: Entry) -> None:
         raise damaged_entry(path, bad[:300])
 
 
-def damaged_entry(path: Path, why: str) -> CacheError:
+def damaged_entry(path: Where, why: str) -> CacheError:
     return CacheError(f"index entry {path} is damaged ({why}); the store cannot be read "
                       "safely without it: restore it from a copy of the store, or move it away "
                       "to drop the change it records (then run the update again)")
 
 
-def _check_shard_names(path: Path, entry: Entry) -> None:
+def _check_shard_names(path: Where, entry: Entry) -> None:
     """Every shard an entry names is a plain name in ``shards/``: a name such as
     ``../../x`` would make readers serve, and compaction delete, a file outside the store."""
     for name in [*entry.added, *entry.removed, *entry.retired]:
@@ -235,10 +236,10 @@ def _check_shard_names(path: Path, entry: Entry) -> None:
                              "from a copy) before using the store")
 
 
-def publish_entry(store: Path, entry: Entry) -> Path:
+def publish_entry(store: Where, entry: Entry) -> Where:
     """Write ``entry`` under the next sequence number and this writer's random id."""
     folder = _folder(store, INDEX, create=True)
-    seqs = [int(n[:12]) for n in os.listdir(folder) if ENTRY_NAME.match(n)]
+    seqs = [int(n[:12]) for n in listing(folder) if ENTRY_NAME.match(n)]
     name = f"{max(seqs, default=0) + 1:012d}-{uuid.uuid4().hex}.json"
     data = {"format": FORMAT, "added": entry.added, "removed": entry.removed,
             "retired": entry.retired, "class_names": entry.class_names,
@@ -247,7 +248,8 @@ def publish_entry(store: Path, entry: Entry) -> Path:
             **({"keep_units": entry.keep_units} if entry.keep_units is not None else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     try:
-        return write_json_atomic(folder / name, data, indent=None)
+        location.publish(folder / name, (json.dumps(data, sort_keys=True) + "\n").encode())
+        return folder / name
     except OSError as err:
         raise io_error(err, "publish the index entry", folder / name) from err
 
@@ -270,7 +272,7 @@ class Shard:
 class State:
     """What a store holds after replaying its index entries."""
 
-    store: Path
+    store: Where
     settings: dict | None
     entries: list[Entry]
     shards: list[Shard]       # live shards, in the order they were added
@@ -295,12 +297,14 @@ class State:
                       for e in np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows)
 
 
-def read_state(store: Path) -> State:
+def read_state(store: Where) -> State:
     """Replay the index entries of ``store``; every live shard's index is read (one at a time)."""
-    if not store.is_dir():
+    if not location.is_folder(store):
         raise InputError(f"feature store {store} does not exist")
     settings = read_settings(store)
     _folder(store, SHARDS)  # a link there is refused, as everywhere in a store
+    if is_remote(store):  # one listing gives each shard's size and ETag: no HEAD per shard
+        listing(store / SHARDS)
     entries = list_entries(store)
     removed: dict[str, set[int]] = {}
     order: list[str] = []
@@ -350,7 +354,7 @@ def sort_class_names(names) -> list[str]:
     return sorted(names)
 
 
-def read_store(store: Path) -> State:
+def read_store(store: Where) -> State:
     """:func:`read_state` of a folder that is a store (holds ``settings.json``)."""
     state = read_state(store)
     if state.settings is None:
@@ -359,11 +363,11 @@ def read_store(store: Path) -> State:
     return state
 
 
-def _live_shard(store: Path, name: str, dead: set[int]) -> Shard:
+def _live_shard(store: Where, name: str, dead: set[int]) -> Shard:
     path = store / SHARDS / name
     try:
         _regular(path, "shard")
-        with h5py.File(path, "r") as f:
+        with open_h5(path) as f:
             from .rows import stat_key
 
             index = index_of(f, path)
@@ -394,15 +398,14 @@ def _keep_last_of_each_path(shards: list[Shard]) -> None:
             seen[shard.index.paths[e]] = (k, int(e))
 
 
-def unlisted_shards(store: Path, state: State) -> list[Path]:
+def unlisted_shards(store: Where, state: State) -> list[Where]:
     """Shard files no entry names: a killed update's (reused by the next update of the same
-    inputs) or a writer's still at work."""
+    inputs) or a writer's still at work; oldest first (in a bucket, by the listing's
+    LastModified: one request for them all)."""
     folder = store / SHARDS
-    if not folder.is_dir():
-        return []
-    return sorted((folder / n for n in os.listdir(folder)
-                   if SHARD_NAME.match(n) and n not in state.listed),
-                  key=lambda p: (p.stat().st_mtime_ns, p.name))
+    found = listing(folder)
+    names = [n for n in found if SHARD_NAME.match(n) and n not in state.listed]
+    return [folder / n for n in sorted(names, key=lambda n: (found[n].mtime_ns, n))]
 
 
 # A hidden temporary file this old was left by a killed writer: none takes this long to write
@@ -410,10 +413,13 @@ def unlisted_shards(store: Path, state: State) -> list[Path]:
 STALE_SECONDS = 3600
 
 
-def remove_stale_temporaries(store: Path, age: float = STALE_SECONDS) -> int:
+def remove_stale_temporaries(store: Where, age: float = STALE_SECONDS) -> int:
     """Delete the hidden temporary files (``.NAME.<random>.tmp``) that killed writers left in
     ``store``, ``shards/`` and ``index/``, once older than ``age`` seconds: a fresh one may be
-    another writer's, still at work.  Links are removed, never followed.  How many went."""
+    another writer's, still at work.  Links are removed, never followed.  How many went.
+    A store in a bucket has none: every object is uploaded whole from memory."""
+    if is_remote(store):
+        return 0
     now, removed = time.time(), 0
     for folder in (store, store / SHARDS, store / INDEX):
         if folder.is_symlink() or not folder.is_dir():
@@ -430,25 +436,20 @@ def remove_stale_temporaries(store: Path, age: float = STALE_SECONDS) -> int:
     return removed
 
 
-def foreign_files(store: Path) -> list[Path]:
+def foreign_files(store: Where) -> list[Where]:
     """Files in a store that vggfeat did not write there (ignored by readers); ``alt/``
     holds the sub-stores of further settings, checked on their own."""
-    found = []
-    for name in os.listdir(store):
-        path = store / name
-        if name in (SHARDS, INDEX, SETTINGS, ALT) or name.startswith("."):
-            continue
-        found.append(path)
+    found = [store / n for n in listing(store)
+             if n not in (SHARDS, INDEX, SETTINGS, ALT) and not n.startswith(".")]
     for sub, pattern in ((SHARDS, SHARD_NAME), (INDEX, ENTRY_NAME)):
-        if (store / sub).is_dir():
-            found += [store / sub / n for n in os.listdir(store / sub)
-                      if not pattern.match(n) and not n.startswith(".")]
+        found += [store / sub / n for n in listing(store / sub)
+                  if not pattern.match(n) and not n.startswith(".")]
     return sorted(found)
 
 
 # -- reading ---------------------------------------------------------------------------------------
 
-def load_store(store: Path, *, return_X_y: bool = False, lazy: bool = False,
+def load_store(store: Where, *, return_X_y: bool = False, lazy: bool = False,
                max_open: int = 16):
     """The store as one dataset: the Bunch of :func:`vggfeat.load_features` (see there)."""
     from sklearn.utils import Bunch
@@ -499,7 +500,7 @@ def _shape(state: State) -> tuple[int, str]:
     settings = state.settings or {}
     dtype = settings.get("dtype", "float32")
     for shard in state.shards:
-        with h5py.File(state.store / SHARDS / shard.name, "r") as f:
+        with open_h5(state.store / SHARDS / shard.name) as f:
             return f["features"].shape[1], dtype
     return int(settings.get("dim", 0)), dtype
 
@@ -518,7 +519,7 @@ def _input_sizes(state: State, rows) -> np.ndarray:
         by_shard.setdefault(k, []).append(e)
     sizes = {}
     for k, es in by_shard.items():
-        with h5py.File(state.store / SHARDS / state.shards[k].name, "r") as f:
+        with open_h5(state.store / SHARDS / state.shards[k].name) as f:
             block = f["input_sizes"][:]
         sizes[k] = block
     if not rows:
@@ -539,7 +540,7 @@ def iter_features(path: str | os.PathLike, *, rows: int = 65536):
         bunch.data.close()
 
 
-def store_attrs(store: Path) -> dict:
+def store_attrs(store: Where) -> dict:
     """The settings, ``num_images``, ``num_failed`` and ``failed`` [(path, reason)] of a store,
     from one reading of its index (no features are read)."""
     state = read_state(store)
@@ -553,7 +554,7 @@ def store_attrs(store: Path) -> dict:
 
 # -- updating --------------------------------------------------------------------------------------
 
-def planning_sources(state: State, unlisted: list[Path]) -> list[Index]:
+def planning_sources(state: State, unlisted: list[Where]) -> list[Index]:
     """What an update may reuse: shards of a killed update (newest first), then the live
     shards with their dead entries hidden."""
     from .store import read_index
@@ -571,19 +572,19 @@ def planning_sources(state: State, unlisted: list[Path]) -> list[Index]:
     return sources
 
 
-def label_names_of(source_file: Path, state: State, cache: dict) -> list[str]:
+def label_names_of(source_file: Where, state: State, cache: dict) -> list[str]:
     """The label name of each row of a shard (live or not)."""
     if not cache:
         cache.update({state.store / SHARDS / s.name: s.label_names for s in state.shards})
     if source_file not in cache:
-        with h5py.File(source_file, "r") as f:
+        with open_h5(source_file) as f:
             cache[source_file] = _strings(f["label_names"]) if "label_names" in f else None
     return cache[source_file]
 
 
-def copy_shard_rows(out_folder: Path, name: str, picks: list[tuple[Path, int]], *,
+def copy_shard_rows(out_folder: Where, name: str, picks: list[tuple[Where, int]], *,
                     ids: FileIds, paths: list[str], label_names: list[str], dim: int,
-                    n_scales: int, dtype: str) -> Path:
+                    n_scales: int, dtype: str) -> Where:
     """A new shard holding existing rows ``picks`` (file, row) under new identities/labels."""
     files = sorted({f for f, _ in picks})
     number = {f: k for k, f in enumerate(files)}
@@ -631,7 +632,7 @@ def needs_compaction(state: State, entry: Entry) -> bool:
 def current(state: State) -> bool:
     """True while no index entry has appeared (or gone) since ``state`` was read."""
     folder = state.store / INDEX
-    names = sorted(n for n in os.listdir(folder) if ENTRY_NAME.match(n)) if folder.is_dir() else []
+    names = sorted(n for n in listing(folder) if ENTRY_NAME.match(n))
     return names == [e.name for e in state.entries]
 
 
@@ -651,14 +652,14 @@ class Changes:
     to record.  ``scope``: the paths the update may change (None: all; an update of some
     units leaves every other path's entries alone)."""
 
-    keep: dict[Path, np.ndarray]
+    keep: dict[Where, np.ndarray]
     republish: list[int]                      # inputs
     failures: list[tuple[str, str, int]]      # (path, reason, input or −1)
     class_names: list[str] | None
     labelled: bool
     scope: set[str] | None = None
 
-    def dropped(self, shard: Shard, file: Path) -> np.ndarray:
+    def dropped(self, shard: Shard, file: Where) -> np.ndarray:
         """The live entries of ``shard`` (stored as ``file``) the update removes."""
         dead = np.setdiff1d(np.flatnonzero(shard.live), self.keep.get(file, EMPTY))
         if self.scope is None:
@@ -688,7 +689,7 @@ def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> C
     """Which existing entries the update keeps, and what it must write anew (after
     ``plan.attach``: every input has a source); ``scope``: see :class:`Changes`."""
     labels, cache = np.array(input_labels(images), dtype=object), {}
-    keep: dict[Path, np.ndarray] = {}
+    keep: dict[Where, np.ndarray] = {}
     republish, failures = [], []
     for k in np.unique(plan.source):
         source = plan.sources[k]
@@ -728,7 +729,7 @@ def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> C
                    images.labels is not None, scope)
 
 
-def _keep_the_others(keep: dict[Path, np.ndarray], state: State, inputs: set[str]) -> None:
+def _keep_the_others(keep: dict[Where, np.ndarray], state: State, inputs: set[str]) -> None:
     """An addition keeps every live entry of a path that is not among its inputs."""
     for shard in state.shards:
         file = state.store / SHARDS / shard.name
@@ -737,7 +738,7 @@ def _keep_the_others(keep: dict[Path, np.ndarray], state: State, inputs: set[str
             keep[file] = np.union1d(keep.get(file, EMPTY), np.array(others, np.int64))
 
 
-def publish_update(store: Path, state: State, plan, changes: Changes, images, *, dim: int,
+def publish_update(store: Where, state: State, plan, changes: Changes, images, *, dim: int,
                    n_scales: int, dtype: str, writer: dict | None = None,
                    units: dict[str, str] | None = None,
                    keep_units: list[str] | None = None) -> Entry:
@@ -771,7 +772,7 @@ def publish_update(store: Path, state: State, plan, changes: Changes, images, *,
     return entry
 
 
-def _entry(state: State, keep: dict[Path, np.ndarray], changes: Changes) -> Entry:
+def _entry(state: State, keep: dict[Where, np.ndarray], changes: Changes) -> Entry:
     entry = Entry("", class_names=changes.class_names, labelled=changes.labelled)
     live = {state.store / SHARDS / s.name: s for s in state.shards}
     for file, shard in live.items():
@@ -783,9 +784,9 @@ def _entry(state: State, keep: dict[Path, np.ndarray], changes: Changes) -> Entr
     for file, kept in keep.items():
         if file in live:
             continue
-        with h5py.File(file, "r") as f:
+        with open_h5(file) as f:
             n_rows, n_failed = len(f["paths"]), len(f["failed/paths"])
-        entry.added[file.name] = [n_rows, n_failed, file.stat().st_size]
+        entry.added[file.name] = [n_rows, n_failed, location.size(file)]
         unused = np.setdiff1d(np.arange(n_rows + n_failed), kept).tolist()
         if unused:  # rows of a killed run no input needs: never live
             entry.removed[file.name] = unused
@@ -803,7 +804,7 @@ class Compaction:
     bytes_after: int
 
 
-def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compaction:
+def compact(store: Where, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compaction:
     """Rewrite the live entries of shards at least ``threshold`` dead, and of small shards
     once there are :data:`PACK_SMALL_SHARDS` of them, into new shards of at most
     :data:`COMPACT_SHARD_BYTES`; retire the old ones in one index entry, then delete retired
@@ -814,7 +815,7 @@ def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compact
     folder = _folder(store, SHARDS)
     for leftover in unlisted_shards(store, state):
         if leftover.name.startswith("shard-c-"):  # a killed compaction's: never listed
-            leftover.unlink(missing_ok=True)
+            location.delete(leftover)
     before = sum(s.bytes for s in state.shards)
     victims = [s for s in state.shards if len(s.live) == 0 or 1 - s.live.mean() >= threshold]
     small = [s for s in state.shards if s.bytes < SMALL_SHARD_BYTES and s not in victims]
@@ -825,21 +826,20 @@ def compact(store: Path, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compact
         entry = Entry("", class_names=state.class_names, labelled=state.class_names is not None,
                       retired=[s.name for s in victims], writer=state.writer)
         for path in written:
-            with h5py.File(path, "r") as f:
+            with open_h5(path) as f:
                 entry.added[path.name] = [len(f["paths"]), len(f["failed/paths"]),
-                                          path.stat().st_size]
+                                          location.size(path)]
         publish_entry(store, entry)
-    deleted = 0
+    deleted, present = 0, listing(folder)
     for name in state.retired | {s.name for s in victims}:
-        path = folder / name
-        if path.is_file() and not path.is_symlink():
-            path.unlink()
+        if name in present and present[name].kind == "file":  # (a link is never followed)
+            location.delete(folder / name)
             deleted += 1
     after = sum(s.bytes for s in read_state(store).shards)
     return Compaction(len(victims), deleted, len(written), before, after)
 
 
-def _rewrite(state: State, shards: list[Shard], folder: Path) -> list[Path]:
+def _rewrite(state: State, shards: list[Shard], folder: Where) -> list[Where]:
     """The live entries of ``shards`` in new shards of at most COMPACT_SHARD_BYTES each."""
     number = {s.name: k for k, s in enumerate(state.shards)}
     rows = sorted((s.index.paths[e], number[s.name], int(e)) for s in shards
@@ -860,7 +860,7 @@ def _rewrite(state: State, shards: list[Shard], folder: Path) -> list[Path]:
     return written
 
 
-def _copy_entries(folder: Path, state: State, rows, failed, *, dim, n_scales, dtype) -> Path:
+def _copy_entries(folder: Where, state: State, rows, failed, *, dim, n_scales, dtype) -> Where:
     """A new shard of existing entries (path, shard number, entry), rows and failures."""
     shards = state.shards
     feats = np.empty((len(rows), dim), dtype)
@@ -881,7 +881,7 @@ def _copy_entries(folder: Path, state: State, rows, failed, *, dim, n_scales, dt
 
 # -- export and description ------------------------------------------------------------------------
 
-def export_file(store: Path, output: Path, *, overwrite: bool = False) -> int:
+def export_file(store: Where, output: Path, *, overwrite: bool = False) -> int:
     """Write the store's live rows (sorted by path) as one feature file; the number of rows.
     Its attributes are an extract output's: the settings, what the latest entry records of its
     writer (weights source, versions), and ``created`` (the export's time)."""
@@ -915,9 +915,9 @@ def export_file(store: Path, output: Path, *, overwrite: bool = False) -> int:
     return len(rows)
 
 
-def check_export_target(store: Path, output: Path, overwrite: bool) -> None:
+def check_export_target(store: Where, output: Path, overwrite: bool) -> None:
     """An export never writes into the store, nor replaces a file unasked."""
-    if output.resolve().is_relative_to(store.resolve()):
+    if not is_remote(store) and output.resolve().is_relative_to(store.resolve()):
         raise CacheError(f"{output} is inside the feature store {store}: a store holds only "
                          "the files vggfeat writes there; choose a path outside it")
     if (output.exists() or output.is_symlink()) and not overwrite:
@@ -938,7 +938,7 @@ def _ids_of(state: State, entries) -> FileIds:
     return ids
 
 
-def describe(store: Path) -> list[str]:
+def describe(store: Where) -> list[str]:
     """What ``vggfeat store info`` prints."""
     state = read_state(store)
     if state.settings is None:
@@ -946,7 +946,8 @@ def describe(store: Path) -> list[str]:
     live_bytes = sum(s.bytes * s.live.mean() for s in state.shards if len(s.live))
     total = sum(s.bytes for s in state.shards)
     unlisted = unlisted_shards(store, state)
-    leftover = [n for n in state.retired if (store / SHARDS / n).is_file()]
+    present = listing(store / SHARDS)
+    leftover = [n for n in state.retired if n in present]
     settings = state.settings
     lines = [f"store       {store}",
              f"rows        {len(state.live_rows())} live, {len(state.live_failures())} failed",
@@ -972,7 +973,7 @@ def describe(store: Path) -> list[str]:
     return lines
 
 
-def _sub_store_lines(store: Path) -> list[str]:
+def _sub_store_lines(store: Where) -> list[str]:
     """One line per further setting (a VGGFeatures cache's sub-store ``alt/NAME``)."""
     from .settings import sub_stores
 

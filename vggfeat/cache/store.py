@@ -36,7 +36,9 @@ import numpy as np
 from ..choices import FETCH_CONCURRENCY, HDF5_SUFFIXES
 from ..data.remote import is_url, object_identity
 from ..errors import CacheError, InputError, MissingDependencyError
-from ..fileio import atomic_path, leftovers, sha256_file, write_bytes_atomic
+from ..fileio import atomic_path, leftovers, sha256_file
+from . import location
+from .location import Where, is_remote, listing, locate, open_h5
 from .rows import FeatureRows, RowSource, stat_key
 
 CHUNK_BYTES = 1 << 20
@@ -80,7 +82,8 @@ def io_error(err: OSError, action: str, path: str | os.PathLike | None = None) -
         errno.EPERM: "the operation is not permitted (an immutable or protected file?): choose "
                      "another output",
     }.get(err.errno, "run again once the cause is fixed")
-    if err.errno == errno.EPERM and path is not None and _immutable(Path(path)):
+    if (err.errno == errno.EPERM and path is not None and not is_remote(path)
+            and _immutable(Path(path))):
         advice = ("it is immutable or append-only (chattr +i/+a): remove that attribute "
                   "(chattr -i, as root) to update it, or choose another output")
     named = path if path is not None else err.filename
@@ -288,8 +291,8 @@ def _ids(group, n: int) -> FileIds:
     return FileIds(group["file_size"][:], group["file_mtime_ns"][:], group["file_sha256"][:])
 
 
-def read_index(path: Path, group: str = "/") -> Index:
-    with h5py.File(path, "r") as f:
+def read_index(path: Where, group: str = "/") -> Index:
+    with open_h5(path) as f:
         return index_of(f, path, group)
 
 
@@ -318,16 +321,17 @@ def _write_failed(group, paths: list[str], reasons: list[str], ids: FileIds) -> 
 
 # -- shards ----------------------------------------------------------------------------------------
 
-def write_shard(parts: Path, name: str, *, paths: list[str], ids: FileIds, features: np.ndarray,
+def write_shard(parts: Where, name: str, *, paths: list[str], ids: FileIds, features: np.ndarray,
                 input_sizes: np.ndarray, failed_paths: list[str], failed_reasons: list[str],
-                failed_ids: FileIds, dtype: str, label_names: list[str] | None = None) -> Path:
+                failed_ids: FileIds, dtype: str, label_names: list[str] | None = None) -> Where:
     """Publish one shard atomically: it appears complete under its final name, or not at all.
 
     ``label_names``: each row's class name ("" for none), kept by a store's shards, whose rows
     outlive the run that labelled them.
 
     The HDF5 file is built in memory and written with plain file I/O, so a full disk is an
-    ordinary, reportable error and never leaves a half-written HDF5 file behind.
+    ordinary, reportable error and never leaves a half-written HDF5 file behind; into a
+    bucket, those bytes are uploaded as one object (vggfeat.cache.location).
     """
     buffer = io.BytesIO()
     with h5py.File(buffer, "w") as f:
@@ -341,15 +345,17 @@ def write_shard(parts: Path, name: str, *, paths: list[str], ids: FileIds, featu
                              dtype=STR)
     final = parts / name
     try:
-        write_bytes_atomic(final, buffer.getvalue())
+        location.publish(final, buffer.getvalue())
     except OSError as err:
         raise io_error(err, "publish results to", final) from err
     return final
 
 
-def list_shards(parts: Path) -> list[Path]:
+def list_shards(parts: Where) -> list[Where]:
     """Published shards, oldest first; temporary files of interrupted writes are never listed."""
-    return sorted(parts.glob("shard-*.h5"), key=lambda p: (p.stat().st_mtime_ns, p.name))
+    found = listing(parts)
+    names = [n for n in found if n.startswith("shard-") and n.endswith(".h5")]
+    return [parts / n for n in sorted(names, key=lambda n: (found[n].mtime_ns, n))]
 
 
 # -- writing a feature file ------------------------------------------------------------------------
@@ -358,7 +364,7 @@ def list_shards(parts: Path) -> list[Path]:
 class Rows:
     """Where each output row comes from: ``sources[source[i]]``, row ``row[i]``."""
 
-    sources: list[Path]
+    sources: list[Where]
     source: np.ndarray  # int, one per output row
     row: np.ndarray     # int64, one per output row
     groups: list[str] | None = None  # the group of each source ("/" when None)
@@ -456,7 +462,7 @@ def copy_rows(rows: Rows, feats, sizes, *, block: int) -> None:
         if k in handles:
             handles.move_to_end(k)
         else:
-            handles[k] = h5py.File(rows.sources[k], "r")
+            handles[k] = open_h5(rows.sources[k])
             if len(handles) > 32:
                 handles.popitem(last=False)[1].close()
         g = handles[k][rows.groups[k] if rows.groups else "/"]
@@ -538,7 +544,7 @@ def _plain(value):
     return value
 
 
-def _store_of(store: Path, group: str | None) -> Path:
+def _store_of(store: Where, group: str | None) -> Where:
     """The store (``store``, or one of its sub-stores) holding the setting named ``group``."""
     from .settings import named_store, sub_stores
 
@@ -566,11 +572,16 @@ def load_features(path: str | os.PathLike, *, return_X_y: bool = False, lazy: bo
     ``file.close()``) closes it.  A file or store holds one descriptor setting, and any further
     ones a :class:`vggfeat.sklearn.VGGFeatures` cache added beside it: ``group`` (e.g. the
     estimator's ``cache_group_``) chooses one; by default the file's root, or the store's own.
+    A store may be in a bucket (``"s3://bucket/feats"``, docs/store.md).
     """
-    path = Path(path)
-    if path.is_dir():
-        from .sharded import load_store  # a store: a folder of shards (docs/store.md)
+    path = locate(path)
+    if is_remote(path) or path.is_dir():
+        from .sharded import is_store, load_store  # a store: a folder of shards (docs/store.md)
 
+        if not is_store(path):
+            raise CacheError(f"{path}: vggfeat reads feature stores from a bucket, not single "
+                             "feature files; copy the file to a local disk, or extract into a "
+                             f"store (-o {str(path)[:-len(path.suffix)]}) instead")
         return load_store(_store_of(path, group), return_X_y=return_X_y, lazy=lazy)
     if not path.is_file():
         parts = parts_dir(path)

@@ -34,6 +34,10 @@ class FileOrStore(HDF5Output):
     """An HDF5 file, or a feature store: a folder, or a name without suffix (docs/store.md)."""
 
     def convert(self, value, param, ctx):
+        from ..data.remote import is_url
+
+        if is_url(str(value)):  # a store in a bucket, or a .h5 URL that extract refuses
+            return value
         path = Path(value)
         try:
             is_store = path.is_dir() or (not path.exists() and path.suffix == "")
@@ -139,7 +143,7 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
                          dtype=dtype, options=options)
     except SystemExit as stop:  # SIGTERM unwinds as exit status 143, after keeping the shards
         if stop.code == 128 + signal.SIGTERM and os.environ.get("RANK", "0") == "0":
-            _report_stopped(Path(output))
+            _report_stopped(output)
         raise
     counts = (f"{result.reused} reused, {result.computed} computed, {result.removed} removed, "
               f"{result.num_failed} failed")
@@ -162,10 +166,12 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
                    err=True)
 
 
-def _report_stopped(output: Path) -> None:
+def _report_stopped(output: str) -> None:
+    from ..cache.location import is_remote, locate
     from ..cache.store import list_shards, parts_dir, read_index
 
-    if output.is_dir():  # a store: what the run published is in its unlisted shards
+    output = locate(output)
+    if is_remote(output) or output.is_dir():  # a store: the run's shards are unlisted ones
         from ..cache.sharded import read_state, unlisted_shards
 
         parts, shards = output / "shards", unlisted_shards(output, read_state(output))

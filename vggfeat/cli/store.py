@@ -6,7 +6,21 @@ from pathlib import Path
 
 import click
 
-STORE = click.Path(file_okay=False, path_type=Path)
+class StoreName(click.Path):
+    """A store's folder, or a store in a bucket (``s3://bucket/feats``): a URL is kept as one
+    (a Path would fold its ``//``)."""
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value, param, ctx):
+        from ..cache.location import locate
+
+        where = locate(value)
+        return where if not isinstance(where, Path) else super().convert(where, param, ctx)
+
+
+STORE = StoreName()
 
 
 @click.group("store")
@@ -29,13 +43,16 @@ def info_command(store: Path) -> None:
 @click.option("--threshold", type=click.FloatRange(0.0, 1.0, min_open=True), default=0.5,
               show_default=True, help="rewrite shards with at least this fraction of dead entries")
 def compact_command(store: Path, threshold: float) -> None:
-    """Rewrite STORE's mostly dead shards and delete retired ones (crash-safe)."""
+    """Rewrite STORE's mostly dead shards and delete retired ones (crash-safe).  A store in a
+    bucket is not locked: compact it while no writer runs (docs/store.md)."""
+    from contextlib import nullcontext
+
     from ..cache.lock import OutputLock
     from ..cache.sharded import compact, read_store
     from ..cache.store import readable_size
 
     read_store(store)  # a damaged or foreign store is named before anything is written
-    with OutputLock(store):
+    with OutputLock(store) if isinstance(store, Path) else nullcontext():
         done = compact(store, threshold=threshold)
     click.echo(f"{store}: {done.rewritten} shards rewritten into {done.new_shards}, "
                f"{done.retired} files deleted; live shards {readable_size(done.bytes_before)} "

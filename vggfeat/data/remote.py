@@ -51,15 +51,16 @@ def _protocol(url: str) -> str:
     return url.split("://", 1)[0].rsplit("::", 1)[-1].lower() if is_url(url) else "file"
 
 
-def filesystem(url: str):
+def filesystem(url: str, what: str | None = None):
     """``(fs, path)`` for a URL or local path: fsspec's ``url_to_fs`` after checking that the
-    protocol's back end is installed (the message then names vggfeat's extra)."""
+    protocol's back end is installed (the message then names vggfeat's extra and ``what`` needs
+    it: by default, reading inputs)."""
     import fsspec.core
 
     protocol = _protocol(url)
     if protocol in _BACKENDS:
         module, extra = _BACKENDS[protocol]
-        require(module, extra, f"reading {protocol}:// inputs ({url})")
+        require(module, extra, what or f"reading {protocol}:// inputs ({url})")
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as err:  # a protocol vggfeat has no extra for (hf://, abfs://, …)

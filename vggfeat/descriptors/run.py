@@ -31,6 +31,8 @@ import torch
 
 from .. import __version__
 from ..choices import DTYPES, SHARD_IMAGES, SHARD_SECONDS, UNIT_IMAGES
+from ..cache import location
+from ..cache.location import Where, check_reachable, is_remote, listing, locate, refuse_remote_file
 from ..cache.lock import OutputLock
 from ..cache.store import (
     MANIFEST,
@@ -218,7 +220,7 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     if dtype not in DTYPES:
         raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     start = time.monotonic()
-    output = Path(output)
+    output = locate(output)  # a Path, or a store in a bucket (vggfeat.cache.location)
     store, share, dist = _place(output, opts)
     if not isinstance(inputs, ImageList) and any(is_stream_input(str(i)) for i in inputs):
         return _extract_streams([str(i) for i in inputs], output, store, share, dist, spec,
@@ -234,7 +236,7 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     # process (or an addition, which waits its turn) locks the store and compacts it, and only
     # the first share drops the rows of images that are no longer inputs.
     worker = bool(opts.only_units)
-    alone = share.count == 1 and not worker
+    alone = share.count == 1 and not worker and _lockable(output)
     first = share.first and not worker and not opts.add
     lock = OutputLock(output, wait=opts.add) if alone else None
     net = None
@@ -284,7 +286,8 @@ def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkSh
     settings = descriptor_settings(described, spec, dtype)
     writer = _file_attrs(settings, described)
     worker = bool(opts.only_units)
-    alone, first = share.count == 1 and not worker, share.first and not worker
+    alone = share.count == 1 and not worker and _lockable(output)
+    first = share.first and not worker
     lock, net, run = OutputLock(output) if alone else None, None, None
     try:
         changed, fingerprints, state = _changed_streams(output, found, settings, share, opts,
@@ -315,7 +318,7 @@ def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkSh
 def _changed_streams(store: Path, found, settings: dict, share: WorkShare,
                      opts: ExtractOptions, lock: OutputLock | None):
     """(this process's stream units whose fingerprint changed, every fingerprint, state)."""
-    check_writable(store)
+    _check_store_writable(store)
     if lock is not None:
         lock.acquire()
     _open_settings(store, settings)
@@ -335,6 +338,7 @@ def _place(output: Path, opts: ExtractOptions) -> tuple[bool, WorkShare, Distrib
     one another: each publishes its own units, so none merges the others' work."""
     store = is_store(output)
     if not store:
+        refuse_remote_file(output)
         check_suffix(output)
         if opts.num_shards is not None or opts.shard_index is not None:
             raise ConfigError(f"--num-shards/--shard-index share a feature store's units; "
@@ -510,7 +514,7 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
     (see vggfeat.data.units), against the store's live shards and a killed run's unlisted ones;
     the first process also drops the rows of images that are no longer inputs.  With ``add``,
     a setting the store does not hold goes to its sub-store ``alt/NAME`` (under the lock)."""
-    check_writable(store)
+    _check_store_writable(store)
     if lock is not None:
         lock.acquire()
     output, store = store, store_for(store, settings) if opts.add else store
@@ -546,10 +550,10 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
 def _open_settings(store: Path, settings: dict) -> None:
     """Create the store with ``settings``, or check that it holds them (several processes may
     create it at once: the first settings file published wins, the others compare)."""
-    stored = read_settings(store) if store.is_dir() else None
+    stored = read_settings(store)
     if stored is None:
-        if store.is_dir() and any(n not in (SHARDS, INDEX, SETTINGS, ALT)
-                                  and not n.startswith(".") for n in os.listdir(store)):
+        if any(n not in (SHARDS, INDEX, SETTINGS, ALT) and not n.startswith(".")
+               for n in listing(store)):
             raise CacheError(f"{store} is a folder that is not a vggfeat feature store (no "
                              f"{SETTINGS}) and is not empty: choose a new or empty folder")
         _mkdir(store)
@@ -600,16 +604,33 @@ def plan_units(images: ImageList, store: str | os.PathLike,
                unit_images: int = UNIT_IMAGES) -> tuple[list[str], list[str]]:
     """(every unit id of ``images``, the ids whose fingerprint differs from what ``store``
     records: the units an engine must hand out)."""
-    store = Path(store)
+    store = locate(store)
     units = file_units(images, unit_images)
-    recorded = read_state(store).units if (store / SETTINGS).exists() else {}
+    recorded = read_state(store).units if location.exists(store / SETTINGS) else {}
     ids = stat_files(images.paths)
     todo = [u.id for u in units if recorded.get(u.id) != files_fingerprint(
         images, u, ids.size[u.start:u.stop], ids.mtime_ns[u.start:u.stop])]
     return [u.id for u in units], todo
 
 
-def _mkdir(folder: Path) -> None:
+def _lockable(output: Where) -> bool:
+    """Whether a lone run locks ``output`` and compacts it.  Not a store in a bucket: a local
+    flock says nothing to other machines, and none is needed (writers publish beside one
+    another); compaction deletes shards a concurrent writer may still read, so there it runs
+    only when asked (``vggfeat store compact URL``, while no writer runs)."""
+    return not is_remote(output)
+
+
+def _check_store_writable(store: Where) -> None:
+    if is_remote(store):
+        check_reachable(store)
+    else:
+        check_writable(store)
+
+
+def _mkdir(folder: Where) -> None:
+    if is_remote(folder):  # (a bucket's folders are prefixes of names: nothing to create)
+        return
     try:
         folder.mkdir(exist_ok=True)
     except OSError as err:
@@ -937,8 +958,9 @@ def _file_attrs(settings: dict, model: VGG) -> dict:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "complete": True}
 
 
-def _attrs(output: Path, group: str = "/") -> dict:
-    return store_attrs(output) if output.is_dir() else read_attrs(output, group=group)
+def _attrs(output: Where, group: str = "/") -> dict:
+    return (store_attrs(output) if is_remote(output) or output.is_dir()
+            else read_attrs(output, group=group))
 
 
 def _failures(output: Path, group: str = "/") -> list[tuple[str, str]]:

@@ -10,11 +10,12 @@ without running the net.  Processes share the units as in :func:`vggfeat.extract
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..cache import location
+from ..cache.location import Where
 from ..cache.sharded import (
     SHARDS,
     Entry,
@@ -90,7 +91,7 @@ class _UnitWork:
 class StreamRun:
     """One process's run over its changed stream units."""
 
-    store: Path
+    store: Where
     inputs: StreamInputs
     units: list[StreamUnit]
     fingerprints: dict[str, str]
@@ -189,7 +190,7 @@ def _ids(metas) -> FileIds:
     return ids
 
 
-def unit_entry(state: State, owns, shard: Path | None, reused: set[str], labels: list[str],
+def unit_entry(state: State, owns, shard: Where | None, reused: set[str], labels: list[str],
                units: dict[str, str], writer: dict | None, keep_units=None) -> Entry:
     """An index entry adding ``shard`` and removing every live entry whose key ``owns`` accepts,
     except the rows of the keys in ``reused`` (kept as they are)."""
@@ -205,11 +206,9 @@ def unit_entry(state: State, owns, shard: Path | None, reused: set[str], labels:
         elif dead:
             entry.removed[s.name] = dead
     if shard is not None:
-        import h5py
-
-        with h5py.File(shard, "r") as f:
+        with location.open_h5(shard) as f:
             entry.added[shard.name] = [len(f["paths"]), len(f["failed/paths"]),
-                                       shard.stat().st_size]
+                                       location.size(shard)]
     if not entry.class_names:
         entry.class_names, entry.labelled = None, False
     return entry
@@ -221,7 +220,7 @@ def reusable_rows(state: State) -> dict[str, bytes]:
             for e in np.flatnonzero(s.live[:s.index.n_rows])}
 
 
-def drop_vanished(store: Path, inputs: StreamInputs, writer: dict | None,
+def drop_vanished(store: Where, inputs: StreamInputs, writer: dict | None,
                   alone: bool) -> int:
     """The first process's last step: remove entries of keys no current unit owns, and
     record the current units; the number of entries removed."""
