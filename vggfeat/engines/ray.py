@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..choices import RAY_UNIT_TRIES
+from ..choices import DTYPES, RAY_UNIT_TRIES
 from ..errors import ConfigError, ExtractError, MissingDependencyError
 from ..optional import require
 
@@ -72,7 +72,7 @@ def extract_with_ray(inputs, output, *, spec=None, model=None, arch: str | None 
     opts = replace(options or ExtractOptions(), **option_values)
     spec = spec or DescriptorSpec()
     start, output = time.monotonic(), Path(output)
-    _check_request(output, opts)
+    _check_request(output, opts, dtype)
     ray = _import_ray()
     images = _listing(inputs)
     described = model if model is not None else described_model(arch, weights, opts.download)
@@ -102,9 +102,11 @@ def _import_ray():
     return ray
 
 
-def _check_request(output: Path, opts) -> None:
+def _check_request(output: Path, opts, dtype: str) -> None:
     from ..cache.sharded import is_store
 
+    if dtype not in DTYPES:  # (before the store's settings are written with it)
+        raise ConfigError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     if not is_store(output):
         raise ConfigError(f"--engine ray writes a feature store (a folder), which its actors "
                           f"share; {output} is one file: write to a store (e.g. -o "
