@@ -12,7 +12,8 @@ __version__ = "0.1.0"
 _LAZY = {"VGG": "models", "DescriptorSpec": "descriptors", "NewHeadWarning": "models",
          "Preprocessing": "models", "VGGFeatError": "errors", "WeightsError": "errors",
          "extract": "descriptors", "load_features": "cache", "save_weights": "models", "vgg": "models",
-         "image_folder": "data.folders", "iter_features": "cache"}
+         "image_folder": "data.folders", "iter_features": "cache",
+         "extract_with_ray": "engines.ray"}
 __all__ = ["__version__", *_LAZY]
 
 

@@ -20,6 +20,11 @@ SHARD_SECONDS = 60.0
 # A folder listing or URL list is cut into units of work of this many images, by position: a
 # unit's identity does not depend on how many processes share the work.
 UNIT_IMAGES = 1024
+# Engines that drive a store's units of work (vggfeat.engines): this process alone, or the
+# actors of a Ray cluster.  A unit whose Ray worker died RAY_UNIT_TRIES times (a crash, the OOM
+# killer) is reported as failed rather than tried forever.
+ENGINES = ("local", "ray")
+RAY_UNIT_TRIES = 3
 # Same-shape forward passes gather images from a window of WINDOW_BATCHES × the batch size
 # consecutive images (vggfeat.models.runner); finished images wait at most that long.
 WINDOW_BATCHES = 4

@@ -1,5 +1,6 @@
 """Packages only some commands need (``pip install "vggfeat[train]"``, ``[plot]``, ``[devkit]``,
-``[parquet]``, ``[remote]`` for s3:// and http(s):// inputs, ``[gcs]`` for gs:// ones)."""
+``[parquet]``, ``[remote]`` for s3:// and http(s):// inputs, ``[gcs]`` for gs:// ones, ``[ray]``
+for ``vggfeat extract --engine ray``)."""
 
 from __future__ import annotations
 

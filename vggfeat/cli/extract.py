@@ -13,6 +13,7 @@ from ..choices import (
     CROP_SCALES,
     DENSE_SCALES,
     DTYPES,
+    ENGINES,
     MAX_ASPECT,
     POOLS,
     SHARD_IMAGES,
@@ -28,6 +29,25 @@ from .options import (
     device_options,
     model_options,
 )
+
+
+class ActorRange(click.ParamType):
+    """``MIN[:MAX]`` actors: ``4`` is a pool of 4, ``1:8`` grows from 1 to 8 while work waits."""
+
+    name = "MIN[:MAX]"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            least, _, most = str(value).partition(":")
+            pool = (int(least), int(most or least))
+        except ValueError:
+            pool = (0, 0)
+        if not 1 <= pool[0] <= pool[1]:
+            self.fail(f"{value!r}: give MIN or MIN:MAX actors, whole numbers with "
+                      "1 ≤ MIN ≤ MAX (e.g. 4, or 1:8)", param, ctx)
+        return pool
 
 
 class FileOrStore(HDF5Output):
@@ -98,6 +118,18 @@ class FileOrStore(HDF5Output):
                    "[default: the Hugging Face names: image, img, path, url, …]")
 @click.option("--label-column", default=None,
               help="Parquet inputs: the column holding the labels [default: label, labels]")
+@click.option("--engine", type=click.Choice(ENGINES), default="local", show_default=True,
+              help="what computes the units: this process (or torchrun's ranks), or the actors "
+                   "of a Ray cluster, into a feature store (docs/scale.md)")
+@click.option("--ray-address", default=None,
+              help="with --engine ray: the cluster to join (auto, HOST:PORT, ray://HOST:10001) "
+                   "[default: a local Ray instance for this run]")
+@click.option("--actors", type=ActorRange(), default=None,
+              help="with --engine ray: MIN or MIN:MAX actors [default: 1 to one per GPU; one "
+                   "per node on a cluster without GPUs]")
+@click.option("--gpus-per-actor", type=click.FloatRange(0), default=None,
+              help="with --engine ray: GPUs each actor takes, e.g. 0.5 for two per GPU "
+                   "[default: 1 when the cluster has GPUs, else 0]")
 @click.option("--overwrite", is_flag=True,
               help="recompute everything (also replaces an output made with other settings)")
 @click.option("--verify", is_flag=True,
@@ -110,10 +142,11 @@ class FileOrStore(HDF5Output):
 def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, scales, pool,
                     aggregate, flip, l2, dtype, crop, max_aspect, batch_size, workers, device, amp,
                     backend, shard_size, num_shards, shard_index, unit_size, image_column,
-                    label_column, overwrite, verify, retry_failed, strict, quiet) -> None:
-    """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists;
-    into a store also WebDataset tars and patterns such as 'train-{000..099}.tar', Parquet
-    files, URLs and lists of URLs, local or on s3://, gs://, https://).
+                    label_column, engine, ray_address, actors, gpus_per_actor, overwrite, verify,
+                    retry_failed, strict, quiet) -> None:
+    """Extract descriptors of the images in PATHS (folders, image files, .txt/.csv lists of
+    paths or URLs, URLs; into a store also WebDataset tars and patterns such as
+    'train-{000..099}.tar' and Parquet files; local or on s3://, gs://, https://).
 
     Each image is rescaled to every Q in --scales, the net runs densely, the layer's map is
     globally pooled, averaged with the flipped image, combined over scales and L2-normalised
@@ -122,6 +155,10 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
     files are computed, removed files are dropped.
     """
     check_layer_option(layer, arch)
+    engine_options = {"address": ray_address, "actors": actors, "gpus_per_actor": gpus_per_actor}
+    if engine == "local" and any(v is not None for v in engine_options.values()):
+        raise click.UsageError("--ray-address, --actors and --gpus-per-actor go with "
+                               "--engine ray")
     from ..descriptors import DescriptorSpec, ExtractOptions, extract
     from ..models import vgg
 
@@ -138,13 +175,22 @@ def extract_command(paths, output, layer, arch, weights, width_mult, fc_dim, sca
     # with another width is refused like any other change of settings.
     model = (vgg(arch, weights=weights, width_mult=width_mult, fc_dim=fc_dim, progress=not quiet)
              if width_mult is not None or fc_dim is not None else None)
+    if engine == "ray":  # (imports Ray only now: --help and argument errors stay quick)
+        from ..engines.ray import extract_with_ray as run
+    else:
+        run, engine_options = extract, {}
     try:
-        result = extract(list(paths), output, spec=spec, model=model, arch=arch, weights=weights,
-                         dtype=dtype, options=options)
+        result = run(list(paths), output, spec=spec, model=model, arch=arch, weights=weights,
+                     dtype=dtype, options=options, **engine_options)
     except SystemExit as stop:  # SIGTERM unwinds as exit status 143, after keeping the shards
         if stop.code == 128 + signal.SIGTERM and os.environ.get("RANK", "0") == "0":
             _report_stopped(output)
         raise
+    _summarise(result, output)
+
+
+def _summarise(result, output) -> None:
+    """The summary line, the first failures, and how to retry them."""
     counts = (f"{result.reused} reused, {result.computed} computed, {result.removed} removed, "
               f"{result.num_failed} failed")
     if result.up_to_date:
