@@ -151,3 +151,20 @@ def test_engine_options_are_checked_first(args, message, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["extract", "img", "-o", "feats", *args])
     assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_tars_are_units_of_their_own(cluster, tmp_path, image_folder):
+    from test_stream_extract import make_tar
+
+    from vggfeat.data.sources import gather_images
+
+    images = gather_images([image_folder])
+    for k, half in enumerate((images.paths[:4], images.paths[4:])):
+        part = gather_images(half)
+        make_tar(tmp_path / f"part-{k}.tar", part)
+    pattern = str(tmp_path / "part-{0..1}.tar")
+    result = with_ray([pattern], tmp_path / "feats", tiny_vgg("A"))
+    assert (result.computed, result.num_images) == (8, 8)
+    extract([pattern], tmp_path / "ref", model=tiny_vgg("A"), **COMMON)
+    assert_same_rows(tmp_path / "feats", tmp_path / "ref")
+    assert with_ray([pattern], tmp_path / "feats", tiny_vgg("A")).up_to_date

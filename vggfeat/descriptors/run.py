@@ -600,13 +600,22 @@ def _my_units(units: list[Unit], share: WorkShare, only: tuple[str, ...] | None)
     return [u for u in units if u.id in set(only)]
 
 
-def plan_units(images: ImageList, store: str | os.PathLike,
-               unit_images: int = UNIT_IMAGES) -> tuple[list[str], list[str]]:
-    """(every unit id of ``images``, the ids whose fingerprint differs from what ``store``
-    records: the units an engine must hand out)."""
+def plan_units(images: ImageList | list[str], store: str | os.PathLike,
+               unit_images: int = UNIT_IMAGES, *, image_column: str | None = None,
+               label_column: str | None = None) -> tuple[list[str], list[str]]:
+    """(every unit id of the inputs, the ids whose fingerprint differs from what ``store``
+    records: the units an engine must hand out).  ``images``: a listing, or inputs given as to
+    :func:`extract` (tars and Parquet files are units of their own)."""
     store = locate(store)
-    units = file_units(images, unit_images)
     recorded = read_state(store).units if location.exists(store / SETTINGS) else {}
+    if not isinstance(images, ImageList) and any(is_stream_input(str(i)) for i in images):
+        found = stream_inputs([str(i) for i in images], image_column=image_column,
+                              label_column=label_column)
+        return ([u.id for u in found.units],
+                [u.id for u in found.units if recorded.get(u.id) != found.fingerprint(u)])
+    if not isinstance(images, ImageList):
+        images = gather_images(list(images))
+    units = file_units(images, unit_images)
     ids = stat_files(images.paths)
     todo = [u.id for u in units if recorded.get(u.id) != files_fingerprint(
         images, u, ids.size[u.start:u.stop], ids.mtime_ns[u.start:u.stop])]

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import time
+from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -77,7 +78,8 @@ def extract_with_ray(inputs, output, *, spec=None, model=None, arch: str | None 
     images = _listing(inputs)
     described = model if model is not None else described_model(arch, weights, opts.download)
     _open_settings(output, described, spec, dtype)  # a store of other settings: refused now
-    every, changed = plan_units(images, output, opts.unit_images)
+    every, changed = plan_units(images, output, opts.unit_images,
+                                image_column=opts.image_column, label_column=opts.label_column)
     redo = opts.overwrite or opts.verify or opts.retry_failed  # they look inside every unit
     todo = every if redo else changed
     rows = []
@@ -118,10 +120,16 @@ def _check_request(output: Path, opts, dtype: str) -> None:
 
 
 def _listing(inputs):
+    """What every actor receives: a listing of files and URLs, made once here (their unit ids
+    are positions in it), or tars and Parquet files as given (each is its own unit)."""
     from ..data.sources import ImageList, gather_images
+    from ..data.streams import is_stream_input
 
-    # Listed once, here: unit ids are positions in this listing, which every actor receives.
-    return inputs if isinstance(inputs, ImageList) else gather_images(list(inputs))
+    if isinstance(inputs, ImageList):
+        return inputs
+    if any(is_stream_input(str(i)) for i in inputs):
+        return [str(i) for i in inputs]
+    return gather_images(list(inputs))
 
 
 def _open_settings(store: Path, model, spec, dtype: str) -> None:
@@ -180,10 +188,9 @@ def _run_units(ray, job: _Job, todo: list[str], pool: _Pool, progress: bool) -> 
     """Stream ``todo`` through the actor pool; a status row per unit, as they finish."""
     from ray.data import ActorPoolStrategy
 
-    from ..data.units import file_units
     from ..progress import image_bar
 
-    sizes = {u.id: u.stop - u.start for u in file_units(job.images, job.options.unit_images)}
+    sizes = _unit_sizes(job)
     attempts = _attempts_actor(ray)
     bar = image_bar(sum(sizes[u] for u in todo), disable=not progress,
                     desc=f"extract {job.spec.layer} (ray)")
@@ -202,6 +209,31 @@ def _run_units(ray, job: _Job, todo: list[str], pool: _Pool, progress: bool) -> 
         bar.close()
         ray.kill(attempts)
     return rows
+
+
+def _unit_sizes(job: _Job) -> dict[str, int]:
+    """Images per unit of a listing; a tar's or row group's count is not known before reading
+    it, so those count 1 (the bar then counts units)."""
+    from ..data.sources import ImageList
+    from ..data.units import file_units
+
+    if not isinstance(job.images, ImageList):
+        return defaultdict(lambda: 1)
+    return {u.id: u.stop - u.start for u in file_units(job.images, job.options.unit_images)}
+
+
+def _owned(job: _Job, unit: str):
+    """Whether a stored path belongs to ``unit``."""
+    from ..data.sources import ImageList
+    from ..data.units import file_units
+
+    if not isinstance(job.images, ImageList):
+        source = unit.split(":", 1)[1].rsplit("#", 1)[0] if unit.startswith("parquet:") \
+            else unit.split(":", 1)[1]
+        return lambda path: path.startswith(source + "#")
+    u = next(u for u in file_units(job.images, job.options.unit_images) if u.id == unit)
+    mine = set(job.images.paths[u.start:u.stop])
+    return mine.__contains__
 
 
 @contextmanager
@@ -251,11 +283,8 @@ class UnitWorker:
     def __init__(self, job: list, attempts) -> None:
         import ray
 
-        from ..data.units import file_units
-
         self.job: _Job = ray.get(job[0])  # (a list, so that Ray passes the reference as is)
         self.attempts, self.net, self.broken = attempts, None, ""
-        self.units = {u.id: u for u in file_units(self.job.images, self.job.options.unit_images)}
         try:
             self.net = self._build()
         except Exception as err:  # noqa: BLE001  (named in every unit's row, not a lost actor)
@@ -296,10 +325,9 @@ class UnitWorker:
                            dtype=job.dtype, options=replace(job.options, only_units=(unit,)))
         except Exception as err:  # noqa: BLE001  (reported with its unit; the others go on)
             return {**row, "error": f"{type(err).__name__}: {err}"}
-        u = self.units[unit]
-        mine = set(job.images.paths[u.start:u.stop])
+        mine = _owned(job, unit)
         return {**row, "computed": done.computed, "seconds": time.monotonic() - began,
-                "failed": sum(path in mine for path, _ in done.failed),
+                "failed": sum(mine(path) for path, _ in done.failed),
                 "images_per_forward": done.images_per_forward, "backend": done.backend}
 
 
