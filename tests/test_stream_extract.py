@@ -231,3 +231,25 @@ def test_a_killed_url_run_resumes_with_what_it_published(tmp_path, photos, tiny_
         np.testing.assert_array_equal(a.data, b.data)
     finally:
         server.shutdown()
+
+
+def test_vggfeatures_transforms_urls(tmp_path, photos, tiny_weights):
+    from vggfeat.sklearn import VGGFeatures
+
+    handler = partial(_Images, directory=str(photos.sources[0]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_port}/"
+        names = [p.split(str(photos.sources[0]) + "/", 1)[1] for p in photos.paths[:3]]
+        features = VGGFeatures(weights=str(tiny_weights), scales=(224,), workers=0,
+                               backend="eager", cache=str(tmp_path / "c.h5")).fit()
+        from_urls = features.transform([base + n for n in names])
+        from_files = features.transform(photos.paths[:3])
+        np.testing.assert_allclose(from_urls, from_files, rtol=1e-5, atol=1e-6)
+        _Images.gets = 0
+        again = features.transform([base + n for n in names])  # from the cache: no download
+        assert _Images.gets == 0
+        np.testing.assert_array_equal(again, from_urls)
+    finally:
+        server.shutdown()

@@ -30,14 +30,15 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+from .cache.location import locate, refuse_remote_file
 from .cache.lookup import lookup
 from .cache.settings import setting_name
-from .cache.location import locate, refuse_remote_file
 from .cache.sharded import is_store
 from .cache.store import check_suffix, load_features
-from .errors import ConfigError, InputError
 from .data.images import MAX_ASPECT
+from .data.remote import is_url
 from .data.sources import ImageList
+from .errors import ConfigError, InputError
 from .descriptors.descriptor import DescriptorSpec
 from .descriptors.run import descriptor_settings, extract
 from .models.backends import check_backend
@@ -191,6 +192,7 @@ def _as_paths(X) -> list[str]:
     if array.ndim == 2 and array.shape[1] == 1:
         array = array[:, 0]
     if array.ndim != 1 or not all(isinstance(p, (str, os.PathLike)) for p in array):
-        raise TypeError("VGGFeatures transforms image paths: give a list of file paths (or an N×1 "
-                        f"array of them), not {type(X).__name__} of shape {array.shape}")
-    return [os.path.abspath(p) for p in array]
+        raise TypeError("VGGFeatures transforms image paths: give a list of file paths or URLs "
+                        f"(or an N×1 array of them), not {type(X).__name__} of shape "
+                        f"{array.shape}")
+    return [str(p) if is_url(str(p)) else os.path.abspath(p) for p in array]
