@@ -156,6 +156,10 @@ def test_store_commands_info_compact_export(tmp_path, image_folder, tiny_weights
     assert "8 live, 0 failed" in info and "layer fc7" in info and "notes.txt" in info
     assert "ignored" in info
     run_cli("store", "export", store, "--to", tmp_path / "all.h5")
+    to_url = run_cli("store", "export", store, "--to", "s3://b/all.h5", check=False,
+                     cwd=tmp_path)
+    assert to_url.returncode == 2 and "written on this machine" in to_url.stderr
+    assert not (tmp_path / "s3:").exists()  # (a Path made of the URL would be s3:/b/all.h5)
     run_cli("extract", image_folder, "-o", tmp_path / "ref.h5", *common)
     assert_same_rows(store, tmp_path / "ref.h5")
     exported = vggfeat.load_features(tmp_path / "all.h5")

@@ -21,7 +21,7 @@ from conftest import run_cli, tiny_vgg
 import vggfeat
 from vggfeat.data.sources import gather_images
 from vggfeat.descriptors import DescriptorSpec, extract
-from vggfeat.errors import ConfigError
+from vggfeat.errors import ConfigError, InputError
 
 SPEC = DescriptorSpec(scales=(224,))
 
@@ -253,3 +253,76 @@ def test_vggfeatures_transforms_urls(tmp_path, photos, tiny_weights):
         np.testing.assert_array_equal(again, from_urls)
     finally:
         server.shutdown()
+
+
+def test_a_tar_cut_later_keeps_its_rows_and_records_the_damage(tmp_path, photos, net):
+    make_tar(tmp_path / "a.tar", photos)
+    store = tmp_path / "feats"
+    run([str(tmp_path / "a.tar")], store, net)
+    before = rows_by_name(store)
+    data = (tmp_path / "a.tar").read_bytes()
+    (tmp_path / "a.tar").write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="a.tar"):
+        result = run([str(tmp_path / "a.tar")], store, net)
+    assert result.num_images == 8 and result.removed == 0
+    assert any(p == f"{tmp_path / 'a.tar'}#" for p, _ in result.failed)
+    after = rows_by_name(store)
+    for name in before:
+        np.testing.assert_array_equal(after[name][0], before[name][0])
+
+
+def test_a_tar_missing_from_a_range_is_an_error_not_a_removal(tmp_path, photos, net):
+    make_tar(tmp_path / "p-0.tar", photos)
+    make_tar(tmp_path / "p-1.tar", gather_images(photos.paths[:2]))
+    store = tmp_path / "feats"
+    run([str(tmp_path / "p-{0..1}.tar")], store, net)
+    (tmp_path / "p-0.tar").unlink()
+    with pytest.raises(InputError, match="p-0.tar"):
+        run([str(tmp_path / "p-{0..1}.tar")], store, net)
+    assert len(vggfeat.load_features(store).paths) == 10
+
+
+def test_a_smaller_tar_counts_its_removed_rows(tmp_path, photos, net):
+    make_tar(tmp_path / "a.tar", photos)
+    store = tmp_path / "feats"
+    run([str(tmp_path / "a.tar")], store, net)
+    make_tar(tmp_path / "a.tar", gather_images(photos.paths[:5]))
+    result = run([str(tmp_path / "a.tar")], store, net)
+    assert (result.num_images, result.removed, result.computed) == (5, 3, 0)
+
+
+def test_a_dropped_connection_is_a_warning_and_a_failure_not_a_traceback(tmp_path, photos, net):
+    make_tar(tmp_path / "a.tar", photos)
+    data = (tmp_path / "a.tar").read_bytes()
+
+    class Cut(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+
+        def do_GET(self):  # promises the whole tar, sends half, hangs up
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.close_connection = True
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/a.tar"
+        with pytest.warns(UserWarning, match="a.tar"):
+            result = run([url], tmp_path / "feats", net)
+        assert any(p == f"{url}#" for p, _ in result.failed)
+    finally:
+        server.shutdown()
+
+
+def test_mixing_folders_and_tars_names_two_stores(tmp_path, photos, net):
+    make_tar(tmp_path / "a.tar", photos)
+    with pytest.raises(InputError, match="two stores"):
+        run([photos.sources[0], str(tmp_path / "a.tar")], tmp_path / "feats", net)

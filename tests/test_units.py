@@ -3,17 +3,24 @@ torchrun's ranks) each publish their own units, with no merge; reruns skip uncha
 
 from __future__ import annotations
 
+import http.server
 import subprocess
 import sys
+import threading
+import time
+
+import numpy as np
 
 import pytest
 from conftest import run_cli, tiny_vgg, write_image
 from test_store import assert_same_rows, files_of, run
 
 import vggfeat
-from vggfeat.cache.sharded import read_state
+from vggfeat.cache.sharded import compact, read_state
+from vggfeat.cache.store import FileIds, write_shard
 from vggfeat.data.sources import gather_images
 from vggfeat.data.units import WorkShare, file_units
+from vggfeat.data.urls import Fetcher, url_identity
 from vggfeat.errors import ConfigError
 
 
@@ -91,6 +98,17 @@ def test_the_share_comes_from_slurm_or_torchrun(monkeypatch):
         WorkShare.resolve(3, None)
     with pytest.raises(ConfigError, match="needs --num-shards"):
         WorkShare.resolve(None, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")  # --array=5-9:2 runs tasks 5, 7, 9
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "5")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "9")
+    assert WorkShare.resolve() == WorkShare(2, 3)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "8")  # not a task of that array (or a list)
+    with pytest.raises(ConfigError, match="--array=0-N"):
+        WorkShare.resolve()
+    monkeypatch.delenv("SLURM_ARRAY_TASK_STEP")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_MIN")
+    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "x")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "2")
     with pytest.raises(ConfigError, match="SLURM_ARRAY_TASK_ID='x'"):
@@ -120,3 +138,38 @@ def test_processes_at_once_and_racing_on_a_unit_leave_one_copy(tmp_path, image_f
     bunch = vggfeat.load_features(store)
     assert len(bunch.paths) == len(set(bunch.paths)) == 8
     assert_same_rows(store, tmp_path / "ref.h5")
+
+
+def test_compaction_deletes_the_shard_of_a_writer_that_lost_a_race(tmp_path, image_folder, tiny):
+    store = tmp_path / "feats"
+    run([image_folder], store, tiny)
+    live = sorted((store / "shards").iterdir())[0]
+    loser = live.with_name("shard-r000-loser.h5")  # the same rows, published by nobody
+    loser.write_bytes(live.read_bytes())
+    killed = live.with_name("shard-r000-killed.h5")  # rows the store lacks: kept for reuse
+    write_image(image_folder / "cat" / "new.jpg", seed=5)
+    write_shard(store / "shards", killed.name, paths=[str(image_folder / "cat" / "new.jpg")],
+                ids=FileIds.empty(1), features=np.zeros((1, 32)), input_sizes=np.zeros((1, 1, 2)),
+                failed_paths=[], failed_reasons=[], failed_ids=FileIds.empty(0),
+                dtype="float32", label_names=["cat"])
+    compact(store)
+    assert not loser.exists() and killed.exists()
+
+
+def test_a_url_whose_head_never_answers_cannot_hang_a_run(tmp_path):
+    class Silent(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self):
+            time.sleep(30)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Silent)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        began = time.monotonic()
+        found = url_identity(f"http://127.0.0.1:{server.server_port}/x.jpg",
+                             Fetcher(timeout=0.3, retries=1, backoff=0.01))
+        assert found is None and time.monotonic() - began < 5
+    finally:
+        server.shutdown()

@@ -804,17 +804,34 @@ class Compaction:
     bytes_after: int
 
 
+def _duplicate(shard: Where, state: State) -> bool:
+    """An unlisted shard all of whose rows the store holds live with the same content (the
+    loser of two writers that raced on a unit): nothing would be lost by deleting it.  A killed
+    run's shard, with rows the store lacks, is kept for the next update to reuse."""
+    from .store import read_index
+
+    try:
+        index = read_index(shard)
+    except (OSError, CacheError):
+        return False
+    live = {s.index.paths[e]: s.index.ids.sha256[e].tobytes() for s in state.shards
+            for e in np.flatnonzero(s.live[:s.index.n_rows])}
+    return all(live.get(p) == index.ids.sha256[e].tobytes()
+               for e, p in enumerate(index.paths[:index.n_rows])) and not index.reasons
+
+
 def compact(store: Where, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compaction:
     """Rewrite the live entries of shards at least ``threshold`` dead, and of small shards
     once there are :data:`PACK_SMALL_SHARDS` of them, into new shards of at most
     :data:`COMPACT_SHARD_BYTES`; retire the old ones in one index entry, then delete retired
-    files.  Crash-safe: until the entry is
-    published the new shards are unlisted (and deleted by the next compaction); after it the old
-    files are only garbage (deleted by the next compaction).  Call it holding the store's lock."""
+    files, and unlisted shards whose rows the store holds already.  Crash-safe: until the entry
+    is published the new shards are unlisted (and deleted by the next compaction); after it the
+    old files are only garbage (deleted by the next compaction).  Call it holding the store's
+    lock."""
     state = read_store(store)
     folder = _folder(store, SHARDS)
     for leftover in unlisted_shards(store, state):
-        if leftover.name.startswith("shard-c-"):  # a killed compaction's: never listed
+        if leftover.name.startswith("shard-c-") or _duplicate(leftover, state):
             location.delete(leftover)
     before = sum(s.bytes for s in state.shards)
     victims = [s for s in state.shards if len(s.live) == 0 or 1 - s.live.mean() >= threshold]

@@ -34,8 +34,8 @@ import h5py
 import numpy as np
 
 from ..choices import FETCH_CONCURRENCY, HDF5_SUFFIXES
-from ..data.remote import is_url, object_identity
-from ..errors import CacheError, InputError, MissingDependencyError
+from ..data.remote import is_url
+from ..errors import CacheError, InputError
 from ..fileio import atomic_path, leftovers, sha256_file
 from . import location
 from .location import Where, is_remote, listing, locate, open_h5
@@ -234,10 +234,9 @@ def stat_files(paths: list[str]) -> FileIds:
 
 
 def _url_identity(url: str):
-    try:
-        return object_identity(url)
-    except (InputError, MissingDependencyError):
-        return None  # gone or unreachable: computed (and its failure recorded) again
+    from ..data.urls import url_identity
+
+    return url_identity(url)  # None: gone or unreachable, computed (and recorded) again
 
 
 def file_identity(path: str) -> tuple[int, int, bytes]:

@@ -59,11 +59,23 @@ def compact_command(store: Path, threshold: float) -> None:
                f"→ {readable_size(done.bytes_after)}", err=True)
 
 
+class LocalPath(click.Path):
+    """A path on this machine: a URL is refused (a Path would turn s3://b/x into s3:/b/x)."""
+
+    def convert(self, value, param, ctx):
+        from ..data.remote import is_url
+
+        if is_url(str(value)):
+            self.fail(f"{value}: exports are written on this machine; write a local file, "
+                      "then upload it (e.g. aws s3 cp FILE URL)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
 @store_group.command("export")
 @click.argument("store", type=STORE)
-@click.option("--to", "to", type=click.Path(dir_okay=False, path_type=Path),
+@click.option("--to", "to", type=LocalPath(dir_okay=False, path_type=Path),
               help="the .h5/.hdf5 file to write, in the layout of a single-file output")
-@click.option("--to-npy", "to_npy", type=click.Path(file_okay=False, path_type=Path),
+@click.option("--to-npy", "to_npy", type=LocalPath(file_okay=False, path_type=Path),
               help="a folder to write as emb/*.npy + metadata/*.parquet (the paths), the layout "
                    "embedding-reader and autofaiss read (needs pyarrow: vggfeat[parquet])")
 @click.option("--overwrite", is_flag=True, help="replace the file, or an earlier --to-npy export")

@@ -79,9 +79,9 @@ def _full_name(fs, path: str, like: str) -> str:
 
 def _matches(pattern: str) -> list[str]:
     """The names one brace-free pattern stands for: its sorted glob matches if it has ``*`` or
-    ``?``; else the name itself (a local one made absolute, and only if it exists: checking
-    each name of a remote shard range would cost a request per shard, and opening a missing one
-    says so)."""
+    ``?``; else the name itself (a local one made absolute), whether or not it exists: a
+    missing shard of a range is an error when it is read, never silently left out (its rows
+    would be dropped as if the shard had been removed)."""
     protocol = _protocol(pattern)
     if _GLOB.search(pattern) and protocol not in ("http", "https"):  # http: ? starts a query
         fs, path = filesystem(pattern)
@@ -89,7 +89,7 @@ def _matches(pattern: str) -> list[str]:
     if protocol != "file":
         return [pattern]
     fs, path = filesystem(pattern)  # absolute, as glob's matches are: repeats compare equal
-    return [_full_name(fs, path, pattern)] if os.path.exists(path) else []
+    return [_full_name(fs, path, pattern)]
 
 
 def expand(pattern: str) -> list[str]:
@@ -98,10 +98,10 @@ def expand(pattern: str) -> list[str]:
     Braces are expanded first as WebDataset does (``train-{000000..000999}.tar``, ``{a,b}``, with
     the ``braceexpand`` package), then each result with ``*``/``?`` is globbed through fsspec
     (local paths and URLs alike; matches sorted; folders left out).  HTTP(S) URLs are never
-    globbed (``?`` starts their query).  A name without wildcards is kept as it is: a local one
-    (made absolute) only if it exists, a remote one unchecked (a missing object fails when it
-    is opened, naming itself).  Raises :class:`InputError` naming the pattern when nothing
-    matches.
+    globbed (``?`` starts their query).  A name without wildcards is kept as it is (a local one
+    made absolute), unchecked: a missing one fails when it is read, naming itself, rather than
+    being left out.  Raises :class:`InputError` naming the pattern when nothing matches (no
+    local name exists).
     """
     from braceexpand import braceexpand
 
@@ -112,7 +112,8 @@ def expand(pattern: str) -> list[str]:
     found: dict[str, None] = {}
     for name in names:
         found.update(dict.fromkeys(_matches(name)))
-    if not found:
+    if not found or all(_protocol(n) == "file" and not os.path.exists(filesystem(n)[1])
+                        for n in found):
         raise InputError(f"{pattern}: matches nothing; check the path (braces like "
                          f"train-{{000000..000099}}.tar and * ? are expanded)")
     return list(found)

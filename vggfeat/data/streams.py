@@ -85,8 +85,10 @@ def stream_inputs(inputs: list[str], *, image_column: str | None = None,
         elif _suffix_of(item, PARQUET_SUFFIXES):  # images, paths or a url column
             _add_parquet(found, item, image_column, label_column)
         else:
-            raise InputError(f"{item}: mix no folders, images or URLs with tars or Parquet "
-                             "files in one run; extract them into the store in two runs")
+            raise InputError(f"{item}: folders, images and URLs cannot be mixed with tars or "
+                             "Parquet files in one run; extract them into two stores (a store "
+                             "holds exactly the inputs of its latest run: a second run with "
+                             "other inputs would drop the first run's rows)")
     ids = [u.id for u in found.units]
     if len(set(ids)) != len(ids):
         raise InputError("an input is given twice: each tar or Parquet file may appear once")

@@ -75,8 +75,7 @@ class WorkShare:
         env = os.environ
         if count is None and "SLURM_ARRAY_TASK_COUNT" in env:
             count = _int_env("SLURM_ARRAY_TASK_COUNT")
-            index = index if index is not None else (
-                _int_env("SLURM_ARRAY_TASK_ID") - int(env.get("SLURM_ARRAY_TASK_MIN", "0")))
+            index = index if index is not None else _slurm_index(count)
         elif count is None and int(env.get("WORLD_SIZE", "1")) > 1:
             count, index = _int_env("WORLD_SIZE"), (index if index is not None
                                                     else _int_env("RANK"))
@@ -85,6 +84,21 @@ class WorkShare:
         if count is None and index is not None:
             raise ConfigError("--shard-index needs --num-shards")
         return cls(index or 0, count or 1)
+
+
+def _slurm_index(count: int) -> int:
+    """This task's position in its array: (ID − MIN) / STEP for ``--array=MIN-MAX[:STEP]``.
+    A list such as ``--array=1,4,7`` gives no position: it is refused."""
+    offset = _int_env("SLURM_ARRAY_TASK_ID") - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+    step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", "1") or "1")
+    index, rest = divmod(offset, max(step, 1))
+    if rest or not 0 <= index < count:
+        raise ConfigError(f"Slurm array task {os.environ['SLURM_ARRAY_TASK_ID']} is not "
+                          f"position {index} of {count} tasks (MIN "
+                          f"{os.environ.get('SLURM_ARRAY_TASK_MIN', '0')}, STEP {step}): use an "
+                          "array of the form --array=0-N (or MIN-MAX:STEP), or give "
+                          "--num-shards and --shard-index yourself")
+    return index
 
 
 def _int_env(name: str) -> int:

@@ -420,3 +420,15 @@ def _short(err: BaseException) -> str:
         err = err.args[0]
     reason = getattr(err, "reason", None)
     return str(reason if isinstance(reason, BaseException) else err)
+
+
+def url_identity(url: str, fetcher: Fetcher | None = None) -> ObjectId | None:
+    """Size, time and ETag of the object at ``url`` from its metadata, or None when it cannot
+    be had (missing, unreachable): an HTTP(S) HEAD under the fetcher's timeout and retries (so a
+    server that never answers cannot hang a run), other URLs through fsspec."""
+    if _is_http(url):
+        return (fetcher or Fetcher()).head_one(url)
+    try:
+        return object_identity(url)
+    except (InputError, MissingDependencyError):
+        return None

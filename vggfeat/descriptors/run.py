@@ -85,14 +85,14 @@ from ..cache.settings import (
 from ..cache.update import Output, Plan, plan_update
 from ..data.images import BadImage, decode_image
 from ..data.loader import PreparedImages, image_loader
-from ..data.remote import is_url, object_identity
+from ..data.remote import is_url
 from ..data.sources import ImageList, gather_images
 from ..data.streams import is_stream_input, stream_inputs
 from ..data.units import Unit, WorkShare, file_units, files_fingerprint
-from ..data.urls import Fetcher
+from ..data.urls import Fetcher, url_identity
 from ..devices import default_device, default_workers
 from ..distributed import Distributed
-from ..errors import CacheError, ConfigError, ExtractError, InputError, VGGFeatError
+from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
 from ..fileio import write_json_atomic
 from ..models.backends import check_backend
 from ..models.factory import vgg
@@ -310,7 +310,7 @@ def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkSh
                          run.computed if run else 0, time.monotonic() - start, attrs["failed"],
                          up_to_date=not changed and not removed,
                          reused=attrs["num_images"] - (run.computed if run else 0),
-                         removed=removed,
+                         removed=removed + (run.removed if run else 0),
                          images_per_forward=net.images_per_forward if net else 0.0,
                          backend=net.backend if net else "")
 
@@ -739,10 +739,7 @@ class _IdentifiedImages(PreparedImages):
         url = self.paths[index]
         if getattr(self, "_fetcher", None) is None:
             self._fetcher = Fetcher()  # one per worker process: it pools connections
-        try:
-            found = object_identity(url)
-        except InputError:
-            found = None
+        found = url_identity(url, self._fetcher)
         sample = self._fetcher.fetch_one(url)
         identity = ((MISSING, 0, bytes(32)) if sample.data is None else
                     (found.size if found else sample.size,

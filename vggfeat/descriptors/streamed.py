@@ -60,6 +60,8 @@ class _UnitSamples(IterableDataset):
                     yield self._item(pos, n, sample)
             except InputError as err:  # a damaged tar: what was read is kept, the unit redone
                 error = str(err)
+            except Exception as err:  # noqa: BLE001  (a dropped connection, a bad row group…)
+                error = f"{self.units[pos].source}: reading stopped ({type(err).__name__}: {err})"
             yield (pos, -1), None, END, error
 
     def _item(self, pos: int, n: int, sample):
@@ -101,6 +103,7 @@ class StreamRun:
     workers: int
     progress: bool = True
     computed: int = 0
+    removed: int = 0  # rows of keys that the units no longer hold
     errors: list[str] = field(default_factory=list)
 
     def run(self, reusable: dict[str, bytes]) -> None:
@@ -142,6 +145,8 @@ class StreamRun:
         good = [m for m, ok in zip(work.rows, finite) if ok]
         failed = work.failed + [(m, "non-finite descriptor (NaN or infinity)")
                                 for (m, _, _), ok in zip(work.rows, finite) if not ok]
+        if work.error:  # recorded, so the store says what is wrong with this input
+            failed.append(((f"{unit.source}#", None, -1, -1, bytes(32)), work.error))
         folder = self.store / SHARDS
         shard = write_shard(
             folder, shard_name("s"), paths=[m[0] for m, _, _ in good],
@@ -156,9 +161,16 @@ class StreamRun:
             self.errors.append(work.error)
         done = {} if work.error else {unit.id: self.fingerprints[unit.id]}
         labels = {m[1] for m, _, _ in good} | {m[1] for m in work.reused}
-        entry = unit_entry(read_state(self.store), lambda key: self.inputs.owns(unit, key),
-                           shard, {m[0] for m in work.reused}, sorted(n for n in labels if n),
-                           done, self.writer)
+        seen = {m[0] for m, _, _ in work.rows} | {m[0] for m, _ in work.failed} | {
+            m[0] for m in work.reused}
+        # A unit read to its end replaces all its rows; one cut short (a damaged tar, a dropped
+        # connection) only those it read again: the rows of the rest are kept until it reads.
+        owns = ((lambda key: key in seen) if work.error
+                else (lambda key: self.inputs.owns(unit, key)))
+        state = read_state(self.store)
+        entry = unit_entry(state, owns, shard, {m[0] for m in work.reused},
+                           sorted(n for n in labels if n), done, self.writer)
+        self.removed += _dropped(state, entry, seen)
         publish_entry(self.store, entry)
 
 
@@ -180,6 +192,15 @@ def _sorted(loader, work: dict[int, _UnitWork]):
         else:
             work[pos].pending += views is not None
             yield [item]
+
+
+def _dropped(state: State, entry: Entry, seen: set[str]) -> int:
+    """Rows ``entry`` removes whose key was not read again: images gone from their unit."""
+    live = {s.name: s for s in state.shards}
+    dead = [(live[n], e) for n, es in entry.removed.items() if n in live for e in es]
+    dead += [(live[n], e) for n in entry.retired if n in live
+             for e in np.flatnonzero(live[n].live)]
+    return sum(e < s.index.n_rows and s.index.paths[e] not in seen for s, e in dead)
 
 
 def _ids(metas) -> FileIds:
