@@ -326,3 +326,30 @@ def test_mixing_folders_and_tars_names_two_stores(tmp_path, photos, net):
     make_tar(tmp_path / "a.tar", photos)
     with pytest.raises(InputError, match="two stores"):
         run([photos.sources[0], str(tmp_path / "a.tar")], tmp_path / "feats", net)
+
+
+class _Bare(_Images):
+    """Serves images with neither Last-Modified nor ETag: nothing proves them unchanged."""
+
+    def send_header(self, keyword, value):
+        if keyword.lower() not in ("last-modified", "etag"):
+            super().send_header(keyword, value)
+
+
+def test_a_url_without_metadata_is_downloaded_again_and_an_etag_counts(tmp_path, photos, net):
+    from vggfeat.data.remote import ObjectId
+
+    assert ObjectId(10, -1, '"a"').stamp() != ObjectId(10, -1, '"b"').stamp()
+    assert ObjectId(10, -1, "").stamp() is None
+    handler = partial(_Bare, directory=str(photos.sources[0]))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        name = photos.paths[0].split(str(photos.sources[0]) + "/", 1)[1]
+        url = f"http://127.0.0.1:{server.server_port}/{name}"
+        run([url], tmp_path / "f.h5", net)
+        _Bare.gets = 0
+        again = run([url], tmp_path / "f.h5", net)
+        assert _Bare.gets == 1 and (again.computed, again.num_images) == (1, 1)
+    finally:
+        server.shutdown()

@@ -229,14 +229,14 @@ def stat_files(paths: list[str]) -> FileIds:
         with ThreadPoolExecutor(FETCH_CONCURRENCY) as pool:
             for i, found in zip(urls, pool.map(_url_identity, [paths[i] for i in urls])):
                 if found is not None:
-                    ids.size[i], ids.mtime_ns[i] = found.size, found.mtime_ns
+                    ids.size[i], ids.mtime_ns[i] = found
     return ids
 
 
 def _url_identity(url: str):
-    from ..data.urls import url_identity
+    from ..data.urls import url_stat
 
-    return url_identity(url)  # None: gone or unreachable, computed (and recorded) again
+    return url_stat(url)  # None: gone, unreachable or unprovable: computed (and recorded) again
 
 
 def file_identity(path: str) -> tuple[int, int, bytes]:

@@ -129,6 +129,16 @@ class ObjectId:
     mtime_ns: int
     etag: str
 
+    def stamp(self) -> int | None:
+        """What a file's mtime is to a rerun: the modification time, else (a server that gives
+        only an ETag) a number derived from the ETag, else None: nothing proves the object
+        unchanged, so it is read again."""
+        if self.mtime_ns >= 0:
+            return self.mtime_ns
+        if self.etag:
+            return -2 - int.from_bytes(hashlib.sha256(self.etag.encode()).digest()[:7], "big")
+        return None
+
 
 def _to_ns(value) -> int:
     """Nanoseconds since the epoch from what fsspec back ends report as a modification time: a

@@ -432,3 +432,11 @@ def url_identity(url: str, fetcher: Fetcher | None = None) -> ObjectId | None:
         return object_identity(url)
     except (InputError, MissingDependencyError):
         return None
+
+
+def url_stat(url: str, fetcher: Fetcher | None = None) -> tuple[int, int] | None:
+    """(size, time stamp) of a URL, as a file's stat is to a rerun; None when its metadata
+    cannot prove it unchanged (see :meth:`ObjectId.stamp`)."""
+    found = url_identity(url, fetcher)
+    stamp = None if found is None or found.size < 0 else found.stamp()
+    return None if stamp is None else (found.size, stamp)

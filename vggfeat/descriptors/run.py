@@ -89,7 +89,7 @@ from ..data.remote import is_url
 from ..data.sources import ImageList, gather_images
 from ..data.streams import is_stream_input, stream_inputs
 from ..data.units import Unit, WorkShare, file_units, files_fingerprint
-from ..data.urls import Fetcher, url_identity
+from ..data.urls import Fetcher, url_stat
 from ..devices import default_device, default_workers
 from ..distributed import Distributed
 from ..errors import CacheError, ConfigError, ExtractError, VGGFeatError
@@ -739,11 +739,12 @@ class _IdentifiedImages(PreparedImages):
         url = self.paths[index]
         if getattr(self, "_fetcher", None) is None:
             self._fetcher = Fetcher()  # one per worker process: it pools connections
-        found = url_identity(url, self._fetcher)
+        found = url_stat(url, self._fetcher)
         sample = self._fetcher.fetch_one(url)
+        # Without metadata that proves it unchanged the row records (size, -1), which no stat
+        # of the URL gives back (it gives size −1 then): a rerun downloads it again.
         identity = ((MISSING, 0, bytes(32)) if sample.data is None else
-                    (found.size if found else sample.size,
-                     found.mtime_ns if found else sample.mtime_ns, sample.sha256))
+                    (*(found or (sample.size, -1)), sample.sha256))
         if sample.data is None:
             return index, None, sample.reason, identity
         try:
