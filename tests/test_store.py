@@ -483,3 +483,21 @@ def test_an_update_removes_stale_temporaries_of_killed_writers_only(tmp_path, im
     write_image(image_folder / "dog" / "new.jpg", seed=99)
     assert run([image_folder], store, model).computed == 1
     assert not any(p.exists() for p in stale) and fresh.exists()
+
+
+def test_a_lock_left_to_a_dead_writers_worker_says_so(tmp_path):
+    from vggfeat.cache.lock import OutputLock
+
+    script = ("import os, sys, time\n"
+              "from vggfeat.cache.lock import OutputLock\n"
+              "OutputLock(sys.argv[1]).acquire()\n"
+              "if os.fork() == 0:\n"  # a worker that inherits the lock's file description
+              "    null = os.open(os.devnull, os.O_WRONLY)\n"
+              "    os.dup2(null, 1); os.dup2(null, 2)\n"  # (so that run() does not wait)
+              "    time.sleep(20); os._exit(0)\n"
+              "print('locked', flush=True); os._exit(0)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "feats")],
+                          capture_output=True, text=True, timeout=60)
+    assert "locked" in proc.stdout
+    with pytest.raises(CacheError, match="which has ended: a decoding worker"):
+        OutputLock(tmp_path / "feats").acquire()

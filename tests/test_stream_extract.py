@@ -353,3 +353,19 @@ def test_a_url_without_metadata_is_downloaded_again_and_an_etag_counts(tmp_path,
         assert _Bare.gets == 1 and (again.computed, again.num_images) == (1, 1)
     finally:
         server.shutdown()
+
+
+def test_parquet_columns_without_a_parquet_input_are_refused(tmp_path, photos, net):
+    with pytest.raises(ConfigError, match="--image-column"):
+        run([photos.sources[0]], tmp_path / "feats", net, image_column="img")
+
+
+def test_an_unlabelled_sample_among_labelled_ones_is_named(tmp_path, photos, net):
+    make_tar(tmp_path / "a.tar", photos)
+    with tarfile.open(tmp_path / "a.tar", "a") as tar:
+        data = open(photos.paths[0], "rb").read()
+        info = tarfile.TarInfo("extra/one.jpg")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    with pytest.warns(UserWarning, match="extra/one has no label"):
+        run([str(tmp_path / "a.tar")], tmp_path / "feats", net)

@@ -130,8 +130,14 @@ class OutputLock:
 def describe(holder: dict) -> str:
     if not holder:
         return "another process"
-    return (f"process {holder.get('pid')} on {holder.get('host')} (started "
+    said = (f"process {holder.get('pid')} on {holder.get('host')} (started "
             f"{holder.get('started', '?')})")
+    if holder.get("host") == socket.gethostname() and not _alive(holder.get("pid")):
+        # The lock is held by a file description its decoding workers share: after a kill,
+        # they hold it until they notice, a few seconds.
+        said += (", which has ended: a decoding worker it started still holds the lock for a "
+                 "few seconds; run again shortly")
+    return said
 
 
 def _inode(path: Path) -> int | None:

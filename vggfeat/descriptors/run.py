@@ -87,7 +87,7 @@ from ..data.images import BadImage, decode_image
 from ..data.loader import PreparedImages, image_loader
 from ..data.remote import is_url
 from ..data.sources import ImageList, gather_images
-from ..data.streams import is_stream_input, stream_inputs
+from ..data.streams import PARQUET_SUFFIXES, is_stream_input, stream_inputs
 from ..data.units import Unit, WorkShare, file_units, files_fingerprint
 from ..data.urls import Fetcher, url_stat
 from ..devices import default_device, default_workers
@@ -222,6 +222,10 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     start = time.monotonic()
     output = locate(output)  # a Path, or a store in a bucket (vggfeat.cache.location)
     store, share, dist = _place(output, opts)
+    if (opts.image_column or opts.label_column) and (isinstance(inputs, ImageList) or not any(
+            str(i).split("?")[0].lower().endswith(PARQUET_SUFFIXES) for i in inputs)):
+        raise ConfigError("--image-column/--label-column name columns of Parquet inputs, and "
+                          "no input is a .parquet file: drop them")
     if not isinstance(inputs, ImageList) and any(is_stream_input(str(i)) for i in inputs):
         return _extract_streams([str(i) for i in inputs], output, store, share, dist, spec,
                                 model, arch, weights, dtype, opts)

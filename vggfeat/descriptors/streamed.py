@@ -9,6 +9,7 @@ without running the net.  Processes share the units as in :func:`vggfeat.extract
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,6 +158,12 @@ class StreamRun:
             failed_ids=_ids([m for m, _ in failed]), dtype=self.dtype,
             label_names=[m[1] or "" for m, _, _ in good])
         self.computed += len(good)
+        unlabelled = [m[0] for m, _, _ in good if not m[1]]
+        if unlabelled and len(unlabelled) < len(good):
+            warnings.warn(f"{unlabelled[0]} has no label ({len(unlabelled)} of the "
+                          f"{len(good)} images of {unit.source} have none): their target is "
+                          "-1; add a .cls (or a label column) to label them", UserWarning,
+                          stacklevel=2)
         if work.error:
             self.errors.append(work.error)
         done = {} if work.error else {unit.id: self.fingerprints[unit.id]}
