@@ -12,6 +12,7 @@ import sys
 import tarfile
 import threading
 import time
+from contextlib import contextmanager
 from functools import partial
 
 import numpy as np
@@ -107,6 +108,24 @@ def test_hf_parquet_gives_the_rows_of_its_folder(tmp_path, photos, net):
     assert run([str(tmp_path / "train.parquet")], store, net).up_to_date
 
 
+@contextmanager
+def serving(handler, folder=None):
+    """A threaded HTTP server on 127.0.0.1 (``handler``, serving ``folder``): its base URL."""
+    if folder is not None:
+        handler = partial(handler, directory=str(folder))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}/"
+    finally:
+        server.shutdown()
+
+
+def names_of(photos):
+    """The images' paths below their folder, as a server of that folder names them."""
+    return [p.split(str(photos.sources[0]) + "/", 1)[1] for p in photos.paths]
+
+
 class _Images(http.server.SimpleHTTPRequestHandler):
     gets = 0
 
@@ -120,12 +139,8 @@ class _Images(http.server.SimpleHTTPRequestHandler):
 
 def test_a_url_list_records_failures_and_downloads_nothing_when_unchanged(tmp_path, photos,
                                                                           net):
-    handler = partial(_Images, directory=str(photos.sources[0]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}/"
-        names = [p.split(str(photos.sources[0]) + "/", 1)[1] for p in photos.paths]
+    with serving(_Images, photos.sources[0]) as base:
+        names = names_of(photos)
         lines = [base + n for n in names[:4]] + [base + "missing.jpg"]
         (tmp_path / "urls.txt").write_text("\n".join(lines) + "\n")
         store = tmp_path / "feats"
@@ -143,8 +158,6 @@ def test_a_url_list_records_failures_and_downloads_nothing_when_unchanged(tmp_pa
         # every unit is skipped: HEAD proves the images unchanged (and the missing one still
         # missing), so nothing is downloaded
         assert _Images.gets == 0 and again.up_to_date and again.num_images == 4
-    finally:
-        server.shutdown()
 
 
 def test_streams_need_a_store_and_a_damaged_tar_is_named(tmp_path, photos, net):
@@ -198,12 +211,8 @@ class _Slow(_Images):
 
 
 def test_a_killed_url_run_resumes_with_what_it_published(tmp_path, photos, tiny_weights):
-    handler = partial(_Slow, directory=str(photos.sources[0]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}/"
-        names = [p.split(str(photos.sources[0]) + "/", 1)[1] for p in photos.paths]
+    with serving(_Slow, photos.sources[0]) as base:
+        names = names_of(photos)
         (tmp_path / "urls.txt").write_text("".join(base + n + "\n" for n in names))
         _Slow.slow = set(names[4:])  # the second unit (of 4) stalls
         args = ["extract", tmp_path / "urls.txt", "-o", tmp_path / "feats", "--weights",
@@ -229,19 +238,13 @@ def test_a_killed_url_run_resumes_with_what_it_published(tmp_path, photos, tiny_
         a, b = vggfeat.load_features(tmp_path / "feats"), vggfeat.load_features(tmp_path / "clean")
         assert a.paths == b.paths
         np.testing.assert_array_equal(a.data, b.data)
-    finally:
-        server.shutdown()
 
 
 def test_vggfeatures_transforms_urls(tmp_path, photos, tiny_weights):
     from vggfeat.sklearn import VGGFeatures
 
-    handler = partial(_Images, directory=str(photos.sources[0]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        base = f"http://127.0.0.1:{server.server_port}/"
-        names = [p.split(str(photos.sources[0]) + "/", 1)[1] for p in photos.paths[:3]]
+    with serving(_Images, photos.sources[0]) as base:
+        names = names_of(photos)[:3]
         features = VGGFeatures(weights=str(tiny_weights), scales=(224,), workers=0,
                                backend="eager", cache=str(tmp_path / "c.h5")).fit()
         from_urls = features.transform([base + n for n in names])
@@ -251,8 +254,6 @@ def test_vggfeatures_transforms_urls(tmp_path, photos, tiny_weights):
         again = features.transform([base + n for n in names])  # from the cache: no download
         assert _Images.gets == 0
         np.testing.assert_array_equal(again, from_urls)
-    finally:
-        server.shutdown()
 
 
 def test_a_tar_cut_later_keeps_its_rows_and_records_the_damage(tmp_path, photos, net):
@@ -311,15 +312,11 @@ def test_a_dropped_connection_is_a_warning_and_a_failure_not_a_traceback(tmp_pat
             self.wfile.write(data[: len(data) // 2])
             self.close_connection = True
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Cut)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/a.tar"
+    with serving(Cut) as base:
+        url = base + "a.tar"
         with pytest.warns(UserWarning, match="a.tar"):
             result = run([url], tmp_path / "feats", net)
         assert any(p == f"{url}#" for p, _ in result.failed)
-    finally:
-        server.shutdown()
 
 
 def test_mixing_folders_and_tars_names_two_stores(tmp_path, photos, net):
@@ -341,18 +338,12 @@ def test_a_url_without_metadata_is_downloaded_again_and_an_etag_counts(tmp_path,
 
     assert ObjectId(10, -1, '"a"').stamp() != ObjectId(10, -1, '"b"').stamp()
     assert ObjectId(10, -1, "").stamp() is None
-    handler = partial(_Bare, directory=str(photos.sources[0]))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        name = photos.paths[0].split(str(photos.sources[0]) + "/", 1)[1]
-        url = f"http://127.0.0.1:{server.server_port}/{name}"
+    with serving(_Bare, photos.sources[0]) as base:
+        url = base + names_of(photos)[0]
         run([url], tmp_path / "f.h5", net)
         _Bare.gets = 0
         again = run([url], tmp_path / "f.h5", net)
         assert _Bare.gets == 1 and (again.computed, again.num_images) == (1, 1)
-    finally:
-        server.shutdown()
 
 
 def test_parquet_columns_without_a_parquet_input_are_refused(tmp_path, photos, net):
