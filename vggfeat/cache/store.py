@@ -217,7 +217,7 @@ def stat_files(paths: list[str]) -> FileIds:
     ids = FileIds.empty(len(paths))
     urls = []
     for i, path in enumerate(paths):
-        if is_url(path):
+        if "://" in path and is_url(path):  # (the substring test first: 1M paths are common)
             urls.append(i)
             continue
         try:
