@@ -252,3 +252,15 @@ def test_extract_at_reduced_width_shows_whole_images_and_refuses_another_width(i
                     check=False)
     assert again.returncode != 0 and "width_mult\": 0.125" in again.stderr, again.stderr
     assert "Traceback" not in again.stderr
+
+
+def test_a_warning_during_a_progress_bar_gets_its_own_line(capsys):
+    from tqdm import tqdm
+
+    from vggfeat.cli.main import _show_warning
+
+    with tqdm(total=3, desc="extract") as bar:
+        bar.update(1)
+        _show_warning("something to know", UserWarning, "x.py", 1)
+    lines = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    assert "Warning: something to know" in lines

@@ -281,6 +281,9 @@ def test_a_tar_missing_from_a_range_is_an_error_not_a_removal(tmp_path, photos, 
     with pytest.raises(InputError, match="p-0.tar"):
         run([str(tmp_path / "p-{0..1}.tar")], store, net)
     assert len(vggfeat.load_features(store).paths) == 10
+    with pytest.raises(InputError, match="p-0.tar"):  # a new store is not even created
+        run([str(tmp_path / "p-{0..1}.tar")], tmp_path / "new", net)
+    assert not (tmp_path / "new").exists()
 
 
 def test_a_smaller_tar_counts_its_removed_rows(tmp_path, photos, net):

@@ -53,9 +53,11 @@ class OutputLock:
             try:
                 holder = self._read(fd)
                 if not self._flock(fd, holder):
+                    ended = "has ended" in describe(holder)
                     raise CacheError(
                         f"{self.target} is being written by {describe(holder)} (lock file "
-                        f"{self.path}); wait for it to finish, or stop it and run again")
+                        f"{self.path})" + ("" if ended else "; wait for it to finish, or stop "
+                                           "it and run again"))
                 # The holder may have unlinked the file between our open and our flock: then we
                 # locked an orphan and must start over on the new file.
                 if os.fstat(fd).st_ino != _inode(self.path):

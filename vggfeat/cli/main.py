@@ -63,8 +63,13 @@ def cli() -> None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Warnings as one line for the user (``Warning: …``), not as a source location."""
-    click.echo(f"Warning: {message}", err=True)
+    """Warnings as one line for the user (``Warning: …``), not as a source location; on a line
+    of their own while a progress bar is drawn (tqdm's ``write`` moves the bar below them)."""
+    tqdm = sys.modules.get("tqdm")
+    if tqdm is not None and getattr(tqdm.tqdm, "_instances", None):
+        tqdm.tqdm.write(f"Warning: {message}", file=sys.stderr)
+    else:
+        click.echo(f"Warning: {message}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:

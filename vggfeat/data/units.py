@@ -93,10 +93,11 @@ def _slurm_index(count: int) -> int:
     step = int(os.environ.get("SLURM_ARRAY_TASK_STEP", "1") or "1")
     index, rest = divmod(offset, max(step, 1))
     if rest or not 0 <= index < count:
-        raise ConfigError(f"Slurm array task {os.environ['SLURM_ARRAY_TASK_ID']} is not "
-                          f"position {index} of {count} tasks (MIN "
-                          f"{os.environ.get('SLURM_ARRAY_TASK_MIN', '0')}, STEP {step}): use an "
-                          "array of the form --array=0-N (or MIN-MAX:STEP), or give "
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        raise ConfigError(f"Slurm array task {os.environ['SLURM_ARRAY_TASK_ID']} is not one of "
+                          f"the {count} tasks {first}, {first + step}, … that "
+                          "SLURM_ARRAY_TASK_MIN/STEP/COUNT describe (a list such as --array=1,4,7 "
+                          "has no such form): use --array=0-N (or MIN-MAX:STEP), or give "
                           "--num-shards and --shard-index yourself")
     return index
 

@@ -322,6 +322,9 @@ def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkSh
 def _changed_streams(store: Path, found, settings: dict, share: WorkShare,
                      opts: ExtractOptions, lock: OutputLock | None):
     """(this process's stream units whose fingerprint changed, every fingerprint, state)."""
+    mine = _my_units(found.units, share, opts.only_units)
+    # First: a missing tar is an error before the store is created or touched.
+    fingerprints = {u.id: found.fingerprint(u) for u in mine}
     _check_store_writable(store)
     if lock is not None:
         lock.acquire()
@@ -329,8 +332,6 @@ def _changed_streams(store: Path, found, settings: dict, share: WorkShare,
     _mkdir(store / SHARDS)
     remove_stale_temporaries(store)
     state = read_state(store)
-    mine = _my_units(found.units, share, opts.only_units)
-    fingerprints = {u.id: found.fingerprint(u) for u in mine}
     redo = opts.overwrite or opts.retry_failed
     return ([u for u in mine if redo or state.units.get(u.id) != fingerprints[u.id]],
             fingerprints, state)
