@@ -292,6 +292,11 @@ class State:
                 for e in np.flatnonzero(s.live[:s.index.n_rows])]
         return sorted(rows)
 
+    def live_hashes(self) -> dict[str, bytes]:
+        """Path → content hash (SHA-256) of every live row."""
+        return {s.index.paths[e]: s.index.ids.sha256[e].tobytes() for s in self.shards
+                for e in np.flatnonzero(s.live[:s.index.n_rows])}
+
     def live_failures(self) -> list[tuple[str, int, int]]:
         return sorted((s.index.paths[e], k, int(e)) for k, s in enumerate(self.shards)
                       for e in np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows)
@@ -814,8 +819,7 @@ def _duplicate(shard: Where, state: State) -> bool:
         index = read_index(shard)
     except (OSError, CacheError):
         return False
-    live = {s.index.paths[e]: s.index.ids.sha256[e].tobytes() for s in state.shards
-            for e in np.flatnonzero(s.live[:s.index.n_rows])}
+    live = state.live_hashes()
     return all(live.get(p) == index.ids.sha256[e].tobytes()
                for e, p in enumerate(index.paths[:index.n_rows])) and not index.reasons
 

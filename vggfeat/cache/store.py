@@ -198,6 +198,15 @@ class FileIds:
                    np.zeros((n, 32), np.uint8))
 
     @classmethod
+    def of(cls, identities) -> FileIds:
+        """From ``(size, mtime_ns, sha256 bytes)`` triples."""
+        ids = cls.empty(len(identities))
+        for i, (size, mtime_ns, sha) in enumerate(identities):
+            ids.size[i], ids.mtime_ns[i] = size, mtime_ns
+            ids.sha256[i] = np.frombuffer(sha, np.uint8)
+        return ids
+
+    @classmethod
     def concat(cls, parts: list[FileIds]) -> FileIds:
         if not parts:
             return cls.empty()

@@ -99,7 +99,7 @@ from ..models.factory import vgg
 from ..models.vgg import VGG
 from ..progress import image_bar
 from .descriptor import DescriptorNet, DescriptorSpec, prepare
-from .streamed import StreamRun, drop_vanished, reusable_rows
+from .streamed import StreamRun, drop_vanished
 
 
 
@@ -301,7 +301,7 @@ def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkSh
             run = StreamRun(output, found, changed, fingerprints, net, dtype, writer,
                             default_workers() if opts.workers is None else opts.workers,
                             opts.progress)
-            run.run({} if opts.overwrite else reusable_rows(state))
+            run.run({} if opts.overwrite else state.live_hashes())
         removed = drop_vanished(output, found, writer, alone) if first else 0
     finally:
         if lock is not None:
@@ -575,13 +575,7 @@ def _changed_units(images: ImageList, state, opts: ExtractOptions, share: WorkSh
     """This process's units whose fingerprint differs from the one the store records."""
     units = file_units(images, opts.unit_images)
     mine = _my_units(units, share, opts.only_units)
-    ids = stat_files([images.paths[i] for u in mine for i in range(u.start, u.stop)])
-    fingerprints, at = {}, 0
-    for u in mine:
-        n = u.stop - u.start
-        fingerprints[u.id] = files_fingerprint(images, u, ids.size[at:at + n],
-                                               ids.mtime_ns[at:at + n])
-        at += n
+    fingerprints = _fingerprints(images, mine)
     redo = opts.overwrite or opts.retry_failed or opts.verify or opts.add
     changed = [u for u in mine if redo or state.units.get(u.id) != fingerprints[u.id]]
     if opts.add:  # an addition's listing is not the store's: its units are not the store's
@@ -621,10 +615,20 @@ def plan_units(images: ImageList | list[str], store: str | os.PathLike,
     if not isinstance(images, ImageList):
         images = gather_images(list(images))
     units = file_units(images, unit_images)
-    ids = stat_files(images.paths)
-    todo = [u.id for u in units if recorded.get(u.id) != files_fingerprint(
-        images, u, ids.size[u.start:u.stop], ids.mtime_ns[u.start:u.stop])]
-    return [u.id for u in units], todo
+    fingerprints = _fingerprints(images, units)
+    return [u.id for u in units], [u.id for u in units if recorded.get(u.id) != fingerprints[u.id]]
+
+
+def _fingerprints(images: ImageList, units: list[Unit]) -> dict[str, str]:
+    """Each unit's fingerprint, from a stat of its images (a HEAD of its URLs)."""
+    ids = stat_files([images.paths[i] for u in units for i in range(u.start, u.stop)])
+    fingerprints, at = {}, 0
+    for u in units:
+        n = u.stop - u.start
+        fingerprints[u.id] = files_fingerprint(images, u, ids.size[at:at + n],
+                                               ids.mtime_ns[at:at + n])
+        at += n
+    return fingerprints
 
 
 def _lockable(output: Where) -> bool:
@@ -897,25 +901,18 @@ class _ShardBuffer:
         first = min(i for i, *_ in self.good + self.failed)
         write_shard(self.parts, f"shard-r{self.rank:03d}-{first:010d}-{uuid.uuid4().hex[:8]}.h5",
                     paths=[self.paths[i] for i, _ in self.good],
-                    ids=_ids([x for _, x in self.good]),
+                    ids=FileIds.of([x for _, x in self.good]),
                     features=(np.concatenate(self.rows) if self.rows
                               else np.empty((0, self.dim))),
                     input_sizes=(np.concatenate(self.sizes) if self.sizes
                                  else np.empty((0, self.n_scales, 2))),
                     failed_paths=[self.paths[i] for i, _, _ in self.failed],
                     failed_reasons=[r for _, _, r in self.failed],
-                    failed_ids=_ids([x for _, x, _ in self.failed]), dtype=self.dtype,
+                    failed_ids=FileIds.of([x for _, x, _ in self.failed]),
+                    dtype=self.dtype,
                     label_names=(None if self.labels is None
                                  else [self.labels[i] for i, _ in self.good]))
         self._reset()
-
-
-def _ids(identities: list[tuple[int, int, bytes]]) -> FileIds:
-    ids = FileIds.empty(len(identities))
-    for i, (size, mtime_ns, sha) in enumerate(identities):
-        ids.size[i], ids.mtime_ns[i] = size, mtime_ns
-        ids.sha256[i] = np.frombuffer(sha, np.uint8)
-    return ids
 
 
 def _finish(plan: Plan, known: set[Path], output: Path, images: ImageList, settings: dict,

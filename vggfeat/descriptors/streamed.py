@@ -211,11 +211,8 @@ def _dropped(state: State, entry: Entry, seen: set[str]) -> int:
 
 
 def _ids(metas) -> FileIds:
-    ids = FileIds.empty(len(metas))
-    for i, (_, _, size, mtime_ns, sha) in enumerate(metas):
-        ids.size[i], ids.mtime_ns[i] = size, mtime_ns
-        ids.sha256[i] = np.frombuffer(sha, np.uint8)
-    return ids
+    """The identities of samples' ``meta`` (key, label, size, mtime_ns, sha256)."""
+    return FileIds.of([m[2:] for m in metas])
 
 
 def unit_entry(state: State, owns, shard: Where | None, reused: set[str], labels: list[str],
@@ -240,12 +237,6 @@ def unit_entry(state: State, owns, shard: Where | None, reused: set[str], labels
     if not entry.class_names:
         entry.class_names, entry.labelled = None, False
     return entry
-
-
-def reusable_rows(state: State) -> dict[str, bytes]:
-    """Key → content hash of every live row (a row with an unchanged hash is not recomputed)."""
-    return {s.index.paths[e]: s.index.ids.sha256[e].tobytes() for s in state.shards
-            for e in np.flatnonzero(s.live[:s.index.n_rows])}
 
 
 def drop_vanished(store: Where, inputs: StreamInputs, writer: dict | None,
