@@ -236,13 +236,7 @@ def extract(inputs: list[str | os.PathLike] | ImageList, output: str | os.PathLi
     described.check_layer(spec.layer)
     settings = descriptor_settings(described, spec, dtype)
     dim = spec.dim(described.layer_channels(spec.layer))
-    # An engine's worker (only_units) writes beside others, as a share does; only a lone
-    # process (or an addition, which waits its turn) locks the store and compacts it, and only
-    # the first share drops the rows of images that are no longer inputs.
-    worker = bool(opts.only_units)
-    alone = share.count == 1 and not worker and _lockable(output)
-    first = share.first and not worker and not opts.add
-    lock = OutputLock(output, wait=opts.add) if alone else None
+    alone, first, lock = _roles(output, share, opts)
     net = None
     try:
         opening = (partial(_open_store, share=share, first=first, alone=alone) if store
@@ -289,10 +283,8 @@ def _extract_streams(inputs: list[str], output: Path, store: bool, share: WorkSh
     described.check_layer(spec.layer)
     settings = descriptor_settings(described, spec, dtype)
     writer = _file_attrs(settings, described)
-    worker = bool(opts.only_units)
-    alone = share.count == 1 and not worker and _lockable(output)
-    first = share.first and not worker
-    lock, net, run = OutputLock(output) if alone else None, None, None
+    alone, first, lock = _roles(output, share, opts)
+    net, run = None, None
     try:
         changed, fingerprints, state = _changed_streams(output, found, settings, share, opts,
                                                         lock)
@@ -629,6 +621,18 @@ def _fingerprints(images: ImageList, units: list[Unit]) -> dict[str, str]:
                                                ids.mtime_ns[at:at + n])
         at += n
     return fingerprints
+
+
+def _roles(output: Where, share: WorkShare, opts: ExtractOptions
+           ) -> tuple[bool, bool, OutputLock | None]:
+    """(alone, first, lock) of this process.  An engine's worker (only_units) writes beside
+    others, as a share does; only a lone process (or an addition, which waits its turn) locks
+    the output and compacts it, and only the first share drops the rows of images that are no
+    longer inputs."""
+    worker = bool(opts.only_units)
+    alone = share.count == 1 and not worker and _lockable(output)
+    first = share.first and not worker and not opts.add
+    return alone, first, OutputLock(output, wait=opts.add) if alone else None
 
 
 def _lockable(output: Where) -> bool:
