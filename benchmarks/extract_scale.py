@@ -142,7 +142,9 @@ def folder_bytes(folder: Path) -> int:
 
 def publish(store: Path, paths: list[str], dim: int) -> None:
     """What ``vggfeat extract -o STORE`` does once its shards are computed: plan over the live
-    and the newly published shards, then write the index entry."""
+    and the newly published shards (the inputs statted while the index is read, as extract
+    does), then write the index entry."""
+    from concurrent.futures import ThreadPoolExecutor
     from types import SimpleNamespace
 
     from vggfeat.cache.sharded import (
@@ -154,10 +156,14 @@ def publish(store: Path, paths: list[str], dim: int) -> None:
         read_state,
         unlisted_shards,
     )
+    from vggfeat.cache.store import stat_files
     from vggfeat.cache.update import plan_update
 
-    state = read_state(store)
-    plan = plan_update(paths, planning_sources(state, unlisted_shards(store, state)))
+    with ThreadPoolExecutor(1) as pool:
+        stat = pool.submit(stat_files, paths)
+        state = read_state(store)
+        sources = planning_sources(state, unlisted_shards(store, state))
+        plan = plan_update(paths, sources, now=stat.result())
     images = SimpleNamespace(paths=paths, labels=None, class_names=None, skipped=[])
     changes = plan_changes(plan, state, images)
     entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=1,

@@ -500,3 +500,37 @@ def test_a_lock_left_to_a_dead_writers_worker_says_so(tmp_path):
     assert "locked" in proc.stdout
     with pytest.raises(CacheError, match="which has ended: a decoding worker"):
         OutputLock(tmp_path / "feats").acquire()
+
+
+def test_labels_come_and_go_without_recomputing(tmp_path, image_folder):
+    """A store of unlabelled rows (no labels stored) takes labels from a later listing, and
+    drops them again, by republishing rows, not computing them."""
+    paths = gather_images([image_folder]).paths
+    plain, labelled = tmp_path / "plain.txt", tmp_path / "labelled.csv"
+    plain.write_text("".join(f"{p}\n" for p in paths))
+    labelled.write_text("path,label\n" + "".join(f"{p},{'ab'[i % 2]}\n"
+                                                 for i, p in enumerate(paths)))
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([plain], store, model)
+    assert vggfeat.load_features(store).target is None
+    assert run([labelled], store, model).computed == 0
+    got = vggfeat.load_features(store)
+    assert [got.target_names[t] for t in got.target] == [
+        "ab"[paths.index(p) % 2] for p in got.paths]
+    assert run([plain], store, model).computed == 0
+    assert vggfeat.load_features(store).target is None
+
+
+def test_many_inputs_are_statted_in_processes_alike(tmp_path, monkeypatch):
+    """Past STAT_PER_PROCESS files the stat is split over processes: same sizes and times."""
+    from vggfeat.cache import store
+
+    files = []
+    for i in range(7):
+        files.append(tmp_path / f"{i}.jpg")
+        files[-1].write_bytes(b"x" * i)
+    paths = [str(f) for f in files] + [str(tmp_path / "missing.jpg")]
+    monkeypatch.setattr(store, "STAT_PER_PROCESS", 2)
+    ids = store.stat_files(paths)
+    assert ids.size.tolist() == list(range(7)) + [store.MISSING]
+    assert ids.mtime_ns.tolist() == [f.stat().st_mtime_ns for f in files] + [0]

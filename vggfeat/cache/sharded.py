@@ -23,6 +23,7 @@ import re
 import stat
 import time
 import uuid
+from itertools import chain, compress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -52,7 +53,6 @@ INDEX = "index"
 FORMAT = "vggfeat-store/1"
 ENTRY_NAME = re.compile(r"^(\d{12})-([0-9a-f]{32})\.json$")
 SHARD_NAME = re.compile(r"^shard-[A-Za-z0-9_-]+\.h5$")
-DEAD = "\0"  # the path given to a dead entry when planning: no input can match it
 # Compaction rewrites a shard once this fraction of its entries is dead; an update compacts
 # the store by itself once this fraction of all its rows' bytes is dead.
 COMPACT_DEAD_FRACTION = 0.5
@@ -263,9 +263,32 @@ class Shard:
     name: str
     index: Index
     live: np.ndarray          # bool per entry
-    label_names: list[str]    # per row ("" when none)
     bytes: int
     key: tuple                # the file version read (see rows.stat_key)
+    labels: list[str] | None = field(default=None, repr=False)  # None: not read yet
+
+    def stored_labels(self) -> list[str] | None:
+        """Each row's class name as stored (None: the shard stores none, all are ""); read on
+        first use, since an update of unlabelled rows needs none."""
+        if self.labels is None:
+            with open_h5(self.index.file) as f:
+                self.labels = _label_names(f) or []
+        return self.labels or None
+
+    @property
+    def label_names(self) -> list[str]:
+        """Each row's class name ("" when none)."""
+        return self.stored_labels() or [""] * self.index.n_rows
+
+    def live_paths(self) -> list[str]:
+        """The paths of the live entries, in entry order."""
+        if self.live.all():
+            return self.index.paths
+        return list(compress(self.index.paths, self.live.tolist()))
+
+
+def _label_names(f) -> list[str] | None:
+    return _strings(f["label_names"]) if "label_names" in f else None
 
 
 @dataclass
@@ -291,6 +314,12 @@ class State:
         rows = [(s.index.paths[e], k, int(e)) for k, s in enumerate(self.shards)
                 for e in np.flatnonzero(s.live[:s.index.n_rows])]
         return sorted(rows)
+
+    def live_row_paths(self):
+        """The path of every live row, shard by shard (unsorted)."""
+        return chain.from_iterable(compress(s.index.paths[:s.index.n_rows],
+                                            s.live[:s.index.n_rows].tolist())
+                                   for s in self.shards)
 
     def live_hashes(self) -> dict[str, bytes]:
         """Path → content hash (SHA-256) of every live row."""
@@ -376,8 +405,8 @@ def _live_shard(store: Where, name: str, dead: set[int]) -> Shard:
             from .rows import stat_key
 
             index = index_of(f, path)
-            labels = _strings(f["label_names"]) if "label_names" in f else [""] * index.n_rows
             key = stat_key(f)
+            labels = None if "label_names" in f else []  # (read when needed: see Shard)
     except FileNotFoundError as err:
         raise CacheError(f"shard {path} is missing, but the index lists it: restore it from a "
                          "copy of the store; or, to recompute its rows, remove the index "
@@ -388,12 +417,15 @@ def _live_shard(store: Where, name: str, dead: set[int]) -> Shard:
                          "that name it and run the update again") from err
     live = np.ones(len(index.paths), bool)
     live[[e for e in dead if e < len(live)]] = False
-    return Shard(name, index, live, labels, key[2], key)
+    return Shard(name, index, live, key[2], key, labels)
 
 
 def _keep_last_of_each_path(shards: list[Shard]) -> None:
     """A path live in several shards (two writers, or a crash between publishing and removing)
     counts once: from the shard added last."""
+    live = list(chain.from_iterable(s.live_paths() for s in shards))
+    if len(set(live)) == len(live):  # (the usual case, found in one C-level pass)
+        return
     seen: dict[str, tuple[int, int]] = {}
     for k, shard in enumerate(shards):
         for e in np.flatnonzero(shard.live):
@@ -571,20 +603,19 @@ def planning_sources(state: State, unlisted: list[Where]) -> list[Index]:
             sources.append(read_index(path))
         except (OSError, CacheError):
             continue  # a damaged leftover: its rows are computed again
-    for shard in state.shards:
-        paths = [p if alive else DEAD for p, alive in zip(shard.index.paths, shard.live)]
-        sources.append(replace(shard.index, paths=paths))
+    sources += [replace(shard.index, live=shard.live) for shard in state.shards]
     return sources
 
 
-def label_names_of(source_file: Where, state: State, cache: dict) -> list[str]:
-    """The label name of each row of a shard (live or not)."""
+def label_names_of(source_file: Where, state: State, cache: dict) -> list[str] | None:
+    """The label name of each row of a shard (live or not); None: it stores none (all "")."""
     if not cache:
-        cache.update({state.store / SHARDS / s.name: s.label_names for s in state.shards})
+        cache.update({state.store / SHARDS / s.name: s for s in state.shards})
     if source_file not in cache:
         with open_h5(source_file) as f:
-            cache[source_file] = _strings(f["label_names"]) if "label_names" in f else None
-    return cache[source_file]
+            cache[source_file] = _label_names(f)
+    found = cache[source_file]
+    return found.stored_labels() if isinstance(found, Shard) else found
 
 
 def copy_shard_rows(out_folder: Where, name: str, picks: list[tuple[Where, int]], *,
@@ -652,7 +683,7 @@ EMPTY = np.empty(0, np.int64)
 
 @dataclass
 class Changes:
-    """An update of a store, as planned: the entries kept per source file (sorted numbers), the
+    """An update of a store, as planned: the entries kept per source file (numbers), the
     inputs whose existing rows need a new shard (label or file identity changed), and failures
     to record.  ``scope``: the paths the update may change (None: all; an update of some
     units leaves every other path's entries alone)."""
@@ -666,10 +697,13 @@ class Changes:
 
     def dropped(self, shard: Shard, file: Where) -> np.ndarray:
         """The live entries of ``shard`` (stored as ``file``) the update removes."""
-        dead = np.setdiff1d(np.flatnonzero(shard.live), self.keep.get(file, EMPTY))
-        if self.scope is None:
+        gone = shard.live.copy()
+        gone[self.keep.get(file, EMPTY)] = False
+        dead = np.flatnonzero(gone)
+        if self.scope is None or not len(dead):
             return dead
-        return dead[[shard.index.paths[e] in self.scope for e in dead]].astype(np.int64)
+        paths = map(shard.index.paths.__getitem__, dead.tolist())
+        return dead[np.fromiter(map(self.scope.__contains__, paths), bool, len(dead))]
 
     def nothing_to_do(self, state: State) -> bool:
         live = {state.store / SHARDS / s.name: s for s in state.shards}
@@ -693,27 +727,32 @@ def input_labels(images) -> list[str]:
 def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> Changes:
     """Which existing entries the update keeps, and what it must write anew (after
     ``plan.attach``: every input has a source); ``scope``: see :class:`Changes`."""
-    labels, cache = np.array(input_labels(images), dtype=object), {}
+    labels = None if images.labels is None else np.asarray(images.class_names, object)[
+        np.asarray(images.labels, np.int64)]
+    cache = {}
     keep: dict[Where, np.ndarray] = {}
     republish, failures = [], []
-    for k in np.unique(plan.source):
+    order = np.argsort(plan.source, kind="stable")  # the inputs of each source, in order
+    ks, starts = np.unique(plan.source[order], return_index=True)
+    for k, at in zip(ks, np.split(order, starts[1:])):
         source = plan.sources[k]
-        at = np.flatnonzero(plan.source == k)
         e = plan.entry[at]
         same = ((plan.ids.size[at] == source.ids.size[e])
                 & (plan.ids.mtime_ns[at] == source.ids.mtime_ns[e])
                 & (plan.ids.sha256[at] == source.ids.sha256[e]).all(axis=1))
         is_row = e < source.n_rows
-        stored = label_names_of(source.file, state, cache)
-        stored = np.array(stored if stored is not None else [""] * source.n_rows, dtype=object)
         labelled_same = np.ones(len(at), bool)
         if not plan.add:  # (an addition labels nothing: rows keep the labels they have)
-            labelled_same[is_row] = stored[e[is_row]] == labels[at[is_row]]
+            stored = label_names_of(source.file, state, cache)
+            if stored is not None or labels is not None:
+                mine = "" if labels is None else labels[at[is_row]]
+                theirs = "" if stored is None else np.asarray(stored, object)[e[is_row]]
+                labelled_same[is_row] = theirs == mine
         redo, refail = is_row & ~(same & labelled_same), ~is_row & ~same
         republish += at[redo].tolist()
         failures += [(plan.paths[i], source.reasons[x - source.n_rows], int(i))
                      for i, x in zip(at[refail], e[refail])]
-        keep[source.file] = np.union1d(keep.get(source.file, EMPTY), e[~redo & ~refail])
+        keep[source.file] = np.concatenate([keep.get(source.file, EMPTY), e[~redo & ~refail]])
     live_failed = {}
     for shard in state.shards:
         n = shard.index.n_rows
@@ -723,7 +762,7 @@ def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> C
     for path, reason in plan.extra_failed:
         found = live_failed.get(path)
         if found is not None and found[2] == reason:
-            keep[found[0]] = np.union1d(keep.get(found[0], EMPTY), [found[1]])
+            keep[found[0]] = np.append(keep.get(found[0], EMPTY), found[1])
         else:
             failures.append((path, reason, -1))
     if plan.add:
@@ -740,7 +779,7 @@ def _keep_the_others(keep: dict[Where, np.ndarray], state: State, inputs: set[st
         file = state.store / SHARDS / shard.name
         others = [e for e in np.flatnonzero(shard.live) if shard.index.paths[e] not in inputs]
         if others:
-            keep[file] = np.union1d(keep.get(file, EMPTY), np.array(others, np.int64))
+            keep[file] = np.concatenate([keep.get(file, EMPTY), np.array(others, np.int64)])
 
 
 def publish_update(store: Where, state: State, plan, changes: Changes, images, *, dim: int,

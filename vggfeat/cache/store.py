@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import errno
 import io
+import multiprocessing
 import os
 import shutil
+import sys
 from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import chain, compress
 from pathlib import Path
 
 import h5py
@@ -219,27 +222,71 @@ class FileIds:
     def take(self, index) -> FileIds:
         return FileIds(self.size[index], self.mtime_ns[index], self.sha256[index])
 
+    def copy(self) -> FileIds:
+        return FileIds(self.size.copy(), self.mtime_ns.copy(), self.sha256.copy())
+
 
 def stat_files(paths: list[str]) -> FileIds:
     """Size and mtime of each file now (size −1 for a missing one); no content is read.  A URL's
     come from its metadata (an HTTP or S3 HEAD, in threads): it is not downloaded."""
+    urls = [i for i, path in enumerate(paths) if "://" in path and is_url(path)]  # (substring
+    # test first: 1M paths are common)
+    local = np.ones(len(paths), bool)
+    local[urls] = False
     ids = FileIds.empty(len(paths))
-    urls = []
-    for i, path in enumerate(paths):
-        if "://" in path and is_url(path):  # (the substring test first: 1M paths are common)
-            urls.append(i)
-            continue
-        try:
-            st = os.stat(path)
-        except OSError:
-            continue
-        ids.size[i], ids.mtime_ns[i] = st.st_size, st.st_mtime_ns
+    ids.size[local], ids.mtime_ns[local] = _stat_local(
+        list(compress(paths, local.tolist())) if urls else paths)
     if urls:
         with ThreadPoolExecutor(FETCH_CONCURRENCY) as pool:
             for i, found in zip(urls, pool.map(_url_identity, [paths[i] for i in urls])):
                 if found is not None:
                     ids.size[i], ids.mtime_ns[i] = found
     return ids
+
+
+# A rerun stats every input (~3 µs a file on a local disk, far more on a network file system):
+# on Linux, past this many files, the stats are split over forked processes, one per core (at
+# most 8), which inherit the paths rather than receive them.
+STAT_PER_PROCESS = 100_000
+_stat_paths: list[str] = []  # in a stat process: the paths it was forked with
+
+
+def _stat_local(paths: list[str]) -> tuple[list[int], list[int]]:
+    """(sizes, mtimes) of local files, in processes when there are many."""
+    workers = min(len(paths) // STAT_PER_PROCESS, os.cpu_count() or 1, 8)
+    if workers < 2 or not sys.platform.startswith("linux"):
+        return _stat_each(paths)
+    step = -(-len(paths) // workers)
+    starts = range(0, len(paths), step)
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                                 initializer=_hold_paths, initargs=(paths,)) as pool:
+            done = list(pool.map(_stat_range, starts, [k + step for k in starts]))
+    except (OSError, RuntimeError, AssertionError):  # no processes here (a daemonic worker's,
+        return _stat_each(paths)  # a broken pool, a sandbox): stat in this one
+    return (list(chain.from_iterable(s for s, _ in done)),
+            list(chain.from_iterable(m for _, m in done)))
+
+
+def _hold_paths(paths: list[str]) -> None:
+    global _stat_paths
+    _stat_paths = paths
+
+
+def _stat_range(start: int, stop: int) -> tuple[list[int], list[int]]:
+    return _stat_each(_stat_paths[start:stop])
+
+
+def _stat_each(paths: list[str]) -> tuple[list[int], list[int]]:
+    sizes, mtimes = [MISSING] * len(paths), [0] * len(paths)
+    stat = os.stat
+    for i, path in enumerate(paths):  # (a tight loop: it runs for every input of a rerun)
+        try:
+            st = stat(path)
+        except OSError:
+            continue
+        sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
+    return sizes, mtimes
 
 
 def _url_identity(url: str):
@@ -287,10 +334,15 @@ class Index:
     ids: FileIds
     reasons: list[str]  # one per failure
     group: str = "/"
+    live: np.ndarray | None = None  # per entry, whether a plan may reuse it (None: all)
 
 
 def _strings(dataset) -> list[str]:
-    return [s.decode() if isinstance(s, bytes) else s for s in dataset[:]]
+    values = dataset[:]
+    try:
+        return list(map(bytes.decode, values))  # (one C-level pass: shards hold 1M paths)
+    except TypeError:  # some already str
+        return [v.decode() if isinstance(v, bytes) else v for v in values]
 
 
 def _ids(group, n: int) -> FileIds:
@@ -307,10 +359,13 @@ def read_index(path: Where, group: str = "/") -> Index:
 def index_of(f: h5py.File, path: Path, group: str = "/") -> Index:
     """The entries of ``group`` in the open file ``f`` (``path``: its name)."""
     g = f[group]
-    paths, failed = _strings(g["paths"]), _strings(g["failed/paths"])
-    return Index(path, paths + failed, len(paths),
-                 FileIds.concat([_ids(g, len(paths)), _ids(g["failed"], len(failed))]),
-                 _strings(g["failed/reasons"]), group)
+    paths, failed = _strings(g["paths"]), g["failed"]
+    if not len(failed["paths"]):  # (most shards: three reads fewer)
+        return Index(path, paths, len(paths), _ids(g, len(paths)), [], group)
+    failed_paths = _strings(failed["paths"])
+    return Index(path, paths + failed_paths, len(paths),
+                 FileIds.concat([_ids(g, len(paths)), _ids(failed, len(failed_paths))]),
+                 _strings(failed["reasons"]), group)
 
 
 def _write_ids(group, ids: FileIds) -> None:
@@ -335,7 +390,7 @@ def write_shard(parts: Where, name: str, *, paths: list[str], ids: FileIds, feat
     """Publish one shard atomically: it appears complete under its final name, or not at all.
 
     ``label_names``: each row's class name ("" for none), kept by a store's shards, whose rows
-    outlive the run that labelled them.
+    outlive the run that labelled them (not stored when all are "").
 
     The HDF5 file is built in memory and written with plain file I/O, so a full disk is an
     ordinary, reportable error and never leaves a half-written HDF5 file behind; into a
@@ -348,7 +403,7 @@ def write_shard(parts: Where, name: str, *, paths: list[str], ids: FileIds, feat
         f.create_dataset("paths", data=paths, shape=(len(paths),), dtype=STR)
         _write_ids(f, ids)
         _write_failed(f, failed_paths, failed_reasons, failed_ids)
-        if label_names is not None:
+        if label_names is not None and any(label_names):  # (none stored reads as all "")
             f.create_dataset("label_names", data=label_names, shape=(len(label_names),),
                              dtype=STR)
     final = parts / name

@@ -8,7 +8,9 @@ are no longer among the inputs are dropped.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import compress, repeat
 
 import numpy as np
 
@@ -121,7 +123,7 @@ class Output:
 def plan_update(paths: list[str], sources: list[Index], *, output: Index | None = None,
                 extra_failed: list[tuple[str, str]] = (), verify: bool = False,
                 retry_failed: bool = False, keep_deleted: bool = False,
-                hash_threads: int = 4) -> Plan:
+                hash_threads: int = 4, now: FileIds | None = None) -> Plan:
     """Match every input with a reusable entry of ``sources`` (earlier sources win).
 
     ``keep_deleted``: a row of a file that no longer exists is reused (a deleted file cannot have
@@ -129,12 +131,19 @@ def plan_update(paths: list[str], sources: list[Index], *, output: Index | None 
 
     ``output`` (one of ``sources``, or None) is the existing finished file: its entries whose
     file is no longer an input, nor among ``extra_failed`` (path, reason), count as removed.
+
+    ``now``: the inputs' stat, when the caller has taken it already (one per input).
     """
     n = len(paths)
-    pos = {p: i for i, p in enumerate(paths)}
-    located = [np.fromiter((pos.get(p, -1) for p in s.paths), np.int64, len(s.paths))
-               for s in sources]
-    now = stat_files(paths)
+    with ThreadPoolExecutor(1) as pool:  # the stat (in processes, for many files) runs while
+        stat = pool.submit(stat_files, paths) if now is None else None  # entries are matched
+        pos = dict(zip(paths, range(n)))  # (C-level passes: 1M inputs and entries are common)
+        located = [np.fromiter(map(pos.get, s.paths, repeat(-1)), np.int64, len(s.paths))
+                   for s in sources]
+        for s, at in zip(sources, located):
+            if s.live is not None:
+                at[~s.live] = -1
+        now = now.copy() if stat is None else stat.result()
     if verify:
         known = np.unique(np.concatenate([at[at >= 0] for at in located] or [np.empty(0, int)]))
         now.sha256[known] = hash_files([paths[i] for i in known], hash_threads)
@@ -154,15 +163,17 @@ def plan_update(paths: list[str], sources: list[Index], *, output: Index | None 
             same &= e < index.n_rows
         take = same & (source[i] < 0)
         i, e = i[take], e[take]
-        first = np.unique(i, return_index=True)[1]  # one entry per input even if listed twice
-        source[i[first]], entry[i[first]] = k, e[first]
+        if (np.diff(i) <= 0).any():  # an input listed twice: its first entry, once
+            first = np.unique(i, return_index=True)[1]
+            i, e = i[first], e[first]
+        source[i], entry[i] = k, e
         if not verify:
-            now.sha256[i[first]] = index.ids.sha256[e[first]]
+            now.sha256[i] = index.ids.sha256[e]
     removed = 0
     if output is not None:
         found = {p for p, _ in extra_failed}
-        removed = sum(bool(at < 0) and p not in found
-                      for p, at in zip(output.paths, located[sources.index(output)]))
+        gone = (located[sources.index(output)] < 0).tolist()
+        removed = sum(p not in found for p in compress(output.paths, gone))
     plan = Plan(list(paths), list(sources), source, entry, now, removed,
                 extra_failed=list(extra_failed))
     plan.reused = int(np.count_nonzero(plan.is_row()))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
+from itertools import repeat
 
 from ..choices import UNIT_IMAGES
 from ..errors import ConfigError
@@ -38,12 +39,12 @@ def file_units(images: ImageList, size: int = UNIT_IMAGES) -> list[Unit]:
 def files_fingerprint(images: ImageList, unit: Unit, size, mtime_ns) -> str:
     """SHA-256 of the unit's paths, labels and file sizes and times (``size``/``mtime_ns``:
     per image of the unit, in order)."""
-    digest = hashlib.sha256()
-    for k, i in enumerate(range(unit.start, unit.stop)):
-        label = images.class_names[images.labels[i]] if images.labels is not None else ""
-        digest.update(f"{images.paths[i]}\t{label}\t{int(size[k])}\t{int(mtime_ns[k])}\n"
-                      .encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
+    n = unit.stop - unit.start
+    labels = (map(images.class_names.__getitem__, images.labels[unit.start:unit.stop])
+              if images.labels is not None else repeat("", n))
+    lines = map("{}\t{}\t{}\t{}\n".format, images.paths[unit.start:unit.stop], labels,
+                map(int, size[:n]), map(int, mtime_ns[:n]))
+    return hashlib.sha256("".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 @dataclass(frozen=True)

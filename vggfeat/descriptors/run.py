@@ -22,7 +22,9 @@ import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import h5py
@@ -495,6 +497,7 @@ class StoreUpdate:
     images), the store's state when planned, and what the update's entry records."""
 
     images: ImageList           # the images of the changed units, in input order
+    ids: FileIds                # their stat, taken once for the units' fingerprints
     state: object               # vggfeat.cache.sharded.State
     scope: set[str]             # the paths whose entries the update may change
     units: dict[str, str]       # unit id → fingerprint, recorded with the rows
@@ -520,17 +523,20 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
     remove_stale_temporaries(store)
     _open_settings(store, settings)
     _mkdir(store / SHARDS)
-    state = read_state(store)
-    update = _changed_units(images, state, opts, share, first, alone)
-    skipped = {images.paths[i] for u in _my_units(file_units(images, opts.unit_images), share,
-                                                  opts.only_units)
-               for i in range(u.start, u.stop)} - update.scope
+    units = file_units(images, opts.unit_images)
+    mine = _my_units(units, share, opts.only_units)
+    my_paths = _unit_paths(images, mine)
+    with ThreadPoolExecutor(1) as pool:  # the inputs are statted while the index is read
+        stat = pool.submit(stat_files, my_paths)
+        state = read_state(store)
+        update = _changed_units(images, units, mine, stat.result(), state, opts, first, alone)
+    skipped = set(my_paths) - update.scope
     sources = [] if opts.overwrite else planning_sources(state, unlisted_shards(store, state))
-    plan = plan_update(update.images.paths, sources,
+    plan = plan_update(update.images.paths, sources, now=update.ids,
                        extra_failed=images.skipped if first else [], verify=opts.verify,
                        retry_failed=opts.retry_failed)
     plan.add = opts.add
-    update.skipped_rows = sum(p in skipped for p, _, _ in state.live_rows())
+    update.skipped_rows = sum(map(skipped.__contains__, state.live_row_paths()))
     if first:
         gone = _removed_paths(state, images)
         update.scope |= gone | {p for p, _ in images.skipped}
@@ -562,21 +568,25 @@ def _open_settings(store: Path, settings: dict) -> None:
                          "one setting; choose another store (or delete this one)")
 
 
-def _changed_units(images: ImageList, state, opts: ExtractOptions, share: WorkShare,
-                   first: bool, alone: bool) -> StoreUpdate:
-    """This process's units whose fingerprint differs from the one the store records."""
-    units = file_units(images, opts.unit_images)
-    mine = _my_units(units, share, opts.only_units)
-    fingerprints = _fingerprints(images, mine)
+def _changed_units(images: ImageList, units: list[Unit], mine: list[Unit], ids: FileIds, state,
+                   opts: ExtractOptions, first: bool, alone: bool) -> StoreUpdate:
+    """This process's units (``mine`` of ``units``, their images' stat ``ids``) whose
+    fingerprint differs from the one the store records."""
+    fingerprints = _fingerprints(images, mine, ids)
     redo = opts.overwrite or opts.retry_failed or opts.verify or opts.add
-    changed = [u for u in mine if redo or state.units.get(u.id) != fingerprints[u.id]]
+    stat_at = np.cumsum([0] + [u.stop - u.start for u in mine])  # each unit's stat, in ids
+    changed = [(u, lo) for u, lo in zip(mine, stat_at)
+               if redo or state.units.get(u.id) != fingerprints[u.id]]
     if opts.add:  # an addition's listing is not the store's: its units are not the store's
         fingerprints = {}
-    at = np.concatenate([np.arange(u.start, u.stop) for u in changed] or [np.empty(0, int)])
-    subset = ImageList([images.paths[i] for i in at],
-                       None if images.labels is None else [images.labels[i] for i in at],
-                       images.class_names, images.sources)
-    return StoreUpdate(subset, state, set(subset.paths), fingerprints,
+    subset = ImageList(
+        list(chain.from_iterable(images.paths[u.start:u.stop] for u, _ in changed)),
+        None if images.labels is None else list(chain.from_iterable(
+            images.labels[u.start:u.stop] for u, _ in changed)),
+        images.class_names, images.sources)
+    taken = np.concatenate([np.arange(lo, lo + u.stop - u.start) for u, lo in changed]
+                           or [np.empty(0, np.int64)])
+    return StoreUpdate(subset, ids.take(taken), state, set(subset.paths), fingerprints,
                        [u.id for u in units] if first else None, alone)
 
 
@@ -607,13 +617,17 @@ def plan_units(images: ImageList | list[str], store: str | os.PathLike,
     if not isinstance(images, ImageList):
         images = gather_images(list(images))
     units = file_units(images, unit_images)
-    fingerprints = _fingerprints(images, units)
+    fingerprints = _fingerprints(images, units, stat_files(_unit_paths(images, units)))
     return [u.id for u in units], [u.id for u in units if recorded.get(u.id) != fingerprints[u.id]]
 
 
-def _fingerprints(images: ImageList, units: list[Unit]) -> dict[str, str]:
-    """Each unit's fingerprint, from a stat of its images (a HEAD of its URLs)."""
-    ids = stat_files([images.paths[i] for u in units for i in range(u.start, u.stop)])
+def _unit_paths(images: ImageList, units: list[Unit]) -> list[str]:
+    return list(chain.from_iterable(images.paths[u.start:u.stop] for u in units))
+
+
+def _fingerprints(images: ImageList, units: list[Unit], ids: FileIds) -> dict[str, str]:
+    """Each unit's fingerprint, from ``ids``, the stat of its images (a HEAD of its URLs) in
+    the units' order."""
     fingerprints, at = {}, 0
     for u in units:
         n = u.stop - u.start
@@ -663,9 +677,8 @@ def _mkdir(folder: Where) -> None:
 
 def _removed_paths(state, images: ImageList) -> set[str]:
     """Paths with a live entry in the store that are no longer inputs."""
-    wanted = set(images.paths) | {p for p, _ in images.skipped}
-    return {s.index.paths[e] for s in state.shards for e in np.flatnonzero(s.live)
-            if s.index.paths[e] not in wanted}
+    live = set(chain.from_iterable(s.live_paths() for s in state.shards))
+    return live.difference(images.paths, (p for p, _ in images.skipped))
 
 
 def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, settings: dict,
