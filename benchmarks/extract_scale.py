@@ -149,6 +149,7 @@ def publish(store: Path, paths: list[str], dim: int) -> None:
 
     from vggfeat.cache.sharded import (
         compact,
+        locate_inputs,
         needs_compaction,
         plan_changes,
         planning_sources,
@@ -163,7 +164,8 @@ def publish(store: Path, paths: list[str], dim: int) -> None:
         stat = pool.submit(stat_files, paths)
         state = read_state(store)
         sources = planning_sources(state, unlisted_shards(store, state))
-        plan = plan_update(paths, sources, now=stat.result())
+        plan = plan_update(paths, sources, now=stat.result(),
+                           located=locate_inputs(paths, state, sources))
     images = SimpleNamespace(paths=paths, labels=None, class_names=None, skipped=[])
     changes = plan_changes(plan, state, images)
     entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=1,

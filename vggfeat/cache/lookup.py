@@ -66,13 +66,21 @@ def _lookup_file(cache: Path, settings: dict, paths: list[str], retry_failed: bo
 
 
 def _lookup_store(store: Where, settings: dict, paths: list[str], retry_failed: bool) -> Found:
-    from .sharded import SETTINGS, SHARDS, _regular, planning_sources, read_state
+    from .sharded import (
+        SETTINGS,
+        SHARDS,
+        _regular,
+        locate_inputs,
+        planning_sources,
+        read_state,
+    )
 
     if not location.exists(store / SETTINGS):
         return Found({}, {}, list(paths))
     state = read_state(store)
-    plan = plan_update(paths, planning_sources(state, []), retry_failed=retry_failed,
-                       keep_deleted=True)
+    sources = planning_sources(state, [])
+    plan = plan_update(paths, sources, retry_failed=retry_failed, keep_deleted=True,
+                       located=locate_inputs(paths, state, sources))
 
     def read(k: int, entries: np.ndarray) -> np.ndarray:
         shard = state.shards[k]

@@ -23,7 +23,7 @@ import re
 import stat
 import time
 import uuid
-from itertools import chain, compress
+from itertools import chain, compress, repeat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -303,6 +303,7 @@ class State:
     retired: set[str]         # shards retired by an entry
     class_names: list[str] | None
     units: dict[str, str] = field(default_factory=dict)  # unit id → fingerprint, as recorded
+    live: LiveEntries | None = None  # every live entry, by path (see _live_entries)
 
     @property
     def writer(self) -> dict | None:
@@ -365,9 +366,8 @@ def read_state(store: Where) -> State:
         class_names, labelled = _class_names_after(entry, class_names, labelled)
     listed = {n for e in entries for n in list(e.added) + list(e.removed) + e.retired}
     shards = [_live_shard(store, name, removed[name]) for name in order if name not in retired]
-    _keep_last_of_each_path(shards)
     return State(store, settings, entries, shards, listed, retired,
-                 class_names if labelled else None, units)
+                 class_names if labelled else None, units, _live_entries(shards))
 
 
 def _class_names_after(entry: Entry, names: list[str] | None, labelled: bool
@@ -420,19 +420,31 @@ def _live_shard(store: Where, name: str, dead: set[int]) -> Shard:
     return Shard(name, index, live, key[2], key, labels)
 
 
-def _keep_last_of_each_path(shards: list[Shard]) -> None:
-    """A path live in several shards (two writers, or a crash between publishing and removing)
-    counts once: from the shard added last."""
-    live = list(chain.from_iterable(s.live_paths() for s in shards))
-    if len(set(live)) == len(live):  # (the usual case, found in one C-level pass)
-        return
-    seen: dict[str, tuple[int, int]] = {}
-    for k, shard in enumerate(shards):
-        for e in np.flatnonzero(shard.live):
-            before = seen.get(shard.index.paths[e])
-            if before is not None:
-                shards[before[0]].live[before[1]] = False
-            seen[shard.index.paths[e]] = (k, int(e))
+@dataclass
+class LiveEntries:
+    """Every live entry of a store: ``where[path]`` is its number ``g``, and it is entry
+    ``entry[g]`` of shard ``shard[g]`` (numbered in the state's order)."""
+
+    where: dict[str, int]
+    shard: np.ndarray
+    entry: np.ndarray
+
+
+def _live_entries(shards: list[Shard]) -> LiveEntries:
+    """The live entries by path.  A path live in several shards (two writers, or a crash
+    between publishing and removing) counts once, from the shard added last: the dict keeps
+    the last number given to a path, and the earlier entries are marked dead."""
+    entries = [np.flatnonzero(s.live) for s in shards]
+    shard = np.repeat(np.arange(len(shards), dtype=np.int64), [len(e) for e in entries])
+    entry = np.concatenate(entries) if entries else EMPTY
+    paths = chain.from_iterable(s.live_paths() for s in shards)
+    where = dict(zip(paths, range(len(entry))))  # (one C-level pass: 1M entries are common)
+    if len(where) < len(entry):
+        winner = np.zeros(len(entry), bool)
+        winner[np.fromiter(where.values(), np.int64, len(where))] = True
+        for g in np.flatnonzero(~winner):
+            shards[shard[g]].live[entry[g]] = False
+    return LiveEntries(where, shard, entry)
 
 
 def unlisted_shards(store: Where, state: State) -> list[Where]:
@@ -605,6 +617,28 @@ def planning_sources(state: State, unlisted: list[Where]) -> list[Index]:
             continue  # a damaged leftover: its rows are computed again
     sources += [replace(shard.index, live=shard.live) for shard in state.shards]
     return sources
+
+
+def locate_inputs(paths: list[str], state: State, sources: list[Index]) -> list[np.ndarray]:
+    """For each of ``sources`` (:func:`planning_sources`: unlisted shards, then the live ones),
+    the input number of each of its entries (−1: none), for ``plan_update(located=)``.  The
+    inputs are looked up among the store's live entries, which are indexed by path already;
+    only the entries of unlisted shards (a killed run's, few) are matched one by one."""
+    live = state.live
+    g = np.fromiter(map(live.where.get, paths, repeat(-1)), np.int64, len(paths))
+    found = np.flatnonzero(g >= 0)
+    located = [np.full(len(s.index.paths), -1, np.int64) for s in state.shards]
+    shard, entry = live.shard[g[found]], live.entry[g[found]]
+    order = np.argsort(shard, kind="stable")
+    ks, starts = np.unique(shard[order], return_index=True)
+    for k, at in zip(ks, np.split(order, starts[1:])):
+        located[k][entry[at]] = found[at]
+    input_of = np.full(len(live.entry), -1, np.int64)  # live entry → input
+    input_of[g[found]] = found
+    new = {paths[i]: i for i in np.flatnonzero(g < 0).tolist()}  # inputs the store lacks
+    unlisted = sources[:len(sources) - len(state.shards)]
+    return [np.array([input_of[live.where[p]] if p in live.where else new.get(p, -1)
+                      for p in index.paths], np.int64) for index in unlisted] + located
 
 
 def label_names_of(source_file: Where, state: State, cache: dict) -> list[str] | None:

@@ -123,7 +123,8 @@ class Output:
 def plan_update(paths: list[str], sources: list[Index], *, output: Index | None = None,
                 extra_failed: list[tuple[str, str]] = (), verify: bool = False,
                 retry_failed: bool = False, keep_deleted: bool = False,
-                hash_threads: int = 4, now: FileIds | None = None) -> Plan:
+                hash_threads: int = 4, now: FileIds | None = None,
+                located: list[np.ndarray] | None = None) -> Plan:
     """Match every input with a reusable entry of ``sources`` (earlier sources win).
 
     ``keep_deleted``: a row of a file that no longer exists is reused (a deleted file cannot have
@@ -132,14 +133,19 @@ def plan_update(paths: list[str], sources: list[Index], *, output: Index | None 
     ``output`` (one of ``sources``, or None) is the existing finished file: its entries whose
     file is no longer an input, nor among ``extra_failed`` (path, reason), count as removed.
 
-    ``now``: the inputs' stat, when the caller has taken it already (one per input).
+    ``now``: the inputs' stat, when the caller has taken it already (one per input);
+    ``located``: per source, the input number of each entry (−1: none), when the caller
+    knows them (vggfeat.cache.sharded.locate_inputs).
     """
     n = len(paths)
     with ThreadPoolExecutor(1) as pool:  # the stat (in processes, for many files) runs while
         stat = pool.submit(stat_files, paths) if now is None else None  # entries are matched
-        pos = dict(zip(paths, range(n)))  # (C-level passes: 1M inputs and entries are common)
-        located = [np.fromiter(map(pos.get, s.paths, repeat(-1)), np.int64, len(s.paths))
-                   for s in sources]
+        if located is None:
+            pos = dict(zip(paths, range(n)))  # (C-level passes: 1M inputs and entries are common)
+            located = [np.fromiter(map(pos.get, s.paths, repeat(-1)), np.int64, len(s.paths))
+                       for s in sources]
+        else:
+            located = [at.copy() for at in located]
         for s, at in zip(sources, located):
             if s.live is not None:
                 at[~s.live] = -1

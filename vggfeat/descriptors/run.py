@@ -65,6 +65,7 @@ from ..cache.sharded import (
     current,
     input_labels,
     is_store,
+    locate_inputs,
     needs_compaction,
     plan_changes,
     planning_sources,
@@ -533,6 +534,8 @@ def _open_store(store: Path, images: ImageList, settings: dict, opts: ExtractOpt
     skipped = set(my_paths) - update.scope
     sources = [] if opts.overwrite else planning_sources(state, unlisted_shards(store, state))
     plan = plan_update(update.images.paths, sources, now=update.ids,
+                       located=locate_inputs(update.images.paths, state, sources) if sources
+                       else None,
                        extra_failed=images.skipped if first else [], verify=opts.verify,
                        retry_failed=opts.retry_failed)
     plan.add = opts.add
@@ -677,8 +680,7 @@ def _mkdir(folder: Where) -> None:
 
 def _removed_paths(state, images: ImageList) -> set[str]:
     """Paths with a live entry in the store that are no longer inputs."""
-    live = set(chain.from_iterable(s.live_paths() for s in state.shards))
-    return live.difference(images.paths, (p for p, _ in images.skipped))
+    return set(state.live.where).difference(images.paths, (p for p, _ in images.skipped))
 
 
 def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, settings: dict,
