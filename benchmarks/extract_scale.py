@@ -9,8 +9,9 @@ Two measurements, each in a fresh process so its peak RSS is its own:
 * ``update``: a real ``vggfeat.extract`` run over ``--images`` JPEGs, then a rerun after 1% of
   them were replaced: the rerun's time against the full run's.
 * ``store``: the same synthetic rows in a feature store (a folder of shards): publishing a full
-  build, a 1% update (bytes written, time), a compaction, a sequential read of every row, a
-  random read of 10k rows; each step in a fresh process, with its peak RSS.
+  build, three 1% updates (each of another 1% of the rows: bytes written, time), a compaction,
+  a sequential read of every row, a random read of 10k rows; each step in a fresh process,
+  with its peak RSS; then each update's publishing time against the build's.
 
     python benchmarks/extract_scale.py merge --rows 1000000 --dim 4096 --dir /tmp/vggfeat-scale
     python benchmarks/extract_scale.py update --images 400
@@ -186,16 +187,21 @@ def store_child(args) -> None:
     if args.step == "build":
         publish(store, paths, args.dim)
         what = f"full build published ({args.rows} rows)"
-    elif args.step == "update":
-        changed = paths[::100]
-        write_shards(store / "shards", changed, args.dim, args.shard_rows, seed=2, labelled=True)
+        (Path(args.dir) / "build.txt").write_text(str(time.perf_counter() - start))
+    elif args.step.startswith("update"):
+        k = int(args.step[len("update"):])
+        changed = paths[k::100]
+        write_shards(store / "shards", changed, args.dim, args.shard_rows, seed=2 + k,
+                     labelled=True)
         computed = time.perf_counter() - start
         publish(store, paths, args.dim)
+        published = time.perf_counter() - start - computed
         written = folder_bytes(store) - size_before
         what = (f"1% update ({len(changed)} rows): {written / 2**20:.1f} MiB written = "
                 f"{100 * written / size_before:.2f}% of the store ({size_before / 2**30:.2f} GiB);"
-                f" shards {computed:.1f} s + publishing "
-                f"{time.perf_counter() - start - computed:.1f} s")
+                f" shards {computed:.1f} s + publishing {published:.2f} s")
+        with open(Path(args.dir) / "updates.txt", "a") as f:
+            f.write(f"{published}\n")
     elif args.step == "compact":
         done = compact(store, threshold=0.005)
         what = (f"compaction of {done.rewritten} shards into {done.new_shards}: "
@@ -234,13 +240,18 @@ def store_bench(args) -> None:
     print(f"wrote {args.rows} synthetic rows in shards of {args.shard_rows} (what a run "
           f"publishes) in {time.perf_counter() - start:.1f} s", flush=True)
     try:
-        for step in ("build", "update", "read", "random", "compact", "read"):
+        for step in ("build", "update0", "update1", "update2", "read", "random", "compact",
+                     "read"):
             subprocess.run([sys.executable, __file__, "store-child", step, "--rows",
                             str(args.rows), "--dim", str(args.dim), "--shard-rows",
                             str(args.shard_rows), "--dir", str(folder)], check=True)
         entries = list((store / "index").iterdir())
         print(f"index: {len(entries)} entries, {sum(p.stat().st_size for p in entries)} bytes; "
               f"{len(list((store / 'shards').iterdir()))} shard files")
+        build = float((folder / "build.txt").read_text())
+        updates = [float(t) for t in (folder / "updates.txt").read_text().split()]
+        print("1% updates' publishing against the build's: " + ", ".join(
+            f"{t:.2f} s ({100 * t / build:.1f}%)" for t in updates) + f" of {build:.1f} s")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -294,7 +305,8 @@ def main() -> None:
     c.add_argument("step", choices=["full", "update"])
     st = sub.add_parser("store")
     sc = sub.add_parser("store-child")
-    sc.add_argument("step", choices=["build", "update", "compact", "read", "random"])
+    sc.add_argument("step", choices=["build", "update0", "update1", "update2", "compact", "read",
+                                     "random"])
     for p in (m, c, st, sc):
         p.add_argument("--rows", type=int, default=1_000_000)
         p.add_argument("--dim", type=int, default=4096)

@@ -40,7 +40,7 @@ def export_npy(store: Path, folder: Path, *, overwrite: bool = False,
     per_file = max(1, file_bytes // max(1, row_bytes))
     existing = next(p for p in (folder, *folder.parents) if p.is_dir())
     check_free_space(existing, len(rows) * (row_bytes + 200), f"export to {folder}")
-    paths, targets = [p for p, _, _ in rows], _targets(state, rows)
+    paths, targets = rows.paths, _targets(state, rows)
     try:
         for sub in (EMB, METADATA):
             (folder / sub).mkdir(parents=True, exist_ok=True)

@@ -292,6 +292,46 @@ def _label_names(f) -> list[str] | None:
 
 
 @dataclass
+class Entries:
+    """Entries of a store's live shards: ``paths[i]`` is entry ``entry[i]`` of shard number
+    ``shard[i]``."""
+
+    paths: list[str]
+    shard: np.ndarray
+    entry: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, part: slice) -> Entries:
+        return Entries(self.paths[part], self.shard[part], self.entry[part])
+
+    @classmethod
+    def live(cls, shards: list[tuple[int, Shard]], failures: bool = False) -> Entries:
+        """The live rows (or failures) of ``shards`` ((number, shard) pairs), sorted by path."""
+        picked = [(k, s, np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows if failures
+                   else np.flatnonzero(s.live[:s.index.n_rows])) for k, s in shards]
+        paths = list(chain.from_iterable(map(s.index.paths.__getitem__, e.tolist())
+                                         for _, s, e in picked))
+        order = np.array(sorted(range(len(paths)), key=paths.__getitem__), np.int64)
+        shard = np.concatenate([np.full(len(e), k, np.int64) for k, _, e in picked] or [EMPTY])
+        entry = np.concatenate([e for _, _, e in picked] or [EMPTY]).astype(np.int64)
+        return cls([paths[i] for i in order.tolist()], shard[order], entry[order])
+
+    def reasons(self, shards: list[Shard]) -> list[str]:
+        """The recorded reason of each entry (failures only)."""
+        return [shards[k].index.reasons[e - shards[k].index.n_rows]
+                for k, e in zip(self.shard.tolist(), self.entry.tolist())]
+
+
+def groups(values: np.ndarray):
+    """(value, positions of that value) for each distinct value, positions in order."""
+    order = np.argsort(values, kind="stable")
+    distinct, starts = np.unique(values[order], return_index=True)
+    return zip(distinct.tolist(), np.split(order, starts[1:]))
+
+
+@dataclass
 class State:
     """What a store holds after replaying its index entries."""
 
@@ -310,11 +350,9 @@ class State:
         """What the latest entry that records it says of its writer (see WRITER_KEYS)."""
         return next((e.writer for e in reversed(self.entries) if e.writer), None)
 
-    def live_rows(self) -> list[tuple[str, int, int]]:
-        """(path, shard number, row) of every live row, sorted by path."""
-        rows = [(s.index.paths[e], k, int(e)) for k, s in enumerate(self.shards)
-                for e in np.flatnonzero(s.live[:s.index.n_rows])]
-        return sorted(rows)
+    def live_rows(self) -> Entries:
+        """Every live row, sorted by path."""
+        return Entries.live(list(enumerate(self.shards)))
 
     def live_row_paths(self):
         """The path of every live row, shard by shard (unsorted)."""
@@ -327,9 +365,9 @@ class State:
         return {s.index.paths[e]: s.index.ids.sha256[e].tobytes() for s in self.shards
                 for e in np.flatnonzero(s.live[:s.index.n_rows])}
 
-    def live_failures(self) -> list[tuple[str, int, int]]:
-        return sorted((s.index.paths[e], k, int(e)) for k, s in enumerate(self.shards)
-                      for e in np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows)
+    def live_failures(self) -> Entries:
+        """Every live recorded failure, sorted by path."""
+        return Entries.live(list(enumerate(self.shards)), failures=True)
 
 
 def read_state(store: Where) -> State:
@@ -518,29 +556,23 @@ def load_store(store: Where, *, return_X_y: bool = False, lazy: bool = False,
     failures = state.live_failures()
     shards = state.shards
     return Bunch(data=data, target=target, target_names=state.class_names,
-                 paths=[p for p, _, _ in rows],
-                 failed=[(p, shards[k].index.reasons[e - shards[k].index.n_rows])
-                         for p, k, e in failures],
+                 paths=rows.paths, failed=list(zip(failures.paths, failures.reasons(shards))),
                  input_sizes=_input_sizes(state, rows),
                  attrs={**state.settings, "num_images": len(rows), "num_failed": len(failures),
                         "num_shards": len(shards), "store": True},
                  file=data if lazy else None)
 
 
-def _view(state: State, rows: list[tuple[str, int, int]], max_open: int):
+def _view(state: State, rows: Entries, max_open: int):
     from .rows import FeatureRows, RowSource
 
     dim, dtype = _shape(state)
-    per_shard = [[] for _ in state.shards]
-    where = np.empty(len(rows), np.int64)
-    for i, (_, k, e) in enumerate(rows):
-        per_shard[k].append(e)
-    offsets = np.cumsum([0] + [len(r) for r in per_shard])
-    seen = [0] * len(state.shards)
-    for i, (_, k, _) in enumerate(rows):
-        where[i] = offsets[k] + seen[k]
-        seen[k] += 1
-    sources = [RowSource(state.store / SHARDS / s.name, len(r), s.key, "/", np.array(r, np.int64))
+    by_shard = np.argsort(rows.shard, kind="stable")  # each shard's rows, in the view's order
+    counts = np.bincount(rows.shard, minlength=len(state.shards))
+    per_shard = np.split(rows.entry[by_shard], np.cumsum(counts)[:-1])
+    where = np.empty(len(rows), np.int64)  # row i of the view: entry where[i] of the sources
+    where[by_shard] = np.arange(len(rows))
+    sources = [RowSource(state.store / SHARDS / s.name, len(r), s.key, "/", r)
                for s, r in zip(state.shards, per_shard)]
     return FeatureRows(sources, dim, dtype, max_open=max_open, order=where)
 
@@ -558,22 +590,22 @@ def _targets(state: State, rows) -> np.ndarray | None:
     if state.class_names is None:
         return None
     position = {name: i for i, name in enumerate(state.class_names)}
-    return np.array([position.get(state.shards[k].label_names[e], -1) for _, k, e in rows],
-                    np.int64)
+    target = np.full(len(rows), -1, np.int64)
+    for k, at in groups(rows.shard):
+        names = map(state.shards[k].label_names.__getitem__, rows.entry[at].tolist())
+        target[at] = np.fromiter(map(position.get, names, repeat(-1)), np.int64, len(at))
+    return target
 
 
-def _input_sizes(state: State, rows) -> np.ndarray:
-    by_shard: dict[int, list[int]] = {}
-    for _, k, e in rows:
-        by_shard.setdefault(k, []).append(e)
-    sizes = {}
-    for k, es in by_shard.items():
+def _input_sizes(state: State, rows: Entries) -> np.ndarray:
+    sizes = np.zeros((len(rows), len((state.settings or {}).get("scales", [0])), 2), np.int32)
+    for k, at in groups(rows.shard):
         with open_h5(state.store / SHARDS / state.shards[k].name) as f:
             block = f["input_sizes"][:]
-        sizes[k] = block
-    if not rows:
-        return np.zeros((0, len((state.settings or {}).get("scales", [0])), 2), np.int32)
-    return np.stack([sizes[k][e] for _, k, e in rows]).astype(np.int32)
+        if sizes.shape[1:] != block.shape[1:]:
+            sizes = np.zeros((len(rows), *block.shape[1:]), np.int32)
+        sizes[at] = block[rows.entry[at]]
+    return sizes
 
 
 def iter_features(path: str | os.PathLike, *, rows: int = 65536):
@@ -594,8 +626,8 @@ def store_attrs(store: Where) -> dict:
     from one reading of its index (no features are read)."""
     state = read_state(store)
     failures = state.live_failures()
+    failed = list(zip(failures.paths, failures.reasons(state.shards)))
     shards = state.shards
-    failed = [(p, shards[k].index.reasons[e - shards[k].index.n_rows]) for p, k, e in failures]
     n_rows = sum(int(np.count_nonzero(s.live[:s.index.n_rows])) for s in shards)
     return {**(state.settings or {}), "num_images": n_rows, "num_failed": len(failed),
             "failed": failed}
@@ -629,9 +661,7 @@ def locate_inputs(paths: list[str], state: State, sources: list[Index]) -> list[
     found = np.flatnonzero(g >= 0)
     located = [np.full(len(s.index.paths), -1, np.int64) for s in state.shards]
     shard, entry = live.shard[g[found]], live.entry[g[found]]
-    order = np.argsort(shard, kind="stable")
-    ks, starts = np.unique(shard[order], return_index=True)
-    for k, at in zip(ks, np.split(order, starts[1:])):
+    for k, at in groups(shard):
         located[k][entry[at]] = found[at]
     input_of = np.full(len(live.entry), -1, np.int64)  # live entry → input
     input_of[g[found]] = found
@@ -766,9 +796,7 @@ def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> C
     cache = {}
     keep: dict[Where, np.ndarray] = {}
     republish, failures = [], []
-    order = np.argsort(plan.source, kind="stable")  # the inputs of each source, in order
-    ks, starts = np.unique(plan.source[order], return_index=True)
-    for k, at in zip(ks, np.split(order, starts[1:])):
+    for k, at in groups(plan.source):  # the inputs of each source, in order
         source = plan.sources[k]
         e = plan.entry[at]
         same = ((plan.ids.size[at] == source.ids.size[e])
@@ -936,10 +964,8 @@ def compact(store: Where, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compac
 def _rewrite(state: State, shards: list[Shard], folder: Where) -> list[Where]:
     """The live entries of ``shards`` in new shards of at most COMPACT_SHARD_BYTES each."""
     number = {s.name: k for k, s in enumerate(state.shards)}
-    rows = sorted((s.index.paths[e], number[s.name], int(e)) for s in shards
-                  for e in np.flatnonzero(s.live[:s.index.n_rows]))
-    failed = sorted((s.index.paths[e], number[s.name], int(e)) for s in shards
-                    for e in np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows)
+    numbered = [(number[s.name], s) for s in shards]
+    rows, failed = Entries.live(numbered), Entries.live(numbered, failures=True)
     if not rows and not failed:
         return []
     dim, dtype = _shape(state)
@@ -948,29 +974,26 @@ def _rewrite(state: State, shards: list[Shard], folder: Where) -> list[Where]:
     written = []
     for lo in range(0, max(len(rows), 1), per_shard):
         chunk = rows[lo:lo + per_shard]
-        fails = failed if lo == 0 else []
+        fails = failed if lo == 0 else failed[:0]
         written.append(_copy_entries(folder, state, chunk, fails, dim=dim, n_scales=n_scales,
                                      dtype=dtype))
     return written
 
 
 def _copy_entries(folder: Where, state: State, rows, failed, *, dim, n_scales, dtype) -> Where:
-    """A new shard of existing entries (path, shard number, entry), rows and failures."""
+    """A new shard of existing entries, rows and failures."""
     shards = state.shards
     feats = np.empty((len(rows), dim), dtype)
     sizes = np.empty((len(rows), n_scales, 2), np.int32)
-    if rows:
-        copy_rows(Rows([state.store / SHARDS / s.name for s in shards],
-                       np.array([k for _, k, _ in rows], np.int64),
-                       np.array([e for _, _, e in rows], np.int64)), feats, sizes,
-                  block=len(rows))
+    if len(rows):
+        copy_rows(Rows([state.store / SHARDS / s.name for s in shards], rows.shard, rows.entry),
+                  feats, sizes, block=len(rows))
     return write_shard(
-        folder, shard_name("c"), paths=[p for p, _, _ in rows], ids=_ids_of(state, rows),
-        features=feats, input_sizes=sizes, failed_paths=[p for p, _, _ in failed],
-        failed_reasons=[shards[k].index.reasons[e - shards[k].index.n_rows]
-                        for _, k, e in failed],
-        failed_ids=_ids_of(state, failed), dtype=dtype,
-        label_names=[shards[k].label_names[e] for _, k, e in rows])
+        folder, shard_name("c"), paths=rows.paths, ids=_ids_of(state, rows),
+        features=feats, input_sizes=sizes, failed_paths=failed.paths,
+        failed_reasons=failed.reasons(shards), failed_ids=_ids_of(state, failed), dtype=dtype,
+        label_names=[shards[k].label_names[e] for k, e in zip(rows.shard.tolist(),
+                                                               rows.entry.tolist())])
 
 
 # -- export and description ------------------------------------------------------------------------
@@ -995,14 +1018,9 @@ def export_file(store: Where, output: Path, *, overwrite: bool = False) -> int:
     ids = _ids_of(state, rows)
     targets = _targets(state, rows)
     write_features(
-        output, Rows(files, np.array([k for _, k, _ in rows], np.int64),
-                     np.array([e for _, _, e in rows], np.int64)),
-        paths=[p for p, _, _ in rows], ids=ids, labels=targets,
-        class_names=state.class_names,
-        failed_paths=[p for p, _, _ in failures],
-        failed_reasons=[shards[k].index.reasons[e - shards[k].index.n_rows]
-                        for _, k, e in failures],
-        failed_ids=_ids_of(state, failures),
+        output, Rows(files, rows.shard, rows.entry), paths=rows.paths, ids=ids, labels=targets,
+        class_names=state.class_names, failed_paths=failures.paths,
+        failed_reasons=failures.reasons(shards), failed_ids=_ids_of(state, failures),
         attrs={**attrs_of(state), **writer, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "complete": True}, dim=dim,
         n_scales=len((state.settings or {}).get("scales", [1])), dtype=dtype)
@@ -1019,13 +1037,11 @@ def check_export_target(store: Where, output: Path, overwrite: bool) -> None:
                          "another name")
 
 
-def _ids_of(state: State, entries) -> FileIds:
-    """The file identities of ``entries`` (path, shard number, entry), gathered per shard."""
+def _ids_of(state: State, entries: Entries) -> FileIds:
+    """The file identities of ``entries``, gathered per shard."""
     ids = FileIds.empty(len(entries))
-    shard = np.array([k for _, k, _ in entries], np.int64)
-    entry = np.array([e for _, _, e in entries], np.int64)
-    for k in np.unique(shard):
-        at = np.flatnonzero(shard == k)
+    entry = entries.entry
+    for k, at in groups(entries.shard):
         source = state.shards[k].index.ids
         ids.size[at], ids.mtime_ns[at] = source.size[entry[at]], source.mtime_ns[entry[at]]
         ids.sha256[at] = source.sha256[entry[at]]
