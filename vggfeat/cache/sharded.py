@@ -307,7 +307,7 @@ class Entries:
         return Entries(self.paths[part], self.shard[part], self.entry[part])
 
     @classmethod
-    def live(cls, shards: list[tuple[int, Shard]], failures: bool = False) -> Entries:
+    def of_live(cls, shards: list[tuple[int, Shard]], failures: bool = False) -> Entries:
         """The live rows (or failures) of ``shards`` ((number, shard) pairs), sorted by path."""
         picked = [(k, s, np.flatnonzero(s.live[s.index.n_rows:]) + s.index.n_rows if failures
                    else np.flatnonzero(s.live[:s.index.n_rows])) for k, s in shards]
@@ -352,7 +352,7 @@ class State:
 
     def live_rows(self) -> Entries:
         """Every live row, sorted by path."""
-        return Entries.live(list(enumerate(self.shards)))
+        return Entries.of_live(list(enumerate(self.shards)))
 
     def live_row_paths(self):
         """The path of every live row, shard by shard (unsorted)."""
@@ -367,7 +367,7 @@ class State:
 
     def live_failures(self) -> Entries:
         """Every live recorded failure, sorted by path."""
-        return Entries.live(list(enumerate(self.shards)), failures=True)
+        return Entries.of_live(list(enumerate(self.shards)), failures=True)
 
 
 def read_state(store: Where) -> State:
@@ -965,7 +965,7 @@ def _rewrite(state: State, shards: list[Shard], folder: Where) -> list[Where]:
     """The live entries of ``shards`` in new shards of at most COMPACT_SHARD_BYTES each."""
     number = {s.name: k for k, s in enumerate(state.shards)}
     numbered = [(number[s.name], s) for s in shards]
-    rows, failed = Entries.live(numbered), Entries.live(numbered, failures=True)
+    rows, failed = Entries.of_live(numbered), Entries.of_live(numbered, failures=True)
     if not rows and not failed:
         return []
     dim, dtype = _shape(state)
