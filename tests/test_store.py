@@ -534,3 +534,49 @@ def test_many_inputs_are_statted_in_processes_alike(tmp_path, monkeypatch):
     ids = store.stat_files(paths)
     assert ids.size.tolist() == list(range(7)) + [store.MISSING]
     assert ids.mtime_ns.tolist() == [f.stat().st_mtime_ns for f in files] + [0]
+
+
+def test_a_relabelling_leaves_no_retired_copy_behind(tmp_path, image_folder):
+    """Relabelling republishes every row and retires the old shards: their files go at once
+    (they are not dead bytes of live shards, so the automatic compaction never saw them)."""
+    paths = gather_images([image_folder]).paths
+    model, store, listed = tiny_vgg("A"), tmp_path / "feats", tmp_path / "list.csv"
+    for names in ("ab", "cd", "ab"):
+        listed.write_text("path,label\n" + "".join(f"{p},{names[i % 2]}\n"
+                                                   for i, p in enumerate(paths)))
+        assert run([listed], store, model).computed in (0, len(paths))
+    live = {s.name for s in read_state(store).shards}
+    assert {p.name for p in (store / "shards").iterdir()} == live
+    assert vggfeat.load_features(store).target_names == ["a", "b"]
+
+
+def test_a_store_reached_through_a_link_takes_the_same_lock(tmp_path, image_folder):
+    from vggfeat.cache.lock import OutputLock
+
+    model, store = tiny_vgg("A"), tmp_path / "feats"
+    run([image_folder], store, model)
+    (tmp_path / "link").symlink_to(store)
+    write_image(image_folder / "cat" / "new.jpg", seed=80)
+    with OutputLock(store), pytest.raises(CacheError, match="is being written"):
+        run([image_folder], tmp_path / "link", model)
+
+
+def test_a_listed_path_with_a_nul_is_recorded_as_failed(tmp_path, image_folder):
+    """No traceback, no half-made store: the line is recorded as a failure, named."""
+    from vggfeat.data.sources import NUL_IN_PATH
+
+    paths = gather_images([image_folder]).paths
+    listed = tmp_path / "list.txt"
+    listed.write_text(f"{paths[0]}\n{paths[1]}\0x.jpg\n")
+    run([listed], tmp_path / "feats", tiny_vgg("A"))
+    got = vggfeat.load_features(tmp_path / "feats")
+    assert got.paths == [paths[0]]
+    assert got.failed == [(f"{paths[1]}\\x00x.jpg", NUL_IN_PATH)]
+
+
+@pytest.mark.parametrize("rows", [0, -1, 2.5])
+def test_iter_features_refuses_a_block_size_below_one(tmp_path, rows):
+    from vggfeat.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="rows must be a whole number"):
+        next(iter_features(tmp_path / "feats", rows=rows))

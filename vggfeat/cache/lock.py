@@ -23,7 +23,10 @@ from .store import io_error
 
 
 def lock_path(target: Path) -> Path:
-    return target.with_name(target.name + ".lock")
+    """``TARGET.lock`` beside the real target: an output reached through a link to it (or to a
+    folder above it) takes the same lock as by its own name."""
+    real = Path(os.path.realpath(target))
+    return real.with_name(real.name + ".lock")
 
 
 class OutputLock:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import CacheError, InputError
+from ..errors import CacheError, ConfigError, InputError
 from ..choices import HDF5_SUFFIXES
 from ..fileio import leftovers
 from . import location
@@ -613,6 +613,8 @@ def iter_features(path: str | os.PathLike, *, rows: int = 65536):
     ``partial_fit`` on data larger than memory (a feature file or a store)."""
     from .store import load_features
 
+    if not isinstance(rows, int) or rows < 1:
+        raise ConfigError(f"iter_features: rows must be a whole number ≥ 1, got {rows!r}")
     bunch = load_features(path, lazy=True)
     try:
         for lo, block in bunch.data.blocks(rows):
@@ -727,6 +729,28 @@ def needs_compaction(state: State, entry: Entry) -> bool:
     small = sum(s.bytes < SMALL_SHARD_BYTES for s in state.shards if s.name not in entry.retired)
     small += sum(size < SMALL_SHARD_BYTES for _, _, size in entry.added.values())
     return dead_fraction(state, entry) >= COMPACT_DEAD_FRACTION or small >= PACK_SMALL_SHARDS
+
+
+def after_update(store: Where, state: State, entry: Entry) -> None:
+    """What a lone writer (holding the store's lock) does once ``entry`` is published: compact
+    the store past the thresholds (see :func:`compact`), else delete the shards ``entry``
+    retired, whose live rows are elsewhere now (a relabelling retires a whole copy)."""
+    if needs_compaction(state, entry):
+        compact(store)
+    else:
+        delete_shards(store, entry.retired)
+
+
+def delete_shards(store: Where, names) -> int:
+    """Delete the retired shards ``names`` still in ``shards/`` (a link is never followed);
+    how many went."""
+    folder, deleted = store / SHARDS, 0
+    present = listing(folder)
+    for name in names:
+        if name in present and present[name].kind == "file":
+            location.delete(folder / name)
+            deleted += 1
+    return deleted
 
 
 def current(state: State) -> bool:
@@ -952,11 +976,7 @@ def compact(store: Where, *, threshold: float = COMPACT_DEAD_FRACTION) -> Compac
                 entry.added[path.name] = [len(f["paths"]), len(f["failed/paths"]),
                                           location.size(path)]
         publish_entry(store, entry)
-    deleted, present = 0, listing(folder)
-    for name in state.retired | {s.name for s in victims}:
-        if name in present and present[name].kind == "file":  # (a link is never followed)
-            location.delete(folder / name)
-            deleted += 1
+    deleted = delete_shards(store, state.retired | {s.name for s in victims})
     after = sum(s.bytes for s in read_state(store).shards)
     return Compaction(len(victims), deleted, len(written), before, after)
 

@@ -283,7 +283,7 @@ def _stat_each(paths: list[str]) -> tuple[list[int], list[int]]:
     for i, path in enumerate(paths):  # (a tight loop: it runs for every input of a rerun)
         try:
             st = stat(path)
-        except OSError:
+        except (OSError, ValueError):  # (ValueError: a NUL in the path)
             continue
         sizes[i], mtimes[i] = st.st_size, st.st_mtime_ns
     return sizes, mtimes
@@ -301,8 +301,8 @@ def file_identity(path: str) -> tuple[int, int, bytes]:
     try:
         st = os.stat(path)
         return st.st_size, st.st_mtime_ns, sha256_file(path)
-    except OSError:  # missing, unreadable, or not a regular file (a FIFO would block)
-        return MISSING, 0, bytes(32)
+    except (OSError, ValueError):  # missing, unreadable, not a regular file (a FIFO would
+        return MISSING, 0, bytes(32)   # block), or a NUL in the path
 
 
 def hash_files(paths: list[str], threads: int = 4) -> np.ndarray:

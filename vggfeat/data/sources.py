@@ -73,9 +73,9 @@ def gather_images(inputs: list[str | os.PathLike]) -> ImageList:
         else:
             raise InputError(f"input {item} does not exist; pass image folders, image files or "
                              "a .txt/.csv list of paths")
-    usable = [(p, c) for p, c in entries if _utf8(p)]
-    skipped += [(printable(p), NOT_UTF8) for p, _ in entries if not _utf8(p)]
-    entries = usable
+    unusable = [(p, _unstorable(p)) for p, _ in entries]
+    skipped += [(printable(p).replace("\0", "\\x00"), why) for p, why in unusable if why]
+    entries = [entry for entry, (_, why) in zip(entries, unusable) if not why]
     if not entries:
         also = f"; skipped {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
         raise InputError(f"no image files found in {', '.join(map(str, inputs))} (looked for "
@@ -106,6 +106,17 @@ def _is_integer(label: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+NUL_IN_PATH = ("the path holds a NUL character, which no file name can: fix that line of "
+               "the list")
+
+
+def _unstorable(path: str) -> str | None:
+    """Why ``path`` cannot be read or stored (None: it can)."""
+    if "\0" in path:
+        return NUL_IN_PATH
+    return None if _utf8(path) else NOT_UTF8
 
 
 def _utf8(path: str) -> bool:

@@ -61,12 +61,11 @@ from ..cache.sharded import (
     INDEX,
     SETTINGS,
     SHARDS,
-    compact,
+    after_update,
     current,
     input_labels,
     is_store,
     locate_inputs,
-    needs_compaction,
     plan_changes,
     planning_sources,
     publish_update,
@@ -701,8 +700,8 @@ def _finish_store(plan: Plan, known: set[Path], store: Path, images: ImageList, 
         entry = publish_update(store, state, plan, changes, images, dim=dim, n_scales=n_scales,
                                dtype=dtype, writer=_file_attrs(settings, model),
                                units=update.units, keep_units=update.keep_units)
-        if update.compact and needs_compaction(state, entry):
-            compact(store)
+        if update.compact:
+            after_update(store, state, entry)
     return int(np.count_nonzero(plan.is_row())) - plan.reused
 
 

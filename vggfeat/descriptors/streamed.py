@@ -19,11 +19,10 @@ from ..cache import location
 from ..cache.location import Where
 from ..cache.sharded import (
     SHARDS,
+    WRITER_KEYS,
     Entry,
     State,
-    WRITER_KEYS,
-    compact,
-    needs_compaction,
+    after_update,
     publish_entry,
     read_state,
     shard_name,
@@ -255,8 +254,8 @@ def drop_vanished(store: Where, inputs: StreamInputs, writer: dict | None,
         int(np.count_nonzero(s.live)) for s in state.shards if s.name in entry.retired)
     if removed or set(state.units) - set(entry.keep_units):
         publish_entry(store, entry)
-        if alone and needs_compaction(state, entry):
-            compact(store)
+        if alone:
+            after_update(store, state, entry)
     return removed
 
 
