@@ -344,3 +344,25 @@ def test_cli_backend_option(tmp_path, image_folder, tiny_weights):
     bad = run_cli("extract", image_folder, "-o", tmp_path / "x.h5", "--weights", tiny_weights,
                   "--backend", "fast", check=False)
     assert bad.returncode == 2 and "--backend" in bad.stderr
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="needs root to become another user")
+def test_a_cache_folder_the_user_cannot_enter_only_costs_measuring_again(tmp_path):
+    """$HOME/.cache not enterable by this user (HOME of another user): auto runs, measuring
+    its choices again, instead of a PermissionError traceback."""
+    private = tmp_path / "private"
+    (private / "backend-choices").mkdir(parents=True)
+    (private / "backend-choices" / "x.json").write_text('{"conv3x8@2^10": "fast"}')
+    private.chmod(0o700)
+    tmp_path.chmod(0o755)
+    pid = os.fork()
+    if pid == 0:  # a child that becomes nobody: it cannot enter ``private``
+        code = 1
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            code = 0 if LayerChoices(private / "backend-choices" / "x.json").choices == {} else 2
+        finally:
+            os._exit(code)
+    assert os.waitpid(pid, 0)[1] == 0

@@ -172,12 +172,12 @@ class LayerChoices:
     def __init__(self, path: Path | None) -> None:
         self.path = path
         self.choices: dict[str, str] = {}
-        if path is not None and path.exists():
+        if path is not None:
             try:
                 saved = json.loads(path.read_text())
                 self.choices = {k: v for k, v in saved.items() if v in ("fast", "eager")}
-            except (OSError, ValueError, AttributeError):
-                self.choices = {}  # unreadable: measure again and rewrite it
+            except (OSError, ValueError, AttributeError):  # none yet, or unreadable (a cache
+                self.choices = {}  # folder this user cannot enter): measure again
 
     @classmethod
     def for_this_machine(cls) -> LayerChoices:
