@@ -665,10 +665,12 @@ def locate_inputs(paths: list[str], state: State, sources: list[Index]) -> list[
     shard, entry = live.shard[g[found]], live.entry[g[found]]
     for k, at in groups(shard):
         located[k][entry[at]] = found[at]
+    unlisted = sources[:len(sources) - len(state.shards)]
+    if not unlisted:
+        return located
     input_of = np.full(len(live.entry), -1, np.int64)  # live entry → input
     input_of[g[found]] = found
     new = {paths[i]: i for i in np.flatnonzero(g < 0).tolist()}  # inputs the store lacks
-    unlisted = sources[:len(sources) - len(state.shards)]
     return [np.array([input_of[live.where[p]] if p in live.where else new.get(p, -1)
                       for p in index.paths], np.int64) for index in unlisted] + located
 
@@ -839,12 +841,11 @@ def plan_changes(plan, state: State, images, scope: set[str] | None = None) -> C
         failures += [(plan.paths[i], source.reasons[x - source.n_rows], int(i))
                      for i, x in zip(at[refail], e[refail])]
         keep[source.file] = np.concatenate([keep.get(source.file, EMPTY), e[~redo & ~refail]])
-    live_failed = {}
-    for shard in state.shards:
-        n = shard.index.n_rows
-        for e in np.flatnonzero(shard.live[n:]) + n:
-            live_failed[shard.index.paths[e]] = (state.store / SHARDS / shard.name, int(e),
-                                                 shard.index.reasons[e - n])
+    failed = state.live_failures()
+    live_failed = {path: (state.store / SHARDS / state.shards[k].name, e, reason)
+                   for path, k, e, reason in zip(failed.paths, failed.shard.tolist(),
+                                                 failed.entry.tolist(),
+                                                 failed.reasons(state.shards))}
     for path, reason in plan.extra_failed:
         found = live_failed.get(path)
         if found is not None and found[2] == reason:

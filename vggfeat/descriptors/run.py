@@ -582,7 +582,7 @@ def _changed_units(images: ImageList, units: list[Unit], mine: list[Unit], ids: 
     if opts.add:  # an addition's listing is not the store's: its units are not the store's
         fingerprints = {}
     subset = ImageList(
-        list(chain.from_iterable(images.paths[u.start:u.stop] for u, _ in changed)),
+        _unit_paths(images, [u for u, _ in changed]),
         None if images.labels is None else list(chain.from_iterable(
             images.labels[u.start:u.stop] for u, _ in changed)),
         images.class_names, images.sources)
